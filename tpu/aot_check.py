@@ -1,0 +1,91 @@
+"""Compile a train step ahead of time for a named TPU topology; print one JSON report.
+
+    python tpu/aot_check.py --topology v5e-8 --config configs/ts-33m.yaml --global-batch 512
+
+Needs libtpu (`pip install "jax[tpu]"`), not a TPU; runs fine with JAX_PLATFORMS=cpu. Exits 1
+when the step does not fit in one chip's HBM, 2 on a usage error. `--builder MODULE:FN` or
+`--builder path/to/file.py:FN` compiles any `FN(mesh) -> (jitted_fn, abstract_args)` instead
+of jaxlm's train step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+# Compiling needs libtpu, never a TPU backend: keep jax on CPU so libtpu loads compile-only.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jaxlm.aot import TOPOLOGIES, BuildFn, compile_for_topology  # noqa: E402
+from jaxlm.errors import UserError  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tpu/aot_check.py", description=__doc__.splitlines()[0])
+    p.add_argument("--topology", required=True, choices=sorted(TOPOLOGIES))
+    p.add_argument("--config", help="train config YAML (for jaxlm.train.abstract_train_step)")
+    p.add_argument("--global-batch", type=int, default=None, help="sequences per step, all chips")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override, repeatable")  # fmt: skip
+    p.add_argument("--data", type=int, default=1, help="mesh size of the data axis")
+    p.add_argument("--tensor", type=int, default=1, help="mesh size of the tensor axis")
+    p.add_argument("--builder", help="MODULE:FN or FILE.py:FN; FN(mesh) -> (jitted, args)")
+    return p
+
+
+def load_builder(spec: str) -> BuildFn:
+    """Resolve `module:fn` or `path/to/file.py:fn` to the build callable."""
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise UserError(f"--builder {spec!r}: expected MODULE:FN or FILE.py:FN")
+    if target.endswith(".py"):
+        file_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
+        if file_spec is None or not Path(target).is_file():
+            raise UserError(f"--builder: no such file {target}")
+        module = importlib.util.module_from_spec(file_spec)
+        file_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    if not hasattr(module, name):
+        raise UserError(f"--builder: {target} has no {name}")
+    return getattr(module, name)
+
+
+def train_step_builder(config: str | None, overrides: list[str], global_batch: int | None):
+    """jaxlm's own train step, as a build callable (once jaxlm.train provides it)."""
+    if config is None:
+        raise UserError("give --config CFG.yaml (or --builder MODULE:FN)")
+    try:
+        from jaxlm.train import abstract_train_step, load_config
+    except ImportError as e:
+        raise UserError(f"jaxlm.train.abstract_train_step is not available ({e})") from e
+    cfg = load_config(config, overrides)
+    if global_batch is None:  # the config's own batch size
+        return lambda mesh: abstract_train_step(cfg, mesh)
+    return lambda mesh: abstract_train_step(cfg, mesh, global_batch)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.builder:
+            build = load_builder(args.builder)
+        else:
+            build = train_step_builder(args.config, args.set, args.global_batch)
+        report = compile_for_topology(args.topology, build, data=args.data, tensor=args.tensor)
+    except UserError as e:
+        print(f"aot_check: error: {e}", file=sys.stderr)
+        return 2
+    print(report.to_json())
+    return 0 if report.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
