@@ -1,0 +1,130 @@
+"""`jaxlm tokenizer train` and `jaxlm data {prepare,demo-corpus}`: thin wrappers."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from jaxlm.data import readers
+from jaxlm.data.cleaning import CleanConfig, CleanStats, clean
+
+
+def register(subparsers) -> None:
+    """Adds the `tokenizer` and `data` commands."""
+    tok = subparsers.add_parser("tokenizer", help="train a SentencePiece BPE tokenizer")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True)
+    train = tok_sub.add_parser("train", help="train on a streamed sample of stories")
+    _add_input_args(train)
+    train.add_argument("--vocab-size", type=int, default=32000)
+    train.add_argument("--sample-size", type=int, default=200_000, help="stories sampled (cap)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", required=True, help="TOKDIR to write")
+    train.set_defaults(func=_tokenizer_train)
+
+    data = subparsers.add_parser("data", help="prepare packed training data; demo corpus")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser("prepare", help="clean, tokenise, pack into ArrayRecord shards")
+    _add_input_args(prep)
+    prep.add_argument("--tokenizer", required=True, help="TOKDIR from `jaxlm tokenizer train`")
+    prep.add_argument("--seq-len", type=int, required=True)
+    prep.add_argument("--val-fraction", type=float, default=0.01)
+    prep.add_argument("--rows-per-shard", type=int, default=65536)
+    prep.add_argument("--workers", type=int, default=None, help="default: all cores")
+    prep.add_argument("--overwrite", action="store_true", help="replace an existing DATADIR")
+    prep.add_argument("--out", required=True, help="DATADIR to write")
+    prep.set_defaults(func=_data_prepare)
+
+    demo = data_sub.add_parser("demo-corpus", help="write built-in Arabic demo stories (JSONL)")
+    demo.add_argument("--style", choices=("native", "translated"), required=True)
+    demo.add_argument("--n", type=int, default=10_000)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", required=True, help="FILE.jsonl")
+    demo.set_defaults(func=_demo_corpus)
+
+
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", action="append", required=True, help="file or dataset; repeatable")
+    p.add_argument("--format", default="auto", choices=readers.formats())
+    p.add_argument("--field", default="text", help="JSONL field / CSV or Parquet column")
+    p.add_argument("--split", default="train", help="split for --format hf/tfds")
+    p.add_argument("--txt-separator", default="auto", choices=("auto", "eot", "blank"))
+    p.add_argument("--no-fix-mojibake", action="store_true")
+    p.add_argument("--unicode-form", default="NFKC", choices=("NFKC", "NFC", "none"))
+    p.add_argument("--keep-tatweel", action="store_true")
+    p.add_argument("--remove-diacritics", action="store_true")
+    p.add_argument("--no-whitespace", action="store_true", help="keep whitespace as is")
+    p.add_argument("--no-dedup", action="store_true")
+    p.add_argument("--min-chars", type=int, default=1)
+    p.add_argument("--max-chars", type=int, default=100_000)
+
+
+def _options(args) -> tuple[readers.ReadOptions, CleanConfig]:
+    read = readers.ReadOptions(field=args.field, split=args.split, txt_separator=args.txt_separator)
+    cfg = CleanConfig(
+        fix_mojibake=not args.no_fix_mojibake,
+        unicode_form=args.unicode_form,
+        remove_tatweel=not args.keep_tatweel,
+        remove_diacritics=args.remove_diacritics,
+        whitespace=not args.no_whitespace,
+        dedup=not args.no_dedup,
+        min_chars=args.min_chars,
+        max_chars=args.max_chars,
+    )
+    return read, cfg
+
+
+def cleaned_stories(inputs, fmt, read: readers.ReadOptions, cfg: CleanConfig, stats: CleanStats):
+    """All cleaned stories of `inputs`, in order (no de-duplication)."""
+    streams = (readers.read(p, fmt, read) for p in inputs)
+    for text in itertools.chain.from_iterable(streams):
+        out = clean(text, cfg, stats)
+        if out is not None:
+            yield out
+
+
+def _tokenizer_train(args) -> int:
+    from jaxlm import tokenizer
+
+    read, cfg = _options(args)
+    stats = CleanStats()
+    stories = cleaned_stories(args.input, args.format, read, cfg, stats)
+    tok = tokenizer.train(stories, args.out, vocab_size=args.vocab_size,
+                          sample_size=args.sample_size, seed=args.seed,
+                          max_chars=cfg.max_chars)  # fmt: skip
+    print(json.dumps({"tokdir": args.out, "vocab_size": tok.vocab_size, "sha256": tok.sha256,
+                      "cleaning_stats": stats.report()}, ensure_ascii=False))  # fmt: skip
+    return 0
+
+
+def _data_prepare(args) -> int:
+    from jaxlm.data.prepare import prepare
+
+    read, cfg = _options(args)
+    meta = prepare(args.input, args.out, tokenizer_dir=args.tokenizer, seq_len=args.seq_len,
+                   fmt=args.format, read_options=read, clean_cfg=cfg,
+                   val_fraction=args.val_fraction, rows_per_shard=args.rows_per_shard,
+                   workers=args.workers, overwrite=args.overwrite)  # fmt: skip
+    summary = {k: meta[k] for k in ("stories", "tokens", "cleaning_stats")}
+    summary["rows"] = {s: v["rows"] for s, v in meta["splits"].items()}
+    print(json.dumps({"datadir": args.out, **summary}, ensure_ascii=False))
+    return 0
+
+
+def _demo_corpus(args) -> int:
+    from jaxlm.data.demo_corpus import story
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for line in _jsonl(story(args.style, i, args.seed) for i in range(args.n)):
+            f.write(line)
+    print(json.dumps({"out": str(out), "style": args.style, "n": args.n, "seed": args.seed}))
+    return 0
+
+
+def _jsonl(texts) -> Iterator[str]:
+    for t in texts:
+        yield json.dumps({"text": t}, ensure_ascii=False) + "\n"

@@ -1,0 +1,191 @@
+"""SentencePiece BPE tokenizer (train, load, encode, decode) and its Hugging Face export.
+
+Reserved ids: pad=0 (`<pad>`), unk=1 (`<unk>`), bos=2 (`<s>`), eos=3 (`</s>`), then the 256 byte
+pieces `<0x00>`..`<0xFF>` (byte fallback: no text is ever unknown), then the learned pieces.
+
+SentencePiece normally rewrites text (NFKC, collapsing spaces, a dummy leading space) so that
+decode(encode(x)) != x. Here normalisation is the cleaning step's job, so the trainer runs with the
+`identity` rule, keeps every space and newline, and adds no dummy prefix: decode(encode(x)) == x
+for any cleaned story. The HF export (`tokenizer.json`, a `tokenizers` BPE with byte fallback built
+from the same pieces and merge order) gives the same ids and the same decoded text.
+
+A TOKDIR holds `spm.model` (the source of truth), `tokenizer.json`, `tokenizer_config.json`,
+`special_tokens_map.json` (so `AutoTokenizer.from_pretrained(TOKDIR)` works) and `jaxlm.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from jaxlm.errors import UserError
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
+MODEL_FILE = "spm.model"
+
+
+def train(
+    stories: Iterable[str],
+    out_dir: str | os.PathLike,
+    *,
+    vocab_size: int = 32000,
+    sample_size: int = 200_000,
+    seed: int = 0,
+    max_chars: int = 100_000,
+) -> Tokenizer:
+    """Trains a BPE tokenizer on a reservoir sample of `sample_size` stories and writes TOKDIR."""
+    import sentencepiece as spm
+
+    sample = reservoir_sample(stories, sample_size, seed)
+    if not sample:
+        raise UserError("no stories to train the tokenizer on")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sample),
+        model_prefix=str(out / "spm"),
+        model_type="bpe",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,  # a small sample may not support the full vocabulary
+        byte_fallback=True,
+        character_coverage=0.9999,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        split_digits=True,
+        max_sentence_length=4 * max_chars,
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_piece=PAD,
+        unk_piece=UNK,
+        bos_piece=BOS,
+        eos_piece=EOS,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+    )
+    export_hf(out, out)
+    tok = Tokenizer.load(out)
+    info = {"vocab_size": tok.vocab_size, "sample_stories": len(sample), "sha256": tok.sha256}
+    (out / "jaxlm.json").write_text(json.dumps(info, indent=2) + "\n")
+    return tok
+
+
+def reservoir_sample(items: Iterable[str], k: int, seed: int) -> list[str]:
+    """A uniform sample of at most `k` items from a stream, in O(k) memory (Algorithm R)."""
+    rng = random.Random(seed)
+    sample: list[str] = []
+    for i, item in enumerate(items):
+        if i < k:
+            sample.append(item)
+        else:
+            j = rng.randrange(i + 1)
+            if j < k:
+                sample[j] = item
+    return sample
+
+
+class Tokenizer:
+    """A trained SentencePiece model; `encode` adds no bos/eos."""
+
+    def __init__(self, model_path: str | os.PathLike):
+        import sentencepiece as spm
+
+        self.path = Path(model_path)
+        self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+
+    @classmethod
+    def load(cls, tokdir: str | os.PathLike) -> Tokenizer:
+        """Loads TOKDIR (a directory written by `train`) or a `.model` file."""
+        path = Path(tokdir)
+        path = path / MODEL_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise UserError(
+                f"no tokenizer at {tokdir} (expected {path}); run `jaxlm tokenizer train`"
+            )
+        return cls(path)
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode(list(map(int, ids)))
+
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(int(i))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    pad_id = property(lambda self: PAD_ID)
+    unk_id = property(lambda self: UNK_ID)
+    bos_id = property(lambda self: BOS_ID)
+    eos_id = property(lambda self: EOS_ID)
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the model file: ties prepared data and checkpoints to this tokenizer."""
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+
+def _vocab_and_merges(model_path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Pieces -> ids, and every (left, right) split of a learned piece, in SentencePiece's order.
+
+    SentencePiece BPE repeatedly merges the adjacent pair whose joined piece scores highest; the
+    learned pieces are stored best first, so ranking merges by the joined piece's id reproduces it.
+    """
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    merges = []
+    for piece, pid in vocab.items():
+        if sp.is_control(pid) or sp.is_unknown(pid) or sp.is_byte(pid) or len(piece) < 2:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                merges.append((pid, vocab[left], vocab[right], left, right))
+    merges.sort()
+    return vocab, [(m[3], m[4]) for m in merges]
+
+
+def export_hf(tokdir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Writes the HF tokenizer files for TOKDIR into `out_dir` (AutoTokenizer-loadable)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.load(tokdir)
+    vocab, merges = _vocab_and_merges(tok.path)
+    bpe = models.BPE(vocab=vocab, merges=merges, unk_token=UNK, byte_fallback=True, fuse_unk=True)
+    hf = HFTokenizer(bpe)
+    hf.normalizer = normalizers.Replace(" ", "\u2581")
+    hf.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=hf,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        clean_up_tokenization_spaces=False,
+        add_bos_token=False,
+        add_eos_token=False,
+        model_max_length=int(1e9),
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out))
+    return out
