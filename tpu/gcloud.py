@@ -251,7 +251,7 @@ def ensure_created(gc: Gcloud, tpu: Tpu, wait: bool = True, poll_s: float = 30) 
         recreate(gc, tpu, state)
     else:
         print(f"# {tpu.name} exists ({state}): not creating", file=sys.stderr)
-    if wait:
+    if wait and (created or not tpu.ready(state)):
         wait_ready(gc, tpu, poll_s=poll_s)
     return created
 
