@@ -21,6 +21,8 @@ def shared_data() -> Path:
     """The real text in ../shared/data: skipped when absent, a failure under CI."""
     if not SHARED_DATA.is_dir():
         if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true but {SHARED_DATA} is missing: the shared data must sit beside the repo")
+            pytest.fail(
+                f"CI=true but {SHARED_DATA} is missing: the shared data must sit beside the repo"
+            )
         pytest.skip(f"{SHARED_DATA} not found (real-data tests skipped)")
     return SHARED_DATA

@@ -1,0 +1,302 @@
+"""GPT-Neo in Flax NNX, with exactly the semantics of transformers' GPTNeoForCausalLM.
+
+Dimension alphabet (used in einsum strings, weight names and shape comments):
+    B batch · T time (query positions) · S key positions (the KV cache) · D model
+    N heads · H head dim (D / N) · F MLP hidden (4 D) · V vocabulary · P learned positions
+
+GPT-Neo's quirks, all kept on purpose because the TinyStories checkpoints depend on them:
+  * attention scores are NOT scaled by 1/sqrt(H);
+  * a "local" layer lets a query at slot i see keys at slots i-255 .. i (window 256), counted in
+    sequence slots (left padding included), as transformers' sliding mask does;
+  * q/k/v projections have no bias, the output projection has one;
+  * scores and softmax run in float32 whatever the compute dtype;
+  * input and output embeddings are tied; the activation is gelu_new (tanh approximation).
+
+Parameters are float32 master weights; `cfg.dtype` is the compute dtype (bfloat16 on accelerators).
+Every parameter names its logical axes in `out_sharding`; configs/sharding.yaml maps them to the
+(data, fsdp, tensor) mesh. Dropout is absent: the TinyStories models were trained without it.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxlm.config import ModelConfig
+from jaxlm.sharding import DEFAULT_RULES, Rules, constrain, param_shardings
+
+Array = jax.Array
+
+
+# Parameters carry logical names but are not sharded as they are made (eager_sharding=False): the
+# same constructor then works with no mesh at all, and `init_model` places them in one jit.
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float) -> nnx.Param:
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def _const(shape: tuple[int, ...], axes: tuple[str, ...], value: float) -> nnx.Param:
+    return nnx.Param(jnp.full(shape, value, jnp.float32), out_sharding=axes, eager_sharding=False)
+
+
+class KVCache(NamedTuple):
+    """Every layer's keys and values for S slots, which slots hold real tokens, the next slot."""
+
+    k_lbsnh: Array  # [L, B, S, N, H]
+    v_lbsnh: Array  # [L, B, S, N, H]
+    valid_bs: Array  # [B, S] bool: slot written with a real (non-pad) token
+    index: Array  # [] int32: first free slot
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, length: int) -> KVCache:
+        shape = (cfg.n_layers, batch, length, cfg.n_heads, cfg.head_dim)
+        dt = jnp.dtype(cfg.dtype)
+        return cls(
+            jnp.zeros(shape, dt),
+            jnp.zeros(shape, dt),
+            jnp.zeros((batch, length), bool),
+            jnp.int32(0),
+        )
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm computed in float32 (as torch autocast does), returned in the compute dtype."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.eps = cfg.layer_norm_eps
+        self.scale_d = _const((cfg.d_model,), ("norm",), 1.0)
+        self.bias_d = _const((cfg.d_model,), ("norm",), 0.0)
+
+    def __call__(self, x_btd: Array) -> Array:
+        x = x_btd.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale_d[...] + self.bias_d[...]
+        return y.astype(x_btd.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, kind: str, rngs: nnx.Rngs):
+        D, N, H, std = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.init_std
+        self.cfg, self.kind = cfg, kind
+        self.w_q_dnh = _param(rngs, (D, N, H), ("embed", "heads", "head_dim"), std)
+        self.w_k_dnh = _param(rngs, (D, N, H), ("embed", "heads", "head_dim"), std)
+        self.w_v_dnh = _param(rngs, (D, N, H), ("embed", "heads", "head_dim"), std)
+        self.w_o_nhd = _param(rngs, (N, H, D), ("heads", "head_dim", "embed"), std)
+        self.b_o_d = _const((D,), ("embed",), 0.0)
+
+    @property
+    def window(self) -> int | None:
+        return self.cfg.window_size if self.kind == "local" else None
+
+    def __call__(
+        self,
+        x_btd: Array,
+        *,
+        q_slot_t: Array,  # [T] slot of each query
+        valid_bs: Array | None,  # [B, S] key slots holding real tokens; None: all of them
+        kv: tuple[Array, Array]
+        | None,  # cached ([B, S, N, H], [B, S, N, H]) after writing this step
+        write: tuple[Array, int] | None = None,
+    ) -> tuple[Array, tuple[Array, Array]]:
+        dt = x_btd.dtype
+        q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.w_q_dnh[...].astype(dt))
+        k_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.w_k_dnh[...].astype(dt))
+        v_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.w_v_dnh[...].astype(dt))
+        q_btnh = constrain(q_btnh, ("batch", "length", "act_heads", None))
+        if kv is None:
+            k_bsnh, v_bsnh = k_btnh, v_btnh
+        else:  # write this step's keys and values into the cache at slot `index`
+            index = write[0]
+            k_bsnh = jax.lax.dynamic_update_slice_in_dim(
+                kv[0], k_btnh.astype(kv[0].dtype), index, 1
+            )
+            v_bsnh = jax.lax.dynamic_update_slice_in_dim(
+                kv[1], v_btnh.astype(kv[1].dtype), index, 1
+            )
+        if self._use_cudnn(kv is None and valid_bs is None):
+            out_btnh = self._cudnn(q_btnh, k_bsnh, v_bsnh)
+        else:
+            out_btnh = self._xla(q_btnh, k_bsnh, v_bsnh, q_slot_t, valid_bs)
+        out_btd = jnp.einsum("btnh,nhd->btd", out_btnh, self.w_o_nhd[...].astype(dt))
+        return out_btd + self.b_o_d[...].astype(dt), (k_bsnh, v_bsnh)
+
+    def _use_cudnn(self, plain: bool) -> bool:
+        impl = self.cfg.attention_impl
+        if impl == "xla" or not plain:
+            return False
+        if impl == "cudnn":
+            return True
+        return jax.default_backend() == "gpu" and self.cfg.dtype != "float32"
+
+    def _xla(self, q_btnh, k_bsnh, v_bsnh, q_slot_t, valid_bs) -> Array:
+        # Scores in float32 and unscaled: GPT-Neo casts q, k to float32, never divides by sqrt(H).
+        scores_bnts = jnp.einsum(
+            "btnh,bsnh->bnts", q_btnh, k_bsnh, preferred_element_type=jnp.float32
+        )
+        k_slot_s = jnp.arange(k_bsnh.shape[1])
+        allowed_ts = k_slot_s[None, :] <= q_slot_t[:, None]
+        if self.window is not None:
+            allowed_ts &= q_slot_t[:, None] - k_slot_s[None, :] < self.window
+        allowed = allowed_ts[None, None]  # [1, 1, T, S]
+        if valid_bs is not None:
+            allowed = allowed & valid_bs[:, None, None, :]
+        scores_bnts = jnp.where(allowed, scores_bnts, jnp.finfo(jnp.float32).min)
+        probs_bnts = jax.nn.softmax(scores_bnts, axis=-1).astype(v_bsnh.dtype)
+        return jnp.einsum("bnts,bsnh->btnh", probs_bnts, v_bsnh)
+
+    def _cudnn(self, q_btnh, k_bsnh, v_bsnh) -> Array:
+        # Fused flash attention (float32 softmax accumulators) with GPT-Neo's scale of 1.
+        window = None if self.window is None else (self.window - 1, 0)
+        return jax.nn.dot_product_attention(
+            q_btnh,
+            k_bsnh,
+            v_bsnh,
+            scale=1.0,
+            is_causal=True,
+            local_window_size=window,
+            implementation="cudnn",
+        )
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, F, std = cfg.d_model, cfg.d_ff, cfg.init_std
+        self.w_up_df = _param(rngs, (D, F), ("embed", "mlp"), std)
+        self.b_up_f = _const((F,), ("mlp",), 0.0)
+        self.w_down_fd = _param(rngs, (F, D), ("mlp", "embed"), std)
+        self.b_down_d = _const((D,), ("embed",), 0.0)
+
+    def hidden(self, x_btd: Array) -> Array:
+        """The post-activation MLP hidden state [B, T, F]: what the SAEs read."""
+        dt = x_btd.dtype
+        h_btf = jnp.einsum("btd,df->btf", x_btd, self.w_up_df[...].astype(dt)) + self.b_up_f[
+            ...
+        ].astype(dt)
+        return constrain(jax.nn.gelu(h_btf, approximate=True), ("batch", "length", "act_mlp"))
+
+    def __call__(self, x_btd: Array) -> tuple[Array, Array]:
+        h_btf = self.hidden(x_btd)
+        dt = x_btd.dtype
+        out_btd = jnp.einsum("btf,fd->btd", h_btf, self.w_down_fd[...].astype(dt))
+        return out_btd + self.b_down_d[...].astype(dt), h_btf
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, kind: str, rngs: nnx.Rngs):
+        self.ln_1 = LayerNorm(cfg)
+        self.attn = Attention(cfg, kind, rngs)
+        self.ln_2 = LayerNorm(cfg)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_btd, *, q_slot_t, valid_bs, kv, write):
+        a_btd, new_kv = self.attn(
+            self.ln_1(x_btd), q_slot_t=q_slot_t, valid_bs=valid_bs, kv=kv, write=write
+        )
+        x_btd = constrain(x_btd + a_btd, ("batch", "length", "act_embed"))
+        m_btd, h_btf = self.mlp(self.ln_2(x_btd))
+        x_btd = constrain(x_btd + m_btd, ("batch", "length", "act_embed"))
+        return x_btd, new_kv, h_btf
+
+
+class GPTNeo(nnx.Module):
+    """GPT-Neo causal LM. `model(tokens)` gives float32 logits [B, T, V]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.wte_vd = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+        self.wpe_pd = _param(
+            rngs, (cfg.max_positions, cfg.d_model), ("position", "embed"), cfg.init_std
+        )
+        self.blocks = nnx.List([Block(cfg, kind, rngs) for kind in cfg.attention_layers])
+        self.ln_f = LayerNorm(cfg)
+
+    def __call__(
+        self,
+        tokens_bt: Array,
+        *,
+        positions_bt: Array | None = None,
+        valid_bt: Array | None = None,
+        cache: KVCache | None = None,
+        capture_mlp: tuple[int, ...] = (),
+    ) -> tuple[Array, KVCache | None] | Array | tuple[Array, dict[int, Array]]:
+        """Logits for `tokens_bt`.
+
+        Without a cache: returns logits [B, T, V] (plus {layer: MLP hidden [B, T, F]} when
+        `capture_mlp` names layers). With a cache: writes this step into slots
+        [cache.index, cache.index + T) and returns (logits, new cache). `valid_bt` marks real
+        tokens (False for left padding); `positions_bt` defaults to the slot numbers.
+        """
+        cfg = self.cfg
+        B, T = tokens_bt.shape
+        start = jnp.int32(0) if cache is None else cache.index
+        q_slot_t = start + jnp.arange(T, dtype=jnp.int32)
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(q_slot_t, (B, T))
+        dt = jnp.dtype(cfg.dtype)
+        x_btd = (self.wte_vd[...][tokens_bt] + self.wpe_pd[...][positions_bt]).astype(dt)
+        x_btd = constrain(x_btd, ("batch", "length", "act_embed"))
+
+        valid_bs = None
+        if cache is not None:
+            valid_new = jnp.ones((B, T), bool) if valid_bt is None else valid_bt.astype(bool)
+            valid_bs = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, valid_new, start, 1)
+        elif valid_bt is not None:
+            valid_bs = valid_bt.astype(bool)
+
+        new_k, new_v, captured = [], [], {}
+        for i, block in enumerate(self.blocks):
+            kv = None if cache is None else (cache.k_lbsnh[i], cache.v_lbsnh[i])
+            step = nnx.remat(Block.__call__) if cfg.remat and cache is None else Block.__call__
+            x_btd, (k_bsnh, v_bsnh), h_btf = step(
+                block, x_btd, q_slot_t=q_slot_t, valid_bs=valid_bs, kv=kv, write=(start, T)
+            )
+            if i in capture_mlp:
+                captured[i] = h_btf
+            if cache is not None:
+                new_k.append(k_bsnh)
+                new_v.append(v_bsnh)
+        x_btd = self.ln_f(x_btd)
+        logits_btv = jnp.einsum(
+            "btd,vd->btv", x_btd, self.wte_vd[...].astype(dt), preferred_element_type=jnp.float32
+        )
+        logits_btv = constrain(logits_btv, ("batch", "length", "act_vocab"))
+        if cache is not None:
+            new_cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), valid_bs, start + T)
+            return logits_btv, new_cache
+        if capture_mlp:
+            return logits_btv, captured
+        return logits_btv
+
+
+def init_model(
+    cfg: ModelConfig, seed: int = 0, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES
+) -> GPTNeo:
+    """A randomly initialised model; with a mesh, each parameter is created already sharded."""
+    if mesh is None:
+        return GPTNeo(cfg, rngs=nnx.Rngs(seed))
+    abstract = nnx.eval_shape(lambda: GPTNeo(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = param_shardings(abstract_state, mesh, rules)
+
+    @partial(jax.jit, out_shardings=shardings)
+    def make(key):
+        return nnx.state(GPTNeo(cfg, rngs=nnx.Rngs(params=key)))
+
+    return nnx.merge(graphdef, make(jax.random.key(seed)))
+
+
+def shard_model(model: GPTNeo, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> GPTNeo:
+    """Place an existing model's parameters on a mesh as the rules table says."""
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, param_shardings(state, mesh, rules))
+    return nnx.merge(graphdef, state)
+
+
+def count_params(model: GPTNeo) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

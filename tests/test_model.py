@@ -1,0 +1,200 @@
+"""The model against transformers' GPTNeoForCausalLM (PyTorch CPU): a reference not ours."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlm.config import PRESETS, ModelConfig, preset
+from jaxlm.errors import UserError
+from jaxlm.generate import SamplingConfig, generate, sample_logits
+from jaxlm.hf import load_hf, save_hf, to_hf_tensors
+from jaxlm.model import GPTNeo, KVCache, init_model
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from jaxlm.testing import random_hf_gpt_neo  # noqa: E402
+
+LOGITS_TOL = 1e-4  # full fp32 logits (never loosened)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_logits_match_transformers(name, tmp_path):
+    """Full width, reduced vocabulary, 320 tokens so the 256-token local window matters."""
+    cfg = preset(name, vocab_size=512)
+    ref_model = random_hf_gpt_neo(cfg, tmp_path, seed=1)
+    model = load_hf(tmp_path)
+    ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 320))
+    with torch.no_grad():
+        ref = ref_model(torch.tensor(ids)).logits.numpy()
+    out = np.asarray(model(jnp.asarray(ids)))
+    assert out.dtype == np.float32
+    assert np.abs(out - ref).max() <= LOGITS_TOL
+
+
+def test_local_window_sees_itself_and_previous_255():
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_heads=4, n_layers=1, attention_layers=("local",))
+    model = init_model(cfg, 0)
+    ids = np.random.RandomState(0).randint(0, 64, (1, 300))
+    base = np.asarray(model(jnp.asarray(ids)))
+    changed = ids.copy()
+    changed[0, 10] = (changed[0, 10] + 1) % 64
+    out = np.asarray(model(jnp.asarray(changed)))
+    diff = np.abs(out - base).max(-1)[0]
+    assert diff[:10].max() == 0  # causal
+    assert diff[10:266].min() > 0  # slot 10 is visible from slots 10 .. 10 + 255
+    assert diff[266:].max() == 0  # and from nowhere later
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    cfg = preset("ts-1m", vocab_size=300)
+    model = init_model(cfg, 3)
+    ids = jnp.asarray(np.random.RandomState(1).randint(0, 300, (2, 280)))
+    full = np.asarray(model(ids))
+    cache = KVCache.init(cfg, 2, 280)
+    logits, cache = model(ids[:, :200], cache=cache)
+    steps = [np.asarray(logits)]
+    for t in range(200, 280, 20):  # chunks of 20, crossing the local window edge
+        logits, cache = model(ids[:, t : t + 20], cache=cache)
+        steps.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-5, rtol=0)
+
+
+def _hf_greedy(ref_model, prompt, n):
+    with torch.no_grad():
+        out = ref_model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def test_greedy_generation_matches_transformers_imported(tmp_path):
+    """A random transformers GPT-Neo, imported: the same 40 greedy tokens from 260 prompt tokens."""
+    cfg = preset("ts-8m", vocab_size=1000)
+    ref_model = random_hf_gpt_neo(cfg, tmp_path, seed=2)
+    prompt = np.random.RandomState(2).randint(0, 1000, 260).tolist()
+    model = load_hf(tmp_path)
+    (ours,) = generate(model, [prompt], max_new_tokens=40, sampling=SamplingConfig(greedy=True))
+    assert ours == _hf_greedy(ref_model, prompt, 40)
+
+
+def test_greedy_generation_matches_transformers_exported(tmp_path):
+    cfg = preset("ts-3m", vocab_size=1000)
+    model = init_model(cfg, 5)
+    save_hf(model, tmp_path)
+    ref_model = transformers.GPTNeoForCausalLM.from_pretrained(tmp_path).eval()
+    prompt = np.random.RandomState(3).randint(0, 1000, 260).tolist()
+    (ours,) = generate(model, [prompt], max_new_tokens=40, sampling=SamplingConfig(greedy=True))
+    assert ours == _hf_greedy(ref_model, prompt, 40)
+
+
+def test_left_padded_batch_equals_one_by_one():
+    cfg = preset("ts-1m", vocab_size=500)
+    model = init_model(cfg, 7)
+    rs = np.random.RandomState(4)
+    prompts = [rs.randint(0, 500, n).tolist() for n in (5, 70, 270)]
+    batched = generate(model, prompts, max_new_tokens=12)
+    for p, row in zip(prompts, batched, strict=True):
+        assert generate(model, [p], max_new_tokens=12, bucket=0) == [row]
+
+
+def test_generation_stops_at_eos_and_sampling_is_seeded():
+    cfg = preset("ts-1m", vocab_size=50)
+    model = init_model(cfg, 0)
+    s = SamplingConfig(temperature=1.5, top_k=20, top_p=0.9)
+    a = generate(model, [[1, 2, 3]] * 4, max_new_tokens=60, sampling=s, seed=1, eos_id=7)
+    assert a == generate(model, [[1, 2, 3]] * 4, max_new_tokens=60, sampling=s, seed=1, eos_id=7)
+    assert a != generate(model, [[1, 2, 3]] * 4, max_new_tokens=60, sampling=s, seed=2, eos_id=7)
+    for row in a:
+        assert 7 not in row[:-1]
+        assert len(row) == 60 or row[-1] == 7
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2000))
+    keys = jax.random.split(jax.random.key(0), 1)[0]
+    toks = np.asarray(sample_logits(logits, keys, SamplingConfig(top_k=2)))
+    assert set(toks.tolist()) == {0, 1}
+    toks = np.asarray(sample_logits(logits, keys, SamplingConfig(top_p=0.75)))
+    assert set(toks.tolist()) == {0, 1}  # 0.5 alone < 0.75, 0.5 + 0.3 >= 0.75
+    toks = np.asarray(sample_logits(logits, keys, SamplingConfig(top_p=0.5)))
+    assert set(toks.tolist()) == {0}
+
+
+def test_export_then_import_is_bit_exact(tmp_path):
+    model = init_model(preset("ts-1m", vocab_size=333), 11)
+    save_hf(model, tmp_path)
+    back = load_hf(tmp_path)
+    a, b = to_hf_tensors(model), to_hf_tensors(back)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gpt_neo"
+
+
+@pytest.mark.parametrize("vocab", [50257, 32000])
+def test_param_counts_equal_transformers(vocab):
+    for name in PRESETS:
+        cfg = preset(name, vocab_size=vocab)
+        with torch.device("meta"):
+            ref = random_hf_gpt_neo(cfg)
+        ref_count = sum(p.numel() for p in ref.parameters())  # tied lm_head counted once
+        abstract = nnx.eval_shape(lambda cfg=cfg: GPTNeo(cfg, rngs=nnx.Rngs(0)))
+        ours = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+        assert ours == ref_count == cfg.num_params(), name
+
+
+def test_full_size_presets_by_shape_only():
+    """eval_shape: shapes and counts of every full-size preset, nothing allocated."""
+    expected = {  # at the paper's 32k vocabulary (transformers agrees: test above)
+        "ts-1m": 2_577_536,
+        "ts-3m": 5_941_504,
+        "ts-8m": 15_028_736,
+        "ts-28m": 42_640_384,
+        "ts-33m": 54_492_672,
+        "ts-1l-21m": 47_460_352,
+        "ts-2l-33m": 60_053_504,
+    }
+    for name in PRESETS:
+        cfg = preset(name)
+        abstract = nnx.eval_shape(lambda cfg=cfg: GPTNeo(cfg, rngs=nnx.Rngs(0)))
+        assert abstract.wte_vd.get_value().shape == (32000, cfg.d_model)
+        assert abstract.blocks[0].mlp.w_up_df.get_value().shape == (cfg.d_model, 4 * cfg.d_model)
+        assert abstract.blocks[0].attn.w_q_dnh.get_value().shape == (
+            cfg.d_model,
+            16,
+            cfg.d_model // 16,
+        )
+        assert (
+            sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))) == expected[name]
+        )
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"d_model": 100, "n_heads": 16}, "n_heads=16 does not divide d_model=100"),
+        ({"window_size": 0}, "window_size=0 must be >= 1"),
+        ({"attention_layers": ("global", "sliding")}, "'global' or 'local'"),
+        ({"n_layers": 3, "attention_layers": ("global",)}, "attention_layers has 1 entries"),
+    ],
+)
+def test_config_errors_are_one_line(kwargs, fragment):
+    with pytest.raises(UserError) as e:
+        ModelConfig(**kwargs)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_preset_and_key():
+    with pytest.raises(UserError, match="unknown preset 'ts-9m'; choose one of ts-1m"):
+        preset("ts-9m")
+    with pytest.raises(UserError, match="unknown key 'd_modle'"):
+        ModelConfig.from_dict({"d_modle": 3})
