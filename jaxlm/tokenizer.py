@@ -24,6 +24,7 @@ from pathlib import Path
 
 from jaxlm.errors import UserError
 
+_CACHE_SIZE = 1 << 20
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 MODEL_FILE = "spm.model"
@@ -99,6 +100,8 @@ class Tokenizer:
 
         self.path = Path(model_path)
         self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        self._cache_first: dict[str, list[int]] = {}  # a text's first word
+        self._cache_rest: dict[str, list[int]] = {}  # later words, keyed without their space
 
     @classmethod
     def load(cls, tokdir: str | os.PathLike) -> Tokenizer:
@@ -115,7 +118,29 @@ class Tokenizer:
         return self._sp.encode(text)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._sp.encode(list(texts))
+        """Same ids as `encode`, faster: words are encoded once and cached.
+
+        No learned piece holds a space except as its first character (split_by_whitespace), so
+        no merge crosses the boundary before a space: encoding the text piecewise, cut before
+        each space, gives exactly the ids of encoding it whole.
+        """
+        words = [t.split(" ") for t in texts]  # "a  b" -> ["a", "", "b"]: "a", " ", " b"
+        first, rest = self._cache_first, self._cache_rest
+        if len(rest) > _CACHE_SIZE:
+            first.clear()
+            rest.clear()
+        new_first = list({w[0] for w in words if w[0] not in first})
+        new_rest = list({x for w in words for x in w[1:] if x not in rest})
+        first.update(zip(new_first, self._sp.encode(new_first), strict=True))
+        enc = self._sp.encode([" " + x for x in new_rest])
+        rest.update(zip(new_rest, enc, strict=True))
+        out = []
+        for w in words:
+            ids = list(first[w[0]])
+            for x in w[1:]:
+                ids += rest[x]
+            out.append(ids)
+        return out
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode(list(map(int, ids)))

@@ -22,9 +22,6 @@ from jaxlm.errors import UserError
 TATWEEL = "\u0640"
 # Harakat (fathatan..sukun) and the superscript alef.
 _DIACRITICS = re.compile("[\u064b-\u0652\u0670]")
-_SPACES = re.compile(r"[^\S\n]+")  # whitespace other than newline
-_TRAILING = re.compile(r" +\n")
-_MANY_NEWLINES = re.compile(r"\n{3,}")
 _LOST_RDQUO = re.compile("\u00e2\u20ac\u009d?(?=\\s|$)")
 
 
@@ -92,7 +89,9 @@ def _step(text: str, on: bool, fn, name: str, stats: CleanStats) -> str:
 def _fix_mojibake(text: str) -> str:
     import ftfy
 
-    if text.isascii():  # nothing to repair; ftfy is comparatively slow
+    # Fast path (ftfy takes ~100 us per story): UTF-8 read as Latin-1/cp1252 always shows a lead
+    # byte 0xC2-0xF4 as one of U+00C2-U+00F4, all of which encode to UTF-8 as C3 xx.
+    if "\u00c3" not in text and b"\xc3" not in text.encode("utf-8", "surrogatepass"):
         return text
     text = ftfy.fix_encoding(text)
     # "”" is E2 80 9D; 0x9D is unmapped in cp1252, so many copies (TinyStories on HF) lost it and
@@ -101,9 +100,10 @@ def _fix_mojibake(text: str) -> str:
 
 
 def normalise_whitespace(text: str) -> str:
-    """CRLF/CR -> LF, spaces and tabs -> one space, no trailing spaces, <= one blank line."""
+    """CRLF/CR -> LF; in each line, runs of whitespace -> one space, none at either end; at most
+    one blank line in a row. (str.split() runs in C: a regex here costs ~50 us per story.)"""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _SPACES.sub(" ", text)
-    text = _TRAILING.sub("\n", text)
-    text = _MANY_NEWLINES.sub("\n\n", text)
+    text = "\n".join([" ".join(line.split()) for line in text.split("\n")])
+    while "\n\n\n" in text:
+        text = text.replace("\n\n\n", "\n\n")
     return text.strip()

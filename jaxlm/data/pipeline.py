@@ -135,8 +135,17 @@ def make_loader(
     read = grain.ReadOptions(num_threads=2 if worker_count == 0 else 1, prefetch_buffer_size=8)
     ids = ds.to_iter_dataset(read)
     if worker_count > 0:
+        _parse_absl_flags()
         ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return Loader(ids, metas[0]["seq_len"], metas)
+
+
+def _parse_absl_flags() -> None:
+    """Grain's worker processes read absl flags, which a non-absl program never parsed."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 class _SourceCode:
