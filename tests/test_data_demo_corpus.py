@@ -39,7 +39,9 @@ def test_styles_differ_in_names_and_dialogue_only():
         assert set(n.split()) & arabic and not set(re.findall(r"\w+", n)) & english
         assert set(t.split()) & english and not set(re.findall(r"\w+", t)) & arabic
         assert _skeleton(n) == _skeleton(t)
-    assert any(re.search(r'"[^"]+" (قال|قالت|سأل|سألت|صاح|صاحت|همس|همست|أجاب|أجابت) ', t)
-               for t in translated)  # fmt: skip
+    assert any(
+        re.search(r'"[^"]+" (قال|قالت|سأل|سألت|صاح|صاحت|همس|همست|أجاب|أجابت) ', t)
+        for t in translated
+    )
     assert any(re.search(r"(قال|قالت) \w+: «", n) for n in native)
     assert any(re.search(r'(قال|قالت) \w+، "', t) for t in translated)

@@ -22,7 +22,7 @@ from jaxlm.errors import UserError
 TATWEEL = "\u0640"
 # Harakat (fathatan..sukun) and the superscript alef.
 _DIACRITICS = re.compile("[\u064b-\u0652\u0670]")
-_LOST_RDQUO = re.compile("\u00e2\u20ac\u009d?(?=\\s|$)")
+_LOST_RDQUO = re.compile("\u00e2\u20ac\u009d?(?=[\\s.,!?;:)'\"]|$)")
 
 
 @dataclass(frozen=True)
@@ -93,10 +93,11 @@ def _fix_mojibake(text: str) -> str:
     # byte 0xC2-0xF4 as one of U+00C2-U+00F4, all of which encode to UTF-8 as C3 xx.
     if "\u00c3" not in text and b"\xc3" not in text.encode("utf-8", "surrogatepass"):
         return text
-    text = ftfy.fix_encoding(text)
-    # "”" is E2 80 9D; 0x9D is unmapped in cp1252, so many copies (TinyStories on HF) lost it and
-    # ftfy cannot undo "â€" + nothing. Restore it where it ends a word or the text.
-    return _LOST_RDQUO.sub("\u201d", text)
+    # "”" is E2 80 9D; 0x9D is unmapped in cp1252, so many copies (TinyStories on HF) lost it, and
+    # ftfy reads "â€" + space as "†" (a lost NBSP). Restore "”" first, before a space,
+    # punctuation or the end.
+    text = _LOST_RDQUO.sub("\u201d", text)
+    return ftfy.fix_encoding(text)
 
 
 def normalise_whitespace(text: str) -> str:
