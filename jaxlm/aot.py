@@ -164,6 +164,7 @@ class AotReport:
     fits: bool
     flops: float  # XLA's cost model, per chip (the partitioned program)
     bytes_accessed: float
+    error: str | None = None  # XLA's RESOURCE_EXHAUSTED message when it refused to compile
 
     @property
     def hbm_used_fraction(self) -> float:
@@ -171,9 +172,10 @@ class AotReport:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["hbm_used_gib"] = round(self.hbm_used_bytes / GIB, 4)
+        known = self.hbm_used_bytes >= 0  # -1 when XLA refused to compile
+        d["hbm_used_gib"] = round(self.hbm_used_bytes / GIB, 4) if known else None
         d["hbm_capacity_gib"] = round(self.hbm_capacity_bytes / GIB, 2)
-        d["hbm_used_fraction"] = round(self.hbm_used_fraction, 4)
+        d["hbm_used_fraction"] = round(self.hbm_used_fraction, 4) if known else None
         return d
 
     def to_json(self) -> str:
@@ -191,32 +193,38 @@ def compile_for_topology(
     `build` gets the ("data", "fsdp", "tensor") mesh over the topology's devices and returns
     `(jitted_fn, abstract_args)`, where abstract args are pytrees of `jax.ShapeDtypeStruct`
     carrying `NamedSharding`s on that mesh. Lowering runs under `jax.set_mesh(mesh)`, so steps
-    that constrain activations by axis name resolve them against this mesh.
+    that constrain activations by mesh axis name resolve them against this mesh; a step that
+    needs more context (logical-axis rules) enters it in its own `lower`.
     """
     topo = get_topology(topology)
     mesh = topology_mesh(topology, data=data, tensor=tensor)
+    fn, args = build(mesh)  # no mesh context here: builders bring their own (nnx + rules)
     with jax.set_mesh(mesh):
-        fn, args = build(mesh)
         start = time.perf_counter()
-        compiled = fn.lower(*args).compile()
+        try:
+            compiled = fn.lower(*args).compile()
+        except jax.errors.JaxRuntimeError as e:
+            # XLA refuses a program whose static allocation exceeds HBM: that is "does not fit".
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            return _report(topo, mesh, None, time.perf_counter() - start, error=str(e))
         compile_s = time.perf_counter() - start
     return _report(topo, mesh, compiled, compile_s)
 
 
-def _report(topo: TpuTopology, mesh: Mesh, compiled: Any, compile_s: float) -> AotReport:
-    mem = compiled.memory_analysis()
-    parts = {
-        "argument_bytes": int(mem.argument_size_in_bytes),
-        "output_bytes": int(mem.output_size_in_bytes),
-        "temp_bytes": int(mem.temp_size_in_bytes),
-        "generated_code_bytes": int(mem.generated_code_size_in_bytes),
-        "alias_bytes": int(mem.alias_size_in_bytes),
-    }
-    used = sum(parts.values()) - 2 * parts["alias_bytes"]
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list | tuple):  # older jax returned one dict per program
-        cost = cost[0] if cost else {}
-    cost = cost or {}
+def _report(
+    topo: TpuTopology, mesh: Mesh, compiled: Any, compile_s: float, error: str | None = None
+) -> AotReport:
+    """The report for a compiled step, or for one XLA refused to compile (`error`; sizes -1)."""
+    parts = dict.fromkeys(_MEMORY_PARTS, -1)
+    cost: Any = {}
+    if compiled is not None:
+        mem = compiled.memory_analysis()
+        parts = {k: int(getattr(mem, attr)) for k, attr in _MEMORY_PARTS.items()}
+        cost = compiled.cost_analysis()
+        if isinstance(cost, list | tuple):  # older jax returned one dict per program
+            cost = cost[0] if cost else {}
+    used = sum(parts.values()) - 2 * parts["alias_bytes"] if compiled is not None else -1
     devices = list(mesh.devices.flat)
     return AotReport(
         topology=topo.name,
@@ -228,7 +236,17 @@ def _report(topo: TpuTopology, mesh: Mesh, compiled: Any, compile_s: float) -> A
         **parts,
         hbm_used_bytes=used,
         hbm_capacity_bytes=topo.hbm_bytes,
-        fits=used <= topo.hbm_bytes,
-        flops=float(cost.get("flops", -1.0)),  # -1: XLA gave no estimate
-        bytes_accessed=float(cost.get("bytes accessed", -1.0)),
+        fits=error is None and used <= topo.hbm_bytes,
+        flops=float((cost or {}).get("flops", -1.0)),  # -1: XLA gave no estimate
+        bytes_accessed=float((cost or {}).get("bytes accessed", -1.0)),
+        error=error.splitlines()[0][:500] if error else None,
     )
+
+
+_MEMORY_PARTS = {
+    "argument_bytes": "argument_size_in_bytes",
+    "output_bytes": "output_size_in_bytes",
+    "temp_bytes": "temp_size_in_bytes",
+    "generated_code_bytes": "generated_code_size_in_bytes",
+    "alias_bytes": "alias_size_in_bytes",
+}

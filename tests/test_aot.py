@@ -110,6 +110,22 @@ def test_stand_in_step_compiles_for_v5e_8():
 
 
 @needs_libtpu
+def test_xla_refusing_to_compile_for_lack_of_hbm_is_a_report_not_a_crash():
+    def build(mesh):
+        x = jax.ShapeDtypeStruct((46000,), jnp.float32, sharding=NamedSharding(mesh, P()))
+
+        @jax.jit
+        def argsort_outer(x):  # keys + indices of 2.1e9 elements: > 16 GiB of temporaries
+            return jnp.argsort(jnp.outer(x, x).reshape(-1))[:4]
+
+        return argsort_outer, (x,)
+
+    report = aot.compile_for_topology("v5e-8", build)
+    assert not report.fits and "RESOURCE_EXHAUSTED" in report.error
+    assert json.loads(report.to_json())["hbm_used_gib"] is None
+
+
+@needs_libtpu
 def test_aot_check_cli_prints_json_and_fails_when_it_does_not_fit(capsys, monkeypatch):
     sys.path.insert(0, str(ROOT))
     from tpu import aot_check

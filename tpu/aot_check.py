@@ -3,7 +3,9 @@
     python tpu/aot_check.py --topology v5e-8 --config configs/ts-33m.yaml --global-batch 512
 
 Needs libtpu (`pip install "jax[tpu]"`), not a TPU; runs fine with JAX_PLATFORMS=cpu. Exits 1
-when the step does not fit in one chip's HBM, 2 on a usage error. `--builder MODULE:FN` or
+when the step does not fit in one chip's HBM, 2 on a usage error (including a batch that does
+not divide over the mesh). `--set section.key=value` overrides the config, e.g.
+`--set model.preset=ts-33m --set model.dtype=bfloat16`. `--builder MODULE:FN` or
 `--builder path/to/file.py:FN` compiles any `FN(mesh) -> (jitted_fn, abstract_args)` instead
 of jaxlm's train step.
 """
@@ -30,7 +32,7 @@ from jaxlm.errors import UserError  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tpu/aot_check.py", description=__doc__.splitlines()[0])
     p.add_argument("--topology", required=True, choices=sorted(TOPOLOGIES))
-    p.add_argument("--config", help="train config YAML (for jaxlm.train.abstract_train_step)")
+    p.add_argument("--config", help="train config YAML; default: TrainConfig's defaults")
     p.add_argument("--global-batch", type=int, default=None, help="sequences per step, all chips")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted config override, repeatable")  # fmt: skip
@@ -59,16 +61,13 @@ def load_builder(spec: str) -> BuildFn:
 
 
 def train_step_builder(config: str | None, overrides: list[str], global_batch: int | None):
-    """jaxlm's own train step, as a build callable (once jaxlm.train provides it)."""
-    if config is None:
-        raise UserError("give --config CFG.yaml (or --builder MODULE:FN)")
+    """jaxlm's own train step as a build callable: the config's defaults, YAML, then --set."""
     try:
+        from jaxlm.overlay import parse_override
         from jaxlm.train import abstract_train_step, load_config
     except ImportError as e:
         raise UserError(f"jaxlm.train.abstract_train_step is not available ({e})") from e
-    cfg = load_config(config, overrides)
-    if global_batch is None:  # the config's own batch size
-        return lambda mesh: abstract_train_step(cfg, mesh)
+    cfg = load_config(config, [parse_override(o) for o in overrides])
     return lambda mesh: abstract_train_step(cfg, mesh, global_batch)
 
 
@@ -80,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             build = train_step_builder(args.config, args.set, args.global_batch)
         report = compile_for_topology(args.topology, build, data=args.data, tensor=args.tensor)
-    except UserError as e:
-        print(f"aot_check: error: {e}", file=sys.stderr)
+    except (UserError, ValueError) as e:  # ValueError: shapes that do not divide over the mesh
+        print(f"aot_check: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     print(report.to_json())
     return 0 if report.fits else 1
