@@ -24,7 +24,7 @@ from pathlib import Path
 
 from jaxlm.errors import UserError
 
-_CACHE_SIZE = 1 << 20
+_CACHE_SIZE = 1 << 19  # words per cache: bounds a worker's memory (~100 MB)
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 MODEL_FILE = "spm.model"
@@ -71,9 +71,14 @@ def train(
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
-    export_hf(out, out)
+    try:
+        export_hf(out, out)
+        hf_files = True
+    except ImportError:  # the `hf` extra (transformers, tokenizers) is not installed
+        hf_files = False
     tok = Tokenizer.load(out)
-    info = {"vocab_size": tok.vocab_size, "sample_stories": len(sample), "sha256": tok.sha256}
+    info = {"vocab_size": tok.vocab_size, "sample_stories": len(sample), "sha256": tok.sha256,
+            "hf_files": hf_files}  # fmt: skip
     (out / "jaxlm.json").write_text(json.dumps(info, indent=2) + "\n")
     return tok
 

@@ -125,7 +125,7 @@ def test_failure_leaves_nothing(inputs, tok, tmp_path):
             tokenizer_dir=tok.path.parent,
             seq_len=SEQ,
             read_options=readers.ReadOptions(field="Story"),
-            workers=1,
+            workers=2,
             progress=False,
         )
     assert list(tmp_path.iterdir()) == [bad]

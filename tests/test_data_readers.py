@@ -169,3 +169,48 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert _main(argv, monkeypatch) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no tokenizer" in err
+
+
+def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
+    corpus, tok, data = tmp_path / "c.jsonl", tmp_path / "tok", tmp_path / "data"
+    run = lambda *a: _main(list(a), monkeypatch)
+    assert (
+        run("data", "demo-corpus", "--style", "translated", "--n", "200", "--out", str(corpus)) == 0
+    )
+    assert (
+        run(
+            "tokenizer",
+            "train",
+            "--input",
+            str(corpus),
+            "--vocab-size",
+            "500",
+            "--sample-size",
+            "100",
+            "--out",
+            str(tok),
+        )
+        == 0
+    )
+    assert (
+        run(
+            "data",
+            "prepare",
+            "--input",
+            str(corpus),
+            "--input",
+            str(corpus),
+            "--tokenizer",
+            str(tok),
+            "--seq-len",
+            "32",
+            "--workers",
+            "1",
+            "--out",
+            str(data),
+        )
+        == 0
+    )
+    meta = json.loads((data / "metadata.json").read_text())
+    assert meta["stories"] == 200 and meta["cleaning_stats"]["removed_duplicate"] == 200
+    assert len(meta["sources"]) == 2

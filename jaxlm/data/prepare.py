@@ -19,6 +19,7 @@ import multiprocessing as mp
 import os
 import shutil
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -165,7 +166,15 @@ def _map_chunks(chunks, model_path, clean_cfg, workers):
         return
     ctx = mp.get_context("spawn")  # fork is unsafe once jax or threads are up in the parent
     with ctx.Pool(workers, _init_worker, (model_path, clean_cfg)) as pool:
-        yield from pool.imap(_process_chunk, chunks, chunksize=4)
+        # A bounded window of chunks in flight, in order (Pool.imap would read the whole input
+        # ahead into its task queue, and a reader's UserError would surface in its thread).
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_process_chunk, (chunk,)))
+            if len(pending) >= 8 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 class _SplitWriter:
