@@ -49,6 +49,7 @@ class TpuTopology:
 
     @property
     def hbm_bytes(self) -> int:
+        """HBM of one chip of this generation, in bytes."""
         return int(HBM_GIB[self.generation] * GIB)
 
 
@@ -168,9 +169,11 @@ class AotReport:
 
     @property
     def hbm_used_fraction(self) -> float:
+        """Planned per-chip bytes over the chip's HBM."""
         return self.hbm_used_bytes / self.hbm_capacity_bytes
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields plus GiB and fraction conveniences."""
         d = dataclasses.asdict(self)
         known = self.hbm_used_bytes >= 0  # -1 when XLA refused to compile
         d["hbm_used_gib"] = round(self.hbm_used_bytes / GIB, 4) if known else None
@@ -179,6 +182,7 @@ class AotReport:
         return d
 
     def to_json(self) -> str:
+        """One JSON object, keys sorted."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
 

@@ -30,6 +30,7 @@ from jaxlm.errors import UserError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags."""
     p = argparse.ArgumentParser(prog="tpu/aot_check.py", description=__doc__.splitlines()[0])
     p.add_argument("--topology", required=True, choices=sorted(TOPOLOGIES))
     p.add_argument("--config", help="train config YAML; default: TrainConfig's defaults")
@@ -72,6 +73,7 @@ def train_step_builder(config: str | None, overrides: list[str], global_batch: i
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 with one line on stderr for a usage error)."""
     args = build_parser().parse_args(argv)
     try:
         if args.builder:

@@ -27,6 +27,7 @@ from tpu import setup as setup_script  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags."""
     p = argparse.ArgumentParser(prog="tpu/babysit.py", description=__doc__.splitlines()[0])
     gcloud.add_tpu_args(p, billing=True)
     setup_script.add_setup_args(p)
@@ -63,6 +64,7 @@ def babysit(gc: gcloud.Gcloud, tpu: gcloud.Tpu, args: argparse.Namespace) -> int
 
 
 def run(args: argparse.Namespace) -> int:
+    """Do the work for parsed flags; GcloudError becomes one line on stderr."""
     tpu = gcloud.tpu_from_args(args)
     gc = gcloud.gcloud_from_args(args, default_state="READY")
     if gc.dry_run and args.simulate_state:  # after the simulated states, a fresh slice is up
@@ -72,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 with one line on stderr for a usage error)."""
     return gcloud.main_guard("babysit", run, argv, build_parser())
 
 

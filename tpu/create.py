@@ -20,6 +20,7 @@ from tpu import gcloud  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags."""
     p = argparse.ArgumentParser(prog="tpu/create.py", description=__doc__.splitlines()[0])
     gcloud.add_tpu_args(p, billing=True)
     p.add_argument("--no-wait", action="store_true", help="do not poll until READY/ACTIVE")
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Do the work for parsed flags; GcloudError becomes one line on stderr."""
     tpu = gcloud.tpu_from_args(args)
     gc = gcloud.gcloud_from_args(args)
     gcloud.ensure_created(gc, tpu, wait=not args.no_wait, poll_s=args.poll_s)
@@ -35,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 with one line on stderr for a usage error)."""
     return gcloud.main_guard("create", run, argv, build_parser())
 
 

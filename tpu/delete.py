@@ -16,12 +16,14 @@ from tpu import gcloud  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags."""
     p = argparse.ArgumentParser(prog="tpu/delete.py", description=__doc__.splitlines()[0])
     gcloud.add_tpu_args(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    """Do the work for parsed flags; GcloudError becomes one line on stderr."""
     tpu = gcloud.tpu_from_args(args)
     gc = gcloud.gcloud_from_args(args, default_state="READY")
     if gc.state(tpu) is None:
@@ -32,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 with one line on stderr for a usage error)."""
     return gcloud.main_guard("delete", run, argv, build_parser())
 
 

@@ -89,6 +89,7 @@ class Tpu:
         return [f"--zone={self.zone}"] + ([f"--project={self.project}"] if self.project else [])
 
     def create(self) -> list[str]:
+        """`tpu-vm create`, or `queued-resources create` with --queued."""
         billing = ["--spot"] if self.spot else ["--reserved"] if self.reserved else []
         if self.queued:
             return [*_QR, "create", self.name, f"--node-id={self.name}", *self._where(),
@@ -105,15 +106,18 @@ class Tpu:
                 f"--format={fmt}"]  # fmt: skip
 
     def delete(self) -> list[str]:
+        """Delete without prompting."""
         if self.queued:  # --force deletes the node along with the queued resource
             return [*_QR, "delete", self.name, *self._where(), "--quiet", "--force"]
         return [*_VM, "delete", self.name, *self._where(), "--quiet"]
 
     def ssh(self, command: str, worker: str = "all") -> list[str]:
+        """Run a one-line shell command on the workers."""
         return [*_VM, "ssh", self.name, *self._where(), f"--worker={worker}",
                 f"--command={command}"]  # fmt: skip
 
     def scp_from(self, remote: str, local: str, worker: str = "all") -> list[str]:
+        """Copy a remote directory from the workers to a local one."""
         return [*_VM, "scp", "--recurse", f"{self.name}:{remote}", local, *self._where(),
                 f"--worker={worker}"]  # fmt: skip
 
@@ -122,6 +126,7 @@ class Tpu:
         return state is None or state in (QR_LOST if self.queued else NODE_LOST)
 
     def ready(self, state: str | None) -> bool:
+        """Whether the slice can take commands: READY (node) or ACTIVE (queued)."""
         return state in (QR_READY if self.queued else NODE_READY)
 
 
@@ -141,6 +146,7 @@ class Gcloud:
         self._states = list(states)
 
     def run(self, argv: list[str]) -> int:
+        """Print the command; unless dry, run it and return its exit code."""
         print(shlex.join(argv), flush=True)
         if self.dry_run:
             self._simulate(argv)
@@ -148,6 +154,7 @@ class Gcloud:
         return subprocess.run(argv, check=False).returncode
 
     def check(self, argv: list[str]) -> None:
+        """`run`, raising GcloudError on a non-zero exit."""
         if (rc := self.run(argv)) != 0:
             raise GcloudError(f"exit {rc}: {shlex.join(argv)}")
 
@@ -176,6 +183,7 @@ class Gcloud:
         raise GcloudError(f"{shlex.join(argv)}: {out.stderr.strip().splitlines()[-1:]}")
 
     def sleep(self, seconds: float) -> None:
+        """Wait between polls (not in dry runs)."""
         if not self.dry_run:
             time.sleep(seconds)
 
@@ -202,6 +210,7 @@ def add_tpu_args(p: argparse.ArgumentParser, *, billing: bool = False) -> None:
 
 
 def tpu_from_args(args: argparse.Namespace) -> Tpu:
+    """The slice the parsed flags describe."""
     return Tpu(
         name=args.name,
         zone=args.zone,
@@ -215,6 +224,7 @@ def tpu_from_args(args: argparse.Namespace) -> Tpu:
 
 
 def gcloud_from_args(args: argparse.Namespace, default_state: str = "MISSING") -> Gcloud:
+    """The runner for the flags: real, or dry with simulated describe answers."""
     if args.simulate_state and not args.dry_run:
         raise GcloudError("--simulate-state only goes with --dry-run")
     return Gcloud(dry_run=args.dry_run, states=args.simulate_state or [default_state])

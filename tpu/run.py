@@ -4,10 +4,11 @@
         --env JAX_COMPILATION_CACHE_DIR=gs://BUCKET/xla-cache -- \\
         jaxlm train --config configs/ts-33m.yaml --workdir gs://BUCKET/runs/ts-33m
 
-On each worker, inside the setup checkout and venv: write `worker-N.env` (commit, TPU/JAX/XLA
-variables, jax/libtpu versions), run the command with its output tee'd to `worker-N.log`
-under ~/jaxlm-logs/RUN_ID, then copy both to --log-dir: `gcloud storage cp` from the
-workers for gs://, `gcloud compute tpus tpu-vm scp --worker=all` back here for a local dir.
+On each worker, inside the setup checkout and venv: write `worker-N.START.env` (commit,
+TPU/JAX/XLA variables, jax/libtpu versions), run the command with its output tee'd to
+`worker-N.START.log` under ~/jaxlm-logs/RUN_ID (START: the attempt's UTC start time), then copy
+both to --log-dir: `gcloud storage cp` from the workers for gs://, `gcloud compute tpus tpu-vm
+scp --worker=all` back here for a local dir.
 The exit status is the command's (non-zero if any worker failed).
 """
 
@@ -48,6 +49,7 @@ def add_run_args(p: argparse.ArgumentParser, with_dir: bool = True) -> None:
 
 
 def exports(env: list[str]) -> list[str]:
+    """`export KEY=VALUE` steps for --env, values shell-quoted."""
     steps = []
     for item in env:
         key, sep, value = item.partition("=")
@@ -58,6 +60,7 @@ def exports(env: list[str]) -> list[str]:
 
 
 def user_command(cmd: list[str]) -> str:
+    """The command after --, shell-quoted for the remote shell."""
     if not cmd:
         raise gcloud.GcloudError("no command: put it after --, e.g. -- jaxlm train --config ...")
     return shlex.join(cmd)
@@ -72,14 +75,15 @@ def remote_command(args: argparse.Namespace) -> str:
         ". .venv/bin/activate",
         *exports(args.env),
         f"W={WORKER_ID}",
+        "S=$(date -u +%Y%m%dT%H%M%SZ)",  # one file per attempt: a babysat rerun adds, not replaces
         f"mkdir -p {logs}",
-        f'{ENV_REPORT} > {logs}/worker-"$W".env 2>&1',
-        f'( {user_command(args.cmd)} ) 2>&1 | tee {logs}/worker-"$W".log',
+        f'{ENV_REPORT} > {logs}/worker-"$W.$S".env 2>&1',
+        f'( {user_command(args.cmd)} ) 2>&1 | tee {logs}/worker-"$W.$S".log',
         "rc=$?",
     ]
     if args.log_dir.startswith("gs://"):
         dest = shlex.quote(f"{args.log_dir.rstrip('/')}/{args.run_id}/")
-        steps.append(f'gcloud storage cp {logs}/worker-"$W".* {dest} || true')
+        steps.append(f'gcloud storage cp {logs}/worker-"$W.$S".* {dest} || true')
     return "; ".join([*steps, "exit $rc"])
 
 
@@ -94,6 +98,7 @@ def run_on_all(gc: gcloud.Gcloud, tpu: gcloud.Tpu, args: argparse.Namespace) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags."""
     p = argparse.ArgumentParser(prog="tpu/run.py", description=__doc__.splitlines()[0])
     gcloud.add_tpu_args(p)
     add_run_args(p)
@@ -101,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Do the work for parsed flags; GcloudError becomes one line on stderr."""
     tpu = gcloud.tpu_from_args(args)
     gc = gcloud.gcloud_from_args(args, default_state="READY")
     remote_command(args)  # flag errors before touching the slice
@@ -110,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 with one line on stderr for a usage error)."""
     return gcloud.main_guard("run", run, argv, build_parser())
 
 

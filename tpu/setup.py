@@ -105,6 +105,7 @@ def setup_command(args: argparse.Namespace) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags."""
     p = argparse.ArgumentParser(prog="tpu/setup.py", description=__doc__.splitlines()[0])
     gcloud.add_tpu_args(p)
     add_setup_args(p)
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Do the work for parsed flags; GcloudError becomes one line on stderr."""
     tpu = gcloud.tpu_from_args(args)
     gc = gcloud.gcloud_from_args(args, default_state="READY")
     if not tpu.ready(state := gc.state(tpu)):
@@ -121,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 with one line on stderr for a usage error)."""
     return gcloud.main_guard("setup", run, argv, build_parser())
 
 
