@@ -94,12 +94,17 @@ TIMES = [
 ]  # fmt: skip
 FEELINGS = [("سعيدًا", "سعيدة"), ("فرحًا", "فرحة"), ("مسرورًا", "مسرورة")]
 SAD = [("حزينًا", "حزينة"), ("قلقًا", "قلقة"), ("خائفًا", "خائفة")]
-MORALS = [
-    "أن الأصدقاء يساعد بعضهم بعضًا", "أن المشاركة تجعل اللعب أجمل", "أن الصبر مفتاح الفرج",
-    "أن المحاولة مرة بعد مرة تقود إلى النجاح", "أن الرفق بالحيوان واجب", "أن الصدق أجمل شيء",
-    "أن العمل معًا أسهل من العمل وحيدًا", "أن الخوف يصغر عندما نواجهه", "أن الترتيب يوفر الوقت",
-    "أن الكلمة الطيبة تفرح القلوب",
-]  # fmt: skip
+# Morals by plot: a story's lesson fits what happened in it.
+MORALS = {
+    "lost": ["أن الأصدقاء يساعد بعضهم بعضًا", "أن الترتيب يوفر الوقت", "أن الصبر مفتاح الفرج"],
+    "animal": ["أن الرفق بالحيوان واجب", "أن مساعدة الضعيف تفرح القلب", "أن الرحمة خلق جميل"],
+    "try": ["أن المحاولة مرة بعد مرة تقود إلى النجاح", "أن العمل معًا أسهل من العمل وحيدًا"],
+    "share": ["أن المشاركة تجعل اللعب أجمل", "أن الاعتذار يصلح ما أفسده الغضب"],
+    "fear": ["أن الخوف يصغر عندما نواجهه", "أن الحديث عن الخوف يخففه"],
+    "gift": ["أن الهدية الصغيرة تصنع فرحًا كبيرًا", "أن الكلمة الطيبة تفرح القلوب"],
+    "rain": ["أن الفرح ممكن في كل حال", "أن الفكرة الجيدة تغير اليوم كله"],
+    "cook": ["أن التمهل يصنع عملًا أفضل", "أن الخطأ يعلمنا"],
+}
 PARENTS = [
     ("أبوه", "أبوها", "m"),
     ("أمه", "أمها", "f"),
@@ -162,7 +167,7 @@ def _opening(r: random.Random, hero: _Char, friend: _Char) -> list[str]:
     ])  # fmt: skip
     third = r.choice([
         f"{hero.p('وكان', 'وكانت')} {hero.p('يعيش', 'تعيش')} مع {hero.p('أبيه وأمه', 'أبيها وأمها')} في بيت صغير دافئ.",
-        f"{hero.p('وكان', 'وكانت')} {hero.p('له', 'لها')} صديق{friend.p('', 'ة')} {friend.p('اسمه', 'اسمها')} {friend.name}، {friend.p('يلعب', 'تلعب')} مع{hero.p('ه', 'ها')} كل يوم.",
+        f"{friend.p('وكان', 'وكانت')} {hero.p('له', 'لها')} صديق{friend.p('', 'ة')} {friend.p('اسمه', 'اسمها')} {friend.name}، {friend.p('يلعب', 'تلعب')} مع{hero.p('ه', 'ها')} كل يوم.",
         f"{hero.p('وكان', 'وكانت')} {hero.p('يستيقظ', 'تستيقظ')} كل صباح مبكرًا {hero.p('ليساعد', 'لتساعد')} {hero.p('أمه', 'أمها')} في البيت.",
     ])  # fmt: skip
     return [first, second, third]
@@ -242,7 +247,7 @@ def _plot_try(r, t: _Teller, hero: _Char, friend: _Char) -> list[str]:
         f"{friend.v('جاء', 'جاءت')} {friend.name} {friend.v('واقترب', 'واقتربت')} من{hero.p('ه', 'ها')}.",
         t.say(hero, f"أريد {goal}، لكن الأمر صعب جدًا."),
         t.say(friend, f"لدي فكرة! ما رأيك {fix}؟"),
-        f"{r.choice(['عمل الصديقان معًا', 'تعاون الاثنان', 'بدأ الصديقان العمل'])}، وبعد قليل {hero.v('نجح', 'نجحت')} {hero.name} في {goal}.",
+        f"{r.choice([f'عمل {_pair(hero, friend)} معًا', 'تعاون الاثنان', f'بدأ {_pair(hero, friend)} العمل'])}، وبعد قليل {hero.v('نجح', 'نجحت')} {hero.name} في {goal}.",
         t.say(hero, r.choice(["لقد فعلناها!", "هذا رائع!", "ما أجمل العمل معًا!"]), ("صاح", "صاحت")),
     ]
 
@@ -262,7 +267,7 @@ def _plot_share(r, t: _Teller, hero: _Char, friend: _Char) -> list[str]:
             hero,
             f"أنا آسف{'' if hero.gender == 'm' else 'ة'} يا {friend.name}. {friend.p('تعال', 'تعالي')} نلعب معًا!",
         ),
-        f"{r.choice(['لعب الصديقان', 'ضحك الصديقان ولعبا', 'قضى الصديقان وقتًا ممتعًا'])} حتى غابت الشمس.",
+        f"{r.choice([f'لعب {_pair(hero, friend)}', f'ضحك {_pair(hero, friend)} ولعبا', f'قضى {_pair(hero, friend)} وقتًا ممتعًا'])} حتى غابت الشمس.",
     ]
 
 
@@ -310,17 +315,72 @@ def _plot_gift(r, t: _Teller, hero: _Char, friend: _Char) -> list[str]:
         f"{hero.v('أراد', 'أرادت')} {hero.name} أن {hero.p('يصنع', 'تصنع')} {gift}، لكن{hero.p('ه', 'ها')} لم {hero.p('يعرف', 'تعرف')} كيف.",
         t.say(hero, f"هل {friend.p('تساعدني', 'تساعدينني')} يا {friend.name}؟", ("سأل", "سألت")),
         t.say(friend, "بالطبع! هيا نبدأ الآن.", ("أجاب", "أجابت")),
-        f"عمل الصديقان طوال اليوم في {r.choice(PLACES)}، وكان العمل صعبًا لكنه ممتع.",
+        f"عمل {_pair(hero, friend)} طوال اليوم في {r.choice(PLACES)}، وكان العمل صعبًا لكنه ممتع.",
         f"في المساء، {hero.v('قدم', 'قدمت')} {hero.name} الهدية إلى {parent.name}.",
         f"{parent.v('فرح', 'فرحت')} {parent.name} كثيرًا {parent.v('وعانق', 'وعانقت')} {hero.name}.",
         t.say(parent, f"هذه أجمل هدية! شكرًا لك يا حبيب{hero.p('ي', 'تي')}."),
     ]
 
 
-PLOTS: list[Callable] = [_plot_lost, _plot_animal, _plot_try, _plot_share, _plot_fear, _plot_gift]
+def _pair(a: _Char, b: _Char) -> str:
+    """ "The two friends": feminine dual only when both are girls."""
+    return "الصديقتان" if a.gender == b.gender == "f" else "الصديقان"
 
 
-def _ending(r: random.Random, hero: _Char, friend: _Char) -> list[str]:
+def _plot_rain(r, t: _Teller, hero: _Char, friend: _Char) -> list[str]:
+    food = r.choice(["الخبز والجبن", "التفاح والبرتقال", "الفطائر والعصير", "التمر والحليب"])
+    game = r.choice(
+        ["خيمة من البطانيات", "قلعة من الوسائد", "مسرحًا صغيرًا للدمى", "سفينة من الكراسي"]
+    )
+    return [
+        f"{r.choice(TIMES)}، {hero.v('خطط', 'خططت')} {hero.name} و{friend.name} لنزهة في {r.choice(PLACES)}.",
+        f"{hero.v('وضع', 'وضعت')} {hero.name} {food} في سلة كبيرة، {hero.v('وخرج', 'وخرجت')} مع {friend.name} {hero.p('مسرورًا', 'مسرورة')}.",
+        "لكن السماء امتلأت بالغيوم فجأة، وبدأ المطر ينزل بقوة.",
+        t.say(friend, "ماذا نفعل الآن؟ لقد ضاعت نزهتنا!", ("سأل", "سألت")),
+        f"{hero.v('فكر', 'فكرت')} {hero.name} قليلًا، ثم {hero.v('ابتسم', 'ابتسمت')}.",
+        t.say(hero, f"لا بأس! هيا نعود إلى البيت ونصنع {game}، ونأكل هناك."),
+        f"ركض {_pair(hero, friend)} إلى البيت، وصنعا {game} في غرفة الجلوس.",
+        f"جلسا تحت{'ها' if game.startswith(('خيمة', 'قلعة', 'سفينة')) else 'ه'} يأكلان ويستمعان إلى صوت المطر على النافذة.",
+        t.say(friend, "هذه أجمل نزهة في حياتي!", ("ضحك", "ضحكت")),
+    ]
+
+
+def _plot_cook(r, t: _Teller, hero: _Char, friend: _Char) -> list[str]:
+    par_m, par_f, pg = r.choice(PARENTS)
+    parent = _Char(par_m if hero.gender == "m" else par_f, pg)
+    dish = r.choice(
+        ["كعكة بالعسل", "خبزًا ساخنًا", "فطائر بالزعتر", "حلوى بالتمر", "بسكويتًا بالسمسم"]
+    )
+    return [
+        f"{r.choice(TIMES)}، {hero.v('دخل', 'دخلت')} {hero.name} المطبخ مع {parent.name} {parent.p('ليصنعا', 'لتصنعا')} {dish}.",
+        f"{parent.v('أعطى', 'أعطت')} {parent.name} {hero.name} وعاءً كبيرًا، {parent.v('وطلب', 'وطلبت')} من{hero.p('ه', 'ها')} أن {hero.p('يخلط', 'تخلط')} الدقيق بالماء.",
+        f"{hero.v('خلط', 'خلطت')} {hero.name} بسرعة كبيرة، فطار الدقيق في كل مكان!",
+        t.say(hero, "يا إلهي! لقد صار المطبخ أبيض، وصار وجهي أبيض أيضًا!", ("صاح", "صاحت")),
+        f"{parent.v('ضحك', 'ضحكت')} {parent.name} كثيرًا.",
+        t.say(
+            parent,
+            f"لا بأس يا صغير{hero.p('ي', 'تي')}. {hero.p('اخلط', 'اخلطي')} ببطء، وسننظف معًا بعد ذلك.",
+        ),
+        f"{hero.v('خلط', 'خلطت')} {hero.name} ببطء هذه المرة، ودخل الوعاء إلى الفرن.",
+        f"بعد قليل، {friend.v('جاء', 'جاءت')} {friend.name} {friend.v('وشم', 'وشمت')} رائحة طيبة.",
+        t.say(friend, "ما هذه الرائحة الجميلة؟", ("سأل", "سألت")),
+        t.say(hero, f"لقد صنعنا {dish}! {friend.p('تعال', 'تعالي')} نأكل معًا."),
+    ]
+
+
+PLOTS: list[Callable] = [
+    _plot_lost,
+    _plot_animal,
+    _plot_try,
+    _plot_share,
+    _plot_fear,
+    _plot_gift,
+    _plot_rain,
+    _plot_cook,
+]
+
+
+def _ending(r: random.Random, hero: _Char, friend: _Char, moral: str) -> list[str]:
     happy = g(r.choice(FEELINGS), hero.gender)
     return [
         r.choice([
@@ -328,7 +388,7 @@ def _ending(r: random.Random, hero: _Char, friend: _Char) -> list[str]:
             f"{hero.v('عاد', 'عادت')} {hero.name} إلى البيت {happy}.",
             f"في تلك الليلة، {hero.v('نام', 'نامت')} {hero.name} {happy} وهو يبتسم." if hero.gender == "m" else f"في تلك الليلة، نامت {hero.name} {happy} وهي تبتسم.",
         ]),
-        f"{hero.v('تعلم', 'تعلمت')} {hero.name} {r.choice(MORALS)}.",
+        f"{hero.v('تعلم', 'تعلمت')} {hero.name} {moral}.",
     ]  # fmt: skip
 
 
@@ -351,7 +411,8 @@ def story(style: Style, index: int, seed: int) -> str:
     teller = _Teller(style, random.Random(f"{seed}:{index}:dialogue"))
     plot = plot_rng.choice(PLOTS)
     paras = [_opening(plot_rng, hero, friend), plot(plot_rng, teller, hero, friend)]
-    paras.append(_ending(plot_rng, hero, friend))
+    moral = plot_rng.choice(MORALS[plot.__name__.removeprefix("_plot_")])
+    paras.append(_ending(plot_rng, hero, friend, moral))
     body = paras[1]
     cut = len(body) // 2
     return "\n\n".join(" ".join(p) for p in [paras[0], body[:cut], body[cut:], paras[2]])
