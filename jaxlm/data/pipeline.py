@@ -81,10 +81,8 @@ class Loader:
         self._iter.set_state(state)
 
 
-def _jsonable(state):
-    if isinstance(state, bytes):
-        return {"__bytes__": state.decode("latin-1")}
-    return json.loads(json.dumps(state))
+def _jsonable(state: dict) -> dict:
+    return json.loads(json.dumps(state))  # a copy, and a check that it serialises
 
 
 def make_loader(
