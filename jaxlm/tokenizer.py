@@ -40,13 +40,32 @@ def train(
     max_chars: int = 100_000,
 ) -> Tokenizer:
     """Trains a BPE tokenizer on a reservoir sample of `sample_size` stories and writes TOKDIR."""
-    import sentencepiece as spm
 
     sample = reservoir_sample(stories, sample_size, seed)
     if not sample:
         raise UserError("no stories to train the tokenizer on")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        _train_spm(sample, out, vocab_size, max_chars)
+    except RuntimeError as e:  # e.g. a vocabulary smaller than the sample's characters
+        msg = str(e).strip().splitlines()[-1]
+        raise UserError(f"sentencepiece could not train (vocab size {vocab_size}): {msg}") from None
+    try:
+        export_hf(out, out)
+        hf_files = True
+    except ImportError:  # the `hf` extra (transformers, tokenizers) is not installed
+        hf_files = False
+    tok = Tokenizer.load(out)
+    info = {"vocab_size": tok.vocab_size, "sample_stories": len(sample), "sha256": tok.sha256,
+            "hf_files": hf_files}  # fmt: skip
+    (out / "jaxlm.json").write_text(json.dumps(info, indent=2) + "\n")
+    return tok
+
+
+def _train_spm(sample: list[str], out: Path, vocab_size: int, max_chars: int) -> None:
+    import sentencepiece as spm
+
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sample),
         model_prefix=str(out / "spm"),
@@ -71,16 +90,6 @@ def train(
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
-    try:
-        export_hf(out, out)
-        hf_files = True
-    except ImportError:  # the `hf` extra (transformers, tokenizers) is not installed
-        hf_files = False
-    tok = Tokenizer.load(out)
-    info = {"vocab_size": tok.vocab_size, "sample_stories": len(sample), "sha256": tok.sha256,
-            "hf_files": hf_files}  # fmt: skip
-    (out / "jaxlm.json").write_text(json.dumps(info, indent=2) + "\n")
-    return tok
 
 
 def reservoir_sample(items: Iterable[str], k: int, seed: int) -> list[str]:

@@ -214,3 +214,10 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
     meta = json.loads((data / "metadata.json").read_text())
     assert meta["stories"] == 200 and meta["cleaning_stats"]["removed_duplicate"] == 200
     assert len(meta["sources"]) == 2
+
+
+def test_corrupt_parquet(tmp_path):
+    p = tmp_path / "bad.parquet"
+    p.write_bytes(b"not parquet at all")
+    with pytest.raises(UserError, match=r"bad\.parquet: not a readable Parquet file"):
+        _read(p)

@@ -65,3 +65,11 @@ def test_load_missing_is_user_error(tmp_path):
 
     with pytest.raises(UserError, match="no tokenizer"):
         tokenizer.Tokenizer.load(tmp_path)
+
+
+def test_vocab_too_small_is_user_error(tmp_path):
+    from jaxlm.errors import UserError
+
+    with pytest.raises(UserError, match="Vocabulary size is smaller") as e:
+        tokenizer.train(["abc def"] * 10, tmp_path, vocab_size=100)
+    assert "\n" not in str(e.value)

@@ -173,7 +173,10 @@ def read_parquet(path: str, options: ReadOptions) -> Iterator[str]:
     """Parquet: the `options.field` column, read one record batch at a time."""
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
+        raise UserError(f"{path}: not a readable Parquet file ({e})") from None
     if options.field not in pf.schema_arrow.names:
         raise UserError(
             f"{path}: missing column {options.field!r} (have {pf.schema_arrow.names}; use --field)"
