@@ -189,14 +189,14 @@ class CTranslate2Backend:
             tokens,
             target_prefix=[[self.tgt_token]] * len(tokens),
             beam_size=self.cfg.beam,
-            max_decoding_length=max(max_len, self.cfg.min_new_tokens) + 1,  # +1: the prefix
-            min_decoding_length=self.cfg.min_new_tokens + 1 if self.cfg.min_new_tokens else 0,
+            max_decoding_length=max(max_len, self.cfg.min_new_tokens),  # counts the prefix, as HF
+            min_decoding_length=self.cfg.min_new_tokens,
             max_batch_size=len(tokens),
         )
         outs = []
         for r in results:
             hyp = r.hypotheses[0][1:]  # drop the target-language prefix
-            self.counters.output_tokens += len(hyp)
+            self.counters.output_tokens += len(hyp) + 1
             outs.append(
                 self.tok.decode(
                     self.tok.convert_tokens_to_ids(hyp), skip_special_tokens=True

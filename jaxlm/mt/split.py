@@ -40,7 +40,7 @@ def _protected_spans(text: str) -> list[tuple[int, int]]:
 
 
 def _inside(pos: int, spans: list[tuple[int, int]]) -> bool:
-    return any(a < pos <= b for a, b in spans)
+    return any(a < pos <= b for a, b in spans)  # few spans per paragraph: a scan is enough
 
 
 def split_sentences(text: str) -> list[str]:
@@ -56,7 +56,7 @@ def split_sentences(text: str) -> list[str]:
             nxt = text[cut : cut + 1]
             if nxt and nxt.islower():
                 continue
-            before = _WORD_BEFORE.search(text[: m.start() + 1])
+            before = _WORD_BEFORE.search(text[max(0, m.start() - 12) : m.start() + 1])
             if before and text[m.start()] == "." and before.group(1).lower() in _ABBREVIATIONS:
                 continue
         cuts.append(cut)

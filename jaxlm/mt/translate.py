@@ -197,7 +197,11 @@ def _merge_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="translate.py merge", description="Merge shard outputs.")
     p.add_argument("parts", nargs="+")
     p.add_argument("--out", required=True)
-    p.add_argument("--input", nargs="*", help="the inputs: check that every id is accounted for")
+    p.add_argument(
+        "--input",
+        action="append",
+        help="an input file (repeatable): check every id is accounted for",
+    )
     p.add_argument("--text-field", default="text")
     p.add_argument("--id-field", default="id")
     return p
