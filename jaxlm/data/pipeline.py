@@ -116,7 +116,8 @@ def make_loader(
     paths, datasets = [], []
     for i, ((datadir, _), meta) in enumerate(zip(sources, metas, strict=True)):
         if split not in meta["splits"] or meta["splits"][split]["rows"] == 0:
-            raise UserError(f"{datadir} has no rows in split {split!r}")
+            hint = " (prepare it with a larger --val-fraction)" if split == "validation" else ""
+            raise UserError(f"{datadir} has no rows in split {split!r}{hint}")
         paths.append([str(Path(datadir) / s) for s in meta["splits"][split]["shards"]])
         ds = grain.MapDataset.range(meta["splits"][split]["rows"])
         ds = ds[process_index::process_count]

@@ -68,7 +68,7 @@ def prepare(
     try:
         meta = _run(inputs, tmp, tok, seq_len, fmt, read_options, clean_cfg, val_fraction,
                     rows_per_shard, workers, chunk_size, progress)  # fmt: skip
-        meta["tokenizer"] = {"path": str(tokenizer_dir), "sha256": tok.sha256,
+        meta["tokenizer"] = {"path": str(Path(tokenizer_dir).resolve()), "sha256": tok.sha256,
                              "vocab_size": tok.vocab_size, "eos_id": EOS_ID}  # fmt: skip
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         if out.exists():
