@@ -60,8 +60,9 @@ def prepare(
     tok = Tokenizer.load(tokenizer_dir)
     clean_cfg = clean_cfg or CleanConfig()
     read_options = read_options or readers.ReadOptions()
-    for path in inputs:  # fail fast on a bad format before any work
-        readers.resolve_format(path, fmt)
+    for path in inputs:  # fail fast on a bad format or a missing file before any work
+        if readers.resolve_format(path, fmt) not in ("hf", "tfds") and not Path(path).is_file():
+            raise UserError(f"input file not found: {path}")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
