@@ -7,6 +7,7 @@ with filler tokens up to `--vocab-size`, translates the same sentences with a fi
 
   python scripts/bench_translate.py --size nllb-600m --device cuda           # NLLB-600M dims
   python scripts/bench_translate.py --size small --sentences 64 --new-tokens 16   # quick CPU run
+  python scripts/bench_translate.py --backends transformers,ctranslate2,ctranslate2:int8
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=32, help="forced output length")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", help="auto: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--backends", default="transformers,ctranslate2")
+    p.add_argument(
+        "--backends", default="transformers,ctranslate2", help="comma list of BACKEND[:DTYPE]"
+    )
     p.add_argument("--workdir", default="", help="where the model and its CT2 copy go (temp)")
     args = p.parse_args(argv)
     import torch
@@ -111,9 +114,10 @@ def main(argv: list[str] | None = None) -> None:
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="bench_translate_")
     model, n_params = build_model(Path(args.workdir), args.size, args.vocab_size)
     print(json.dumps({"model": args.size, "params": n_params, "device": device}), flush=True)
-    for backend in args.backends.split(","):
+    for spec in args.backends.split(","):
+        backend, _, dtype = spec.partition(":")  # e.g. ctranslate2:int8
         try:
-            row = bench(backend, model, args, device, args.dtype)
+            row = bench(backend, model, args, device, dtype or args.dtype)
         except Exception as e:  # report and go on: one backend may lack GPU support here
             row = {"backend": backend, "device": device, "error": f"{type(e).__name__}: {e}"[:300]}
         print(json.dumps({"size": args.size, **row}), flush=True)

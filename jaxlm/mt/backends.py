@@ -172,10 +172,18 @@ class CTranslate2Backend:
         if cfg.dtype == "auto" and self.device == "cuda":
             compute = "bfloat16"
         path = convert_to_ct2(cfg, "")
-        threads = int(os.environ.get("JAXLM_CT2_THREADS", "0"))
+        # CTranslate2 defaults to 4 threads; use the machine, as torch does.
+        threads = int(os.environ.get("JAXLM_CT2_THREADS", "0")) or (os.cpu_count() or 4)
         self.translator = ctranslate2.Translator(
             str(path), device=self.device, compute_type=compute, intra_threads=threads
         )
+        try:  # CUDA libraries load lazily: fail here, with a hint, not mid-run
+            self.translator.translate_batch([[self.tgt_token]], max_decoding_length=2)
+        except RuntimeError as e:
+            raise UserError(
+                f"CTranslate2 cannot run on {self.device} ({e}); its wheels need CUDA 12 "
+                "cuBLAS and cuDNN 9 on GPU; or use --device cpu"
+            ) from None
 
     def translate(self, sentences: list[str]) -> list[str]:
         ids = self.tok(sentences, truncation=True, max_length=self.cfg.max_input_tokens)[

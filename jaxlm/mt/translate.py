@@ -107,7 +107,8 @@ def run(cfg: TranslateConfig) -> dict:
     backend = load_backend(cfg.backend)
     t0 = time.perf_counter()
     with JsonlStore(out) as good, JsonlStore(rejected_path(out)) as bad:
-        for k in tqdm(range(0, len(todo), cfg.chunk_stories), desc="translate", unit="chunk"):
+        bar = tqdm(total=len(todo), desc="translate", unit="story")
+        for k in range(0, len(todo), cfg.chunk_stories):
             chunk = todo[k : k + cfg.chunk_stories]
             accepted, rejected = [], []
             for story, outs in zip(
@@ -124,6 +125,11 @@ def run(cfg: TranslateConfig) -> dict:
                     accepted.append(rec)
             stats["accepted"] += good.append(accepted)
             bad.append(rejected)
+            bar.update(len(chunk))
+            bar.set_postfix(
+                sent_s=f"{backend.counters.sentences / max(1e-9, bar.format_dict['elapsed']):.1f}"
+            )
+        bar.close()
     secs = time.perf_counter() - t0
     c = backend.counters
     stats |= {"seconds": round(secs, 2), "sentences": c.sentences, "truncated_inputs": c.truncated}
