@@ -15,6 +15,7 @@ from jaxlm.errors import UserError
 
 _COMMAND_MODULES = (
     "jaxlm.commands",  # init, export-hf, import-hf, generate
+    "jaxlm.train_cli",  # train
     "jaxlm.data.cli",  # tokenizer train, data prepare, data demo-corpus
 )
 

@@ -26,3 +26,25 @@ def shared_data() -> Path:
             )
         pytest.skip(f"{SHARED_DATA} not found (real-data tests skipped)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> dict:
+    """A tiny prepared corpus from the built-in generator: translated-style and native-style."""
+    from jaxlm.cli import main
+
+    d = tmp_path_factory.mktemp("demo_data")
+    for style, n in (("translated", 1500), ("native", 300)):
+        main(["data", "demo-corpus", "--style", style, "--n", str(n), "--seed", "0",
+              "--out", str(d / f"{style}.jsonl")])  # fmt: skip
+    main(["tokenizer", "train", "--input", str(d / "translated.jsonl"), "--input",
+          str(d / "native.jsonl"), "--vocab-size", "400", "--out", str(d / "tok")])  # fmt: skip
+    for style in ("translated", "native"):
+        main(["data", "prepare", "--input", str(d / f"{style}.jsonl"), "--tokenizer",
+              str(d / "tok"), "--seq-len", "32", "--out", str(d / f"data_{style}")])  # fmt: skip
+    return {
+        "dir": d,
+        "tok": d / "tok",
+        "translated": d / "data_translated",
+        "native": d / "data_native",
+    }

@@ -1,0 +1,131 @@
+"""Typed frozen dataclasses overlaid by YAML files and dotted `section.key=value` overrides.
+
+The dataclass is the single source of truth (defaults, types, docs); YAML only overrides. Unknown
+keys fail with one line that names the file and the key, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from jaxlm.errors import UserError
+
+T = TypeVar("T")
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {value!r}")
+        return build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(a, value, where)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            choices = ", ".join(repr(a) for a in get_args(tp))
+            raise UserError(f"{where}: {value!r} is not one of {choices}")
+        return value
+    if origin is tuple:
+        args = get_args(tp)
+        if not isinstance(value, list | tuple):
+            value = [value]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise UserError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str | int | float):
+        return str(value)
+    if tp is Any:
+        return value
+    raise UserError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def build(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+    """Instantiate dataclass `cls` from a nested dict, converting and checking every field."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(
+            f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """`section.key=value` -> {"section": {"key": value}}, the value parsed as YAML."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected section.key=value")
+    path, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    out: dict = {}
+    cur = out
+    keys = path.strip().split(".")
+    for k in keys[:-1]:
+        cur = cur.setdefault(k, {})
+    cur[keys[-1]] = value
+    return out
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: list[dict] | None = None) -> T:
+    """Defaults of `cls`, overlaid by the YAML at `path`, then by each override dict in order."""
+    data: dict = {}
+    where = "config"
+    if path is not None:
+        p = Path(path)
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"{p}: cannot read ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"{p}: expected a mapping at the top level")
+        data, where = loaded, str(p)
+    for o in overrides or []:
+        data = merge(data, o)
+    return build(cls, data, where)

@@ -1,0 +1,633 @@
+"""Pretraining and continual pre-training: one jitted, sharded train step and a resumable loop.
+
+`train(cfg, workdir)` reads top to bottom in phases: distributed set-up and mesh, data, model and
+optimizer (fresh, restored from the workdir, or initialised from another model), then the loop.
+Rerunning the same command resumes from the newest readable checkpoint, with the data iterator
+restored too, so an interrupted run ends bitwise equal to an uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+import zlib
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from jaxlm import overlay
+from jaxlm.checkpoint import checkpoint_manager, load_model, read_meta, write_meta
+from jaxlm.config import ModelConfig, preset
+from jaxlm.errors import UserError
+from jaxlm.model import GPTNeo, init_model
+from jaxlm.sharding import DEFAULT_RULES, batch_sharding, load_rules, make_mesh, use_mesh
+
+log = logging.getLogger("jaxlm.train")
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    preset: str = "ts-1m"  # one of jaxlm.config.PRESETS
+    vocab_size: int | None = None  # None: the tokenizer's, from the data's metadata.json
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; weights stay float32
+    attention_impl: Literal["xla", "cudnn", "auto"] = "auto"  # auto: cuDNN flash on GPUs in bf16
+    remat: bool = False  # recompute blocks in the backward pass to save memory
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    path: str  # a DATADIR written by `jaxlm data prepare`
+    weight: float = 1.0  # relative mixing weight
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    sources: tuple[DataSource, ...] = ()  # training data; --data DIR[:WEIGHT] replaces these
+    worker_count: int = 0  # Grain worker processes (0: threads in this process)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    """AdamW with the TinyStories models' settings (their model cards)."""
+
+    lr: float = 5e-4
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # applied to matrices and embeddings, not to biases or LayerNorm
+    clip_norm: float = 1.0  # global gradient-norm clipping; 0 turns it off
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    every: int = 0  # evaluate on the validation split every N steps (0: only at the end)
+    batches: int = 8  # validation batches per evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    every: int = 500  # save every N steps (and at the end, and on SIGTERM)
+    keep: int = 3  # keep the newest K checkpoints
+    async_save: bool = True  # write in the background while training continues
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSection:
+    every: int = 10  # metrics every N steps (forces a device sync)
+    tensorboard: bool = True
+    progress: bool = True  # tqdm progress bar
+    plot: bool = True  # loss-curve PNG in the workdir
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    shape: tuple[int, int, int] = (1, -1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
+    devices: int = 0  # use only the first N devices (0: all); for comparisons and debugging
+    rules: str | None = None  # a rules table YAML; None: configs/sharding.yaml
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    optim: OptimSection = OptimSection()
+    eval: EvalSection = EvalSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    log: LogSection = LogSection()
+    mesh: MeshSection = MeshSection()
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 32  # global batch (sequences per optimizer step, all processes together)
+    grad_accum: int = 1  # micro-batches per step (batch_size must divide by it)
+    seed: int = 0  # parameter init and data order
+    init_from: str | None = None  # continual pre-training: weights only from this model/workdir
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise UserError(f"steps={self.steps} must be >= 1")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise UserError(
+                f"batch_size={self.batch_size} must be a positive multiple of "
+                f"grad_accum={self.grad_accum}"
+            )
+        if self.checkpoint.every < 1 or self.log.every < 1:
+            raise UserError("checkpoint.every and log.every must be >= 1")
+
+
+def load_config(path: str | Path | None, overrides: list[dict] | None = None) -> TrainConfig:
+    return overlay.load(TrainConfig, path, overrides)
+
+
+# --- pieces --------------------------------------------------------------------------------------
+
+
+def model_config(cfg: TrainConfig, vocab_size: int | None) -> ModelConfig:
+    vocab = cfg.model.vocab_size or vocab_size
+    if vocab is None:
+        raise UserError("model.vocab_size is unknown: set it or train on a prepared DATADIR")
+    return preset(
+        cfg.model.preset,
+        vocab_size=vocab,
+        dtype=cfg.model.dtype,
+        attention_impl=cfg.model.attention_impl,
+        remat=cfg.model.remat,
+    )
+
+
+def make_optimizer(o: OptimSection, steps: int) -> optax.GradientTransformation:
+    if o.schedule == "constant":
+        lr = optax.constant_schedule(o.lr)
+        if o.warmup_steps:
+            lr = optax.join_schedules(
+                [optax.linear_schedule(0.0, o.lr, o.warmup_steps), lr], [o.warmup_steps]
+            )
+    else:
+        lr = optax.warmup_cosine_decay_schedule(
+            0.0, o.lr, max(o.warmup_steps, 1), max(steps, o.warmup_steps + 1), o.lr * o.min_lr_ratio
+        )
+    decay = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
+    parts.append(optax.adamw(lr, o.b1, o.b2, o.eps, weight_decay=o.weight_decay, mask=decay))
+    return optax.chain(*parts), lr
+
+
+def next_token_loss(model: GPTNeo, tokens_bt1: jax.Array) -> jax.Array:
+    """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1] (float32)."""
+    logits_btv = model(tokens_bt1[:, :-1])
+    targets_bt = tokens_bt1[:, 1:]
+    logz_bt = jax.nn.logsumexp(logits_btv, axis=-1)
+    gold_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
+    return jnp.mean(logz_bt - gold_bt)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum: int):
+    """(params, opt_state, tokens [B, T+1]) -> (params, opt_state, metrics); pure, for jax.jit."""
+
+    def loss_fn(params, tokens):
+        return next_token_loss(nnx.merge(graphdef, params), tokens)
+
+    def step(params, opt_state, tokens_bt1):
+        if grad_accum == 1:
+            loss, grads = jax.value_and_grad(loss_fn)(params, tokens_bt1)
+        else:
+            micro = tokens_bt1.reshape(grad_accum, -1, tokens_bt1.shape[-1])  # [A, B/A, T+1]
+
+            def one(carry, tokens):
+                loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+            zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+            (loss, grads), _ = jax.lax.scan(one, zero, micro)
+            loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "grad_norm": grad_norm}
+
+    return step
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x parameters in matmuls + attention (PaLM appendix B)."""
+    matmul_params = cfg.n_layers * (4 * cfg.d_model**2 + 2 * cfg.d_model * cfg.d_ff)
+    matmul_params += cfg.vocab_size * cfg.d_model  # the tied output projection
+    return 6 * matmul_params + 12 * cfg.n_layers * cfg.d_model * seq_len
+
+
+_PEAK_FLOPS = {  # dense bf16 per chip
+    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+}  # fmt: skip
+
+
+def peak_flops(device: jax.Device) -> float | None:
+    kind = device.device_kind
+    for name, flops in sorted(_PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+        if name.lower() in kind.lower():
+            return flops
+    return None
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class _Run:
+    cfg: TrainConfig
+    workdir: Path
+    mesh: Mesh
+    model_cfg: ModelConfig
+    tokenizer: str | None
+    seq_len: int
+
+
+def _maybe_init_distributed() -> None:
+    """Join a multi-host run when the environment describes one (TPU pods, or explicit vars)."""
+    if jax.distributed.is_initialized():
+        return
+    if os.environ.get("JAXLM_COORDINATOR"):
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAXLM_COORDINATOR"],
+            num_processes=int(os.environ["JAXLM_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAXLM_PROCESS_ID"]),
+        )
+    elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1 or os.environ.get(
+        "MEGASCALE_COORDINATOR_ADDRESS"
+    ):
+        jax.distributed.initialize()  # Cloud TPU VMs: everything comes from the metadata server
+
+
+def _data_sources(cfg: TrainConfig) -> list[tuple[str, float]]:
+    if not cfg.data.sources:
+        raise UserError("no training data: pass --data DATADIR[:WEIGHT] or set data.sources")
+    return [(s.path, s.weight) for s in cfg.data.sources]
+
+
+def _setup(cfg: TrainConfig, workdir: Path) -> _Run:
+    from jaxlm.data.pipeline import read_metadata
+
+    _maybe_init_distributed()
+    rules = load_rules(cfg.mesh.rules) if cfg.mesh.rules else DEFAULT_RULES
+    mesh = make_mesh(
+        cfg.mesh.shape, jax.devices()[: cfg.mesh.devices] if cfg.mesh.devices else None
+    )
+    metas = [read_metadata(p) for p, _ in _data_sources(cfg)]
+    toks = {m["tokenizer"]["sha256"] for m in metas}
+    if len(toks) > 1:
+        raise UserError("the data sources were tokenised with different tokenizers")
+    seq_lens = {m["seq_len"] for m in metas}
+    if len(seq_lens) > 1:
+        raise UserError(f"the data sources have different seq_len: {sorted(seq_lens)}")
+    tok = metas[0]["tokenizer"]
+    model_cfg = model_config(cfg, tok["vocab_size"])
+    if model_cfg.vocab_size < tok["vocab_size"]:
+        raise UserError(
+            f"model.vocab_size={model_cfg.vocab_size} < the tokenizer's {tok['vocab_size']}"
+        )
+    run = _Run(cfg, workdir, mesh, model_cfg, tok.get("path"), seq_lens.pop())
+    run.rules = rules  # type: ignore[attr-defined]
+    return run
+
+
+def _init_params(run: _Run):
+    """Fresh parameters, or (continual pre-training) the weights of `init_from`, sharded."""
+    cfg = run.cfg
+    if cfg.init_from:
+        model, info = load_model(cfg.init_from, mesh=run.mesh, rules=run.rules)
+        if (
+            model.cfg.replace(
+                dtype=run.model_cfg.dtype,
+                attention_impl=run.model_cfg.attention_impl,
+                remat=run.model_cfg.remat,
+            )
+            != run.model_cfg
+        ):
+            raise UserError(
+                f"--init-from {cfg.init_from}: its architecture differs from model.preset="
+                f"{cfg.model.preset} with vocab_size={run.model_cfg.vocab_size}"
+            )
+        log.info("initialised from %s (%s, step %s)", cfg.init_from, info.source, info.step)
+        graphdef, params = nnx.split(model, nnx.Param)
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: GPTNeo(run.model_cfg, rngs=nnx.Rngs(0))))
+        return graphdef, params
+    model = init_model(run.model_cfg, cfg.seed, mesh=run.mesh, rules=run.rules)
+    return nnx.split(model, nnx.Param)
+
+
+def _to_global(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    return jax.make_array_from_process_local_data(sharding, local)
+
+
+def _save(mngr, step, params, opt_state, loader, extra) -> None:
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(nnx.to_pure_dict(params)),
+            opt_state=ocp.args.StandardSave(opt_state),
+            data=ocp.args.JsonSave(loader.get_state()),
+            meta=ocp.args.JsonSave({"step": step, **extra}),
+        ),
+        force=True,
+    )
+
+
+def _restore(mngr, params, opt_state, loader):
+    """Newest readable checkpoint into (params, opt_state, loader); falls back on bad ones."""
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            p_target = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                nnx.to_pure_dict(params),
+            )
+            o_target = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), opt_state
+            )
+            out = mngr.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(p_target),
+                    opt_state=ocp.args.StandardRestore(o_target),
+                    data=ocp.args.JsonRestore(),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+        except Exception as e:  # torn or unreadable: set it aside and take the one before
+            bad = (
+                Path(mngr.directory).parent
+                / "checkpoints.unreadable"
+                / f"{step}-{int(time.time())}"
+            )
+            log.warning(
+                "checkpoint %d unreadable (%s: %s); moved to %s, trying the previous one",
+                step,
+                type(e).__name__,
+                str(e).splitlines()[0][:200],
+                bad,
+            )
+            if jax.process_index() == 0:
+                bad.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(Path(mngr.directory) / str(step)), bad)
+            mngr.reload()
+            continue
+        nnx.replace_by_pure_dict(params, out["params"])
+        loader.set_state(out["data"])
+        return step, params, out["opt_state"]
+    return 0, params, opt_state
+
+
+class _Preemption:
+    """SIGTERM (a TPU preemption notice) sets a flag; the loop saves and exits at the next step."""
+
+    def __init__(self):
+        self.requested = False
+        self._prev = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            self.requested = True
+
+        try:
+            self._prev = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread
+            self._prev = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._prev is not None:
+            signal.signal(signal.SIGTERM, self._prev)
+
+
+def train(cfg: TrainConfig, workdir: str | Path) -> dict:
+    """Train (or resume) in `workdir`; returns the final metrics."""
+    from jaxlm.data.pipeline import make_loader
+    from jaxlm.metrics_log import MetricsLog
+
+    workdir = Path(workdir).resolve()
+    run = _setup(cfg, workdir)
+    pid, nproc = jax.process_index(), jax.process_count()
+    if cfg.batch_size % nproc:
+        raise UserError(f"batch_size={cfg.batch_size} must divide by the {nproc} processes")
+    if pid == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps(overlay.to_dict(cfg), indent=2) + "\n")
+        if (workdir / "jaxlm_model.json").exists():
+            old_cfg, _ = read_meta(workdir)
+            if old_cfg != run.model_cfg:
+                raise UserError(
+                    f"{workdir} holds a run of another architecture; use a new --workdir"
+                )
+        write_meta(workdir, run.model_cfg, run.tokenizer, seq_len=run.seq_len)
+
+    # data
+    loader = make_loader(
+        _data_sources(cfg),
+        split="train",
+        batch_size=cfg.batch_size // nproc,
+        seed=cfg.seed,
+        process_index=pid,
+        process_count=nproc,
+        worker_count=cfg.data.worker_count,
+    )
+    tokens_sharding = batch_sharding(run.mesh, 2, run.rules)
+
+    # model and optimizer
+    tx, lr_schedule = make_optimizer(cfg.optim, cfg.steps)
+    graphdef, params = _init_params(run)  # outside the mesh context: eval_shape needs no mesh
+    with use_mesh(run.mesh, run.rules):
+        p_sh = jax.tree.map(lambda x: x.sharding, params)
+        opt_sh = _opt_shardings(jax.eval_shape(tx.init, params), params, p_sh, run.mesh)
+        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    mngr = checkpoint_manager(
+        workdir / "checkpoints",
+        max_to_keep=cfg.checkpoint.keep,
+        async_save=cfg.checkpoint.async_save,
+    )
+    start, params, opt_state = _restore(mngr, params, opt_state, loader)
+    if start:
+        log.info("resumed from step %d in %s", start, workdir)
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
+    step_fn = jax.jit(
+        make_train_step(graphdef, tx, cfg.grad_accum),
+        in_shardings=(param_sh, opt_sh, tokens_sharding),
+        out_shardings=(param_sh, opt_sh, None),
+        donate_argnums=(0, 1),
+    )
+    eval_fn = jax.jit(
+        lambda p, t: next_token_loss(nnx.merge(graphdef, p), t),
+        in_shardings=(param_sh, tokens_sharding),
+    )
+
+    def evaluate() -> float:
+        val = make_loader(
+            _data_sources(cfg)[:1],
+            split="validation",
+            batch_size=cfg.batch_size // nproc,
+            seed=0,
+            process_index=pid,
+            process_count=nproc,
+            shuffle=False,
+            num_epochs=None,
+        )
+        losses = []
+        with use_mesh(run.mesh, run.rules):
+            for _, batch in zip(range(cfg.eval.batches), val, strict=False):
+                losses.append(eval_fn(params, _to_global(batch["tokens"], tokens_sharding)))
+        return float(np.mean([float(x) for x in losses]))
+
+    # the loop
+    mlog = MetricsLog(
+        workdir,
+        enabled=pid == 0,
+        tensorboard=cfg.log.tensorboard,
+        progress=cfg.log.progress,
+        total=cfg.steps,
+        initial=start,
+    )
+    fpt = flops_per_token(run.model_cfg, run.seq_len)
+    peak = peak_flops(jax.devices()[0])
+    tokens_per_step = cfg.batch_size * run.seq_len
+    pending: list[tuple[int, dict, int]] = []
+    last_good = start
+    final: dict = {}
+    t0, t0_step = time.perf_counter(), start
+
+    def flush(step: int) -> None:
+        nonlocal t0, t0_step, last_good, final
+        for s, m, crc in pending:
+            loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+            if not (math.isfinite(loss) and math.isfinite(gnorm)):
+                mngr.wait_until_finished()
+                raise TrainingDiverged(
+                    f"loss is {loss} at step {s}; stopped. The last good checkpoint is step "
+                    f"{last_good} in {workdir / 'checkpoints'} (try a lower optim.lr)"
+                )
+            final = {
+                "step": s,
+                "loss": loss,
+                "grad_norm": gnorm,
+                "data_crc": crc,
+                "lr": float(lr_schedule(s - 1)),
+            }
+        if pending:
+            dt = time.perf_counter() - t0
+            tps = tokens_per_step * (step - t0_step) / max(dt, 1e-9)
+            final.update(
+                tokens_per_s=tps,
+                perplexity=math.exp(min(final["loss"], 50.0)),
+                mfu=(tps * fpt / (peak * jax.device_count())) if peak else None,
+            )
+            mlog.write(
+                final,
+                step_rows=[
+                    {"step": s, "loss": float(m["loss"]), "data_crc": c} for s, m, c in pending
+                ],
+            )
+            t0, t0_step = time.perf_counter(), step
+        pending.clear()
+
+    with _Preemption() as preempt, use_mesh(run.mesh, run.rules):
+        step = start
+        while step < cfg.steps:
+            batch = next(loader)["tokens"]
+            crc = zlib.crc32(batch.tobytes())
+            params, opt_state, metrics = step_fn(
+                params, opt_state, _to_global(batch, tokens_sharding)
+            )
+            step += 1
+            pending.append((step, metrics, crc))
+            mlog.advance()
+            if step % cfg.log.every == 0 or step == cfg.steps:
+                flush(step)
+            if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
+                mlog.write({"step": step, "eval_loss": evaluate()})
+            if step % cfg.checkpoint.every == 0 or step == cfg.steps or preempt.requested:
+                flush(step)
+                _save(mngr, step, params, opt_state, loader, {"loss": final.get("loss")})
+                last_good = step
+            if preempt.requested:
+                mngr.wait_until_finished()
+                mlog.note(f"SIGTERM: saved step {step} to {workdir / 'checkpoints'}; exiting")
+                mlog.close(plot=cfg.log.plot)
+                return {**final, "preempted": True}
+    mngr.wait_until_finished()
+    final["eval_loss"] = evaluate()
+    mlog.write({"step": step, "eval_loss": final["eval_loss"]})
+    mlog.close(plot=cfg.log.plot)
+    mngr.close()
+    return final
+
+
+def abstract_train_step(
+    cfg: TrainConfig,
+    mesh: Mesh,
+    global_batch: int | None = None,
+    seq_len: int = 512,
+    rules=DEFAULT_RULES,
+):
+    """The jitted train step and its ShapeDtypeStruct arguments on `mesh`, for AOT compiles."""
+    from jaxlm.sharding import param_shardings
+
+    model_cfg = model_config(cfg, cfg.model.vocab_size or 32000)
+    tx, _ = make_optimizer(cfg.optim, cfg.steps)
+    abstract = nnx.eval_shape(lambda: GPTNeo(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(abstract, nnx.Param)
+    params_sds = jax.tree.map(
+        lambda s, v: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
+        param_shardings(params, mesh, rules),
+        params,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    p_sh = jax.tree.map(lambda x: x.sharding, params_sds)
+    opt_abstract = jax.eval_shape(tx.init, params_sds)
+    opt_sh = _opt_shardings(opt_abstract, params_sds, p_sh, mesh)
+    opt_sds = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_abstract, opt_sh
+    )
+    B = global_batch or cfg.batch_size
+    tok_sh = batch_sharding(mesh, 2, rules)
+    tokens = jax.ShapeDtypeStruct((B, seq_len + 1), jnp.int32, sharding=tok_sh)
+    step = jax.jit(
+        make_train_step(graphdef, tx, cfg.grad_accum),
+        in_shardings=(p_sh, opt_sh, tok_sh),
+        out_shardings=(p_sh, opt_sh, None),
+        donate_argnums=(0, 1),
+    )
+    return _MeshJit(step, mesh, rules), (params_sds, opt_sds, tokens)
+
+
+def _opt_shardings(opt_abstract, params, p_sh, mesh):
+    """Optimizer moments shard like their parameters; scalars (counts) are replicated."""
+    by_shape_path = {}
+    flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat_s = jax.tree.leaves(p_sh)
+    for (path, leaf), sh in zip(flat_p, flat_s, strict=True):
+        by_shape_path[jax.tree_util.keystr(path)] = (leaf.shape, sh)
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def pick(path, leaf):
+        key = jax.tree_util.keystr(path)
+        for pkey, (shape, sh) in by_shape_path.items():
+            if key.endswith(pkey) and shape == leaf.shape:
+                return sh
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, opt_abstract)
+
+
+class _MeshJit:
+    """A jitted function that lowers inside its mesh context (activation constraints need it)."""
+
+    def __init__(self, fn, mesh, rules):
+        self.fn, self.mesh, self.rules = fn, mesh, rules
+
+    def lower(self, *args):
+        with use_mesh(self.mesh, self.rules):
+            return self.fn.lower(*args)
+
+    def __call__(self, *args):
+        with use_mesh(self.mesh, self.rules):
+            return self.fn(*args)
