@@ -4,7 +4,8 @@
 the output or in its rejected side file, and translates the rest chunk by chunk: the chunk's
 stories are split into sentences (`jaxlm.mt.split`, dialogue kept whole), the unique sentences are
 sorted by length and translated in batches, and each story is re-joined with its original
-whitespace (so sentences and paragraphs keep their order and layout). Each finished story goes
+whitespace (so sentences and paragraphs keep their order and layout); `source` is the text as
+translated, i.e. after ftfy's mojibake repair unless `--no-fix-text`. Each finished story goes
 through the filters (`jaxlm.mt.filters`): accepted ones are appended to the output
 `{"id", "source", "text"}`, rejected ones to `<out>.rejected.jsonl` `{"id", "reason", "source",
 "text"}`, both flushed and fsynced per chunk. Rejected stories are not retried on a rerun unless
@@ -239,7 +240,6 @@ def main(argv: list[str] | None = None) -> int:
             a = _merge_parser().parse_args(argv[1:])
             stats = merge(a.parts, a.out, a.input, text_field=a.text_field, id_field=a.id_field)
         else:
-            parse_shard(None)
             stats = run(config_from_args(_translate_parser().parse_args(argv)))
     except UserError as e:
         print(f"translate.py: error: {e}", file=sys.stderr)
