@@ -249,6 +249,8 @@ def _maybe_init_distributed() -> None:
     if jax.distributed.is_initialized():
         return
     if os.environ.get("JAXLM_COORDINATOR"):
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU collectives across processes
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=os.environ["JAXLM_COORDINATOR"],
             num_processes=int(os.environ["JAXLM_NUM_PROCESSES"]),
@@ -430,6 +432,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
         process_index=pid,
         process_count=nproc,
         worker_count=cfg.data.worker_count,
+        slice_global_batch=True,  # the same data whatever the number of hosts
     )
     tokens_sharding = batch_sharding(run.mesh, 2, run.rules)
 
@@ -471,6 +474,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
             process_count=nproc,
             shuffle=False,
             num_epochs=None,
+            slice_global_batch=True,
         )
         losses = []
         with use_mesh(run.mesh, run.rules):

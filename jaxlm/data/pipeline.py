@@ -96,12 +96,18 @@ def make_loader(
     worker_count: int = 0,
     num_epochs: int | None = None,
     shuffle: bool = True,
+    slice_global_batch: bool = False,
 ) -> Loader:
     """A loader over (DATADIR, weight) `sources`; `batch_size` is per process.
 
     Weights are relative (normalised to sum to one). `num_epochs=None` repeats forever; otherwise
     the loader stops when the first source runs out. `worker_count > 0` decodes in that many
     worker processes (Grain `mp_prefetch`); 0 reads in background threads of this process.
+
+    `slice_global_batch=True` (what the trainer uses): every process walks the same global
+    order of batches of `batch_size * process_count` rows and reads only its own slice, so the
+    data a run sees does not depend on how many hosts feed it (1 host x 8 devices trains exactly
+    like 2 hosts x 4 devices, and a run may resume on another topology).
     """
     import grain
 
@@ -120,7 +126,8 @@ def make_loader(
             raise UserError(f"{datadir} has no rows in split {split!r}{hint}")
         paths.append([str(Path(datadir) / s) for s in meta["splits"][split]["shards"]])
         ds = grain.MapDataset.range(meta["splits"][split]["rows"])
-        ds = ds[process_index::process_count]
+        if not slice_global_batch:
+            ds = ds[process_index::process_count]
         if len(ds) == 0:
             raise UserError(f"{datadir} [{split}] has fewer rows than processes")
         if shuffle:
@@ -129,7 +136,11 @@ def make_loader(
         datasets.append(ds)
     weights = [float(w) for _, w in sources]
     ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
-    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_stack_codes)
+    if slice_global_batch:
+        ds = ds.batch(batch_size * process_count, drop_remainder=True, batch_fn=_stack_codes)
+        ds = ds.map(_Slice(process_index * batch_size, (process_index + 1) * batch_size))
+    else:
+        ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_stack_codes)
     ds = ds.map(_ReadBatch(paths, row_lens.pop()))
     read = grain.ReadOptions(num_threads=2 if worker_count == 0 else 1, prefetch_buffer_size=8)
     ids = ds.to_iter_dataset(read)
@@ -153,6 +164,16 @@ class _SourceCode:
 
     def __call__(self, row: int) -> int:
         return self.offset | int(row)
+
+
+class _Slice:
+    """This process's rows [start, stop) of a global batch of index codes."""
+
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop = start, stop
+
+    def __call__(self, codes: np.ndarray) -> np.ndarray:
+        return codes[self.start : self.stop]
 
 
 def _stack_codes(codes: Sequence[int]) -> np.ndarray:
