@@ -464,9 +464,21 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
         in_shardings=(param_sh, tokens_sharding),
     )
 
-    def evaluate() -> float:
+    from jaxlm.data.pipeline import read_metadata
+
+    # Validation: the first source with a validation split (a tiny native set may have none).
+    val_sources = [
+        (p, w) for p, w in _data_sources(cfg)
+        if read_metadata(p)["splits"].get("validation", {}).get("rows", 0) > 0
+    ][:1]  # fmt: skip
+    if not val_sources:
+        log.warning("no data source has validation rows: evaluation is skipped")
+
+    def evaluate() -> float | None:
+        if not val_sources:
+            return None
         val = make_loader(
-            _data_sources(cfg)[:1],
+            val_sources,
             split="validation",
             batch_size=cfg.batch_size // nproc,
             seed=0,
@@ -546,7 +558,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
             mlog.advance()
             if step % cfg.log.every == 0 or step == cfg.steps:
                 flush(step)
-            if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
+            if val_sources and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
                 mlog.write({"step": step, "eval_loss": evaluate()})
             if step % cfg.checkpoint.every == 0 or step == cfg.steps or preempt.requested:
                 flush(step)
@@ -559,7 +571,8 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
                 return {**final, "preempted": True}
     mngr.wait_until_finished()
     final["eval_loss"] = evaluate()
-    mlog.write({"step": step, "eval_loss": final["eval_loss"]})
+    if final["eval_loss"] is not None:
+        mlog.write({"step": step, "eval_loss": final["eval_loss"]})
     mlog.close(plot=cfg.log.plot)
     mngr.close()
     return final

@@ -46,6 +46,12 @@ def add_setup_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="gs://BUCKET/PREFIX with the training shards")
     p.add_argument("--data-mode", choices=("none", "copy", "gcsfuse"), default="none")
     p.add_argument("--data-dir", default="/tmp/jaxlm-data", help="where shards appear locally")
+    p.add_argument("--runs", help="gs://BUCKET/PREFIX for workdirs (checkpoints, metrics)")
+    p.add_argument(
+        "--runs-dir",
+        default="/tmp/jaxlm-runs",
+        help="where --runs is mounted read-write (gcsfuse); pass it as --workdir's parent",
+    )
 
 
 def local_head() -> str:
@@ -85,6 +91,23 @@ def data_steps(data: str | None, mode: str, data_dir: str) -> list[str]:
     ]
 
 
+def runs_steps(runs: str | None, runs_dir: str) -> list[str]:
+    """Mount the runs bucket read-write: every host sees the same workdir, which outlives the
+    slice, so a recreated slice resumes from the last checkpoint (Orbax writes through it)."""
+    if not runs:
+        return []
+    if not runs.startswith("gs://"):
+        raise gcloud.GcloudError(f"--runs {runs}: expected gs://BUCKET/PREFIX")
+    bucket, _, prefix = runs.removeprefix("gs://").partition("/")
+    only_dir = f"--only-dir {shlex.quote(prefix)} " if prefix else ""
+    where = remote_path(runs_dir)
+    return [
+        f"command -v gcsfuse >/dev/null || {{ {GCSFUSE_INSTALL}; }}",
+        f"mkdir -p {where}",
+        f"mountpoint -q {where} || gcsfuse --implicit-dirs {only_dir}{shlex.quote(bucket)} {where}",
+    ]
+
+
 def setup_command(args: argparse.Namespace) -> str:
     """The one-line remote script that (re)installs jaxlm on a worker; safe to run again."""
     d, commit = remote_path(args.dir), shlex.quote(args.commit or local_head())
@@ -99,6 +122,7 @@ def setup_command(args: argparse.Namespace) -> str:
         f"cd {d} && uv pip install --quiet --python .venv/bin/python -e "
         + shlex.quote(f".[{args.extras}]"),
         *data_steps(args.data, args.data_mode, args.data_dir),
+        *runs_steps(getattr(args, "runs", None), getattr(args, "runs_dir", "/tmp/jaxlm-runs")),
         f'echo "jaxlm $(git -C {d} rev-parse --short HEAD) ready on $(hostname)"',
     ]
     return "; ".join(steps)
