@@ -1,32 +1,39 @@
-# Every target does its own set-up: a fresh machine needs only Python >= 3.11.
+# Every target does its own set-up: a fresh machine needs only Python >= 3.11 and make.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+BASE := $(VENV)/.installed-base
+DEV := $(VENV)/.installed-dev
+PIP := $(BIN)/python -m pip install -q
 
 .PHONY: demo test check lint format install clean
 
-$(STAMP): pyproject.toml
+$(BASE): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q "torch==2.13.0" || $(BIN)/python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
-	$(BIN)/python -m pip install -q -e ".[hf,dev,judge]"
-	touch $(STAMP)
+	$(PIP) "torch==2.13.0" || $(PIP) torch --index-url https://download.pytorch.org/whl/cpu
+	$(PIP) -e ".[hf]"
+	touch $(BASE)
 
-install: $(STAMP)
+# Tests also need the dev tools, the LLM SDK and libtpu (ahead-of-time TPU compiles in CI).
+$(DEV): $(BASE)
+	$(PIP) -e ".[hf,dev,judge,tpu]"
+	touch $(DEV)
 
-demo: $(STAMP)
+install: $(DEV)
+
+demo: $(BASE)
 	$(BIN)/python scripts/pipeline.py --workdir runs/demo
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q tests
+test: $(DEV)
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n 2 -q tests
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(BIN)/ruff check jaxlm sae scripts tests tpu
 	$(BIN)/ruff format --check jaxlm sae scripts tests tpu
 
-format: $(STAMP)
+format: $(DEV)
 	$(BIN)/ruff format jaxlm sae scripts tests tpu
 	$(BIN)/ruff check --fix jaxlm sae scripts tests tpu
 
