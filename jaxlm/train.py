@@ -410,8 +410,13 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
     workdir = Path(workdir).resolve()
     run = _setup(cfg, workdir)
     pid, nproc = jax.process_index(), jax.process_count()
-    if cfg.batch_size % nproc:
-        raise UserError(f"batch_size={cfg.batch_size} must divide by the {nproc} processes")
+    dp = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+    if (cfg.batch_size // cfg.grad_accum) % dp or cfg.batch_size % nproc:
+        raise UserError(
+            f"batch_size={cfg.batch_size} (per micro-batch {cfg.batch_size // cfg.grad_accum}) "
+            f"must divide by the {dp} data-parallel devices of mesh {dict(run.mesh.shape)}; "
+            "change batch_size or mesh.shape/mesh.devices"
+        )
     if pid == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(overlay.to_dict(cfg), indent=2) + "\n")
