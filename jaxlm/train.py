@@ -567,7 +567,9 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
                 mlog.write({"step": step, "eval_loss": evaluate()})
             if step % cfg.checkpoint.every == 0 or step == cfg.steps or preempt.requested:
                 flush(step)
-                _save(mngr, step, params, opt_state, loader, {"loss": final.get("loss")})
+                extra = {"loss": final.get("loss"), "tokenizer": run.tokenizer,
+                         "config": overlay.to_dict(cfg)}  # fmt: skip
+                _save(mngr, step, params, opt_state, loader, extra)
                 last_good = step
             if preempt.requested:
                 mngr.wait_until_finished()

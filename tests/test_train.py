@@ -55,6 +55,13 @@ def test_train_has_a_pulse(tmp_path, demo_data, capsys):
     assert out["step"] == 2 and np.isfinite(out["loss"]) and np.isfinite(out["eval_loss"])
     assert (wd / "loss.png").stat().st_size > 1000
     assert sorted(p.name for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    meta = json.loads((wd / "checkpoints/2/meta/metadata").read_text())
+    assert meta["step"] == 2 and meta["config"]["steps"] == 2 and meta["tokenizer"]
+    # the workdir knows its tokenizer, so text prompts work
+    assert main(["generate", "--checkpoint", str(wd), "--prompt", "كان يا ما كان",
+                 "--max-new-tokens", "5", "--json"]) == 0  # fmt: skip
+    gen = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(gen["token_ids"]) <= 5 and isinstance(gen["text"], str)
 
 
 def test_kill_9_then_rerun_is_bitwise_equal(tmp_path, demo_data):
