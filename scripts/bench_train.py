@@ -1,0 +1,309 @@
+"""Training throughput: jaxlm's jitted train step against transformers' GPT-Neo in PyTorch.
+
+One full optimizer step (forward, backward, AdamW with the TinyStories settings, gradient
+clipping) on synthetic random tokens, no data loader. The implementations are timed in
+interleaved rounds (A B C A B C ...) so that noisy neighbours hit them alike; each round times
+`--steps` steps and syncs once. Prints one JSON line per (preset, impl) with the median step,
+then one line with the jaxlm / torch ratios per preset.
+
+    python scripts/bench_train.py --presets ts-8m,ts-33m --batch 8 --steps 3 --rounds 3
+
+fp32 on CPU; bf16 on accelerators (torch autocast with fp32 master weights; jaxlm
+dtype=bfloat16 with fp32 params and cuDNN flash attention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.config import preset
+from jaxlm.train import OptimSection, flops_per_token, make_optimizer, make_train_step, peak_flops
+
+IMPLS = ("jaxlm", "torch-eager", "torch-compile")
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(seconds: float):
+    """Raise _Timeout in the main thread after `seconds` (0: never); returns a cancel function."""
+
+    def handler(signum, frame):
+        raise _Timeout(f"over the {seconds:g} s budget")
+
+    if seconds <= 0 or not hasattr(signal, "SIGALRM"):
+        return lambda: None
+    prev = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+
+    def cancel():
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, prev)
+
+    return cancel
+
+
+def _batches(vocab: int, batch: int, seq_len: int, n: int = 4) -> np.ndarray:
+    """n random token batches [n, B, T+1] (inputs and shifted targets)."""
+    return np.random.RandomState(0).randint(0, vocab, (n, batch, seq_len + 1)).astype(np.int32)
+
+
+def jaxlm_runner(cfg, batches: np.ndarray, steps: int) -> Callable[[int], None]:
+    """A function running k jitted train steps (params and optimizer state donated)."""
+    from flax import nnx
+
+    from jaxlm.model import init_model
+
+    graphdef, params = nnx.split(init_model(cfg, 0), nnx.Param)
+    tx, _ = make_optimizer(OptimSection(), steps)
+    step = jax.jit(make_train_step(graphdef, tx, 1), donate_argnums=(0, 1))
+    tokens = [jax.device_put(jnp.asarray(b)) for b in batches]
+    state = {"params": params, "opt": tx.init(params), "i": 0}
+
+    def run(k: int) -> None:
+        m = None
+        for _ in range(k):
+            t = tokens[state["i"] % len(tokens)]
+            state["params"], state["opt"], m = step(state["params"], state["opt"], t)
+            state["i"] += 1
+        jax.block_until_ready(m["loss"])
+
+    return run
+
+
+def torch_runner(cfg, batches: np.ndarray, compiled: bool, accel: bool) -> Callable[[int], None]:
+    """The same step for transformers' GPTNeoForCausalLM: eager or torch.compile'd."""
+    import torch
+
+    from jaxlm.testing import random_hf_gpt_neo
+
+    dev = "cuda" if accel else "cpu"
+    model = random_hf_gpt_neo(cfg).to(dev).train()
+    fwd = torch.compile(model) if compiled else model
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    o = OptimSection()
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": o.weight_decay},
+            {"params": no_decay, "weight_decay": 0},
+        ],
+        lr=o.lr,
+        betas=(o.b1, o.b2),
+        eps=o.eps,
+        fused=accel,
+    )
+    tokens = [torch.from_numpy(b).long().to(dev) for b in batches]
+    V = cfg.vocab_size
+    state = {"i": 0}
+
+    def one(t) -> torch.Tensor:
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=accel):
+            logits_btv = fwd(input_ids=t[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits_btv.float().view(-1, V), t[:, 1:].reshape(-1)
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    def run(k: int) -> None:
+        for _ in range(k):
+            loss = one(tokens[state["i"] % len(tokens)])
+            state["i"] += 1
+        loss.item()  # sync
+
+    return run
+
+
+def bench_preset(name: str, impls: list[str], args, accel: bool, device: str) -> list[dict]:
+    dtype = "bfloat16" if accel else "float32"
+    attn = "cudnn" if accel and jax.default_backend() == "gpu" else "xla"
+    cfg = preset(name, vocab_size=args.vocab_size, dtype=dtype, attention_impl=attn)
+    batches = _batches(cfg.vocab_size, args.batch, args.seq_len)
+    base = {"preset": name, "device": device, "vocab_size": cfg.vocab_size,
+            "batch": args.batch, "seq_len": args.seq_len, "dtype": dtype}  # fmt: skip
+    runners, results = {}, {}
+    for impl in impls:  # build and warm up (compile) each
+        t0 = time.perf_counter()
+        cancel = _alarm(args.compile_timeout if impl == "torch-compile" else 0)
+        extra = {"attention_impl": cfg.attention_impl} if impl == "jaxlm" else {}
+        try:
+            if impl == "jaxlm":
+                try:
+                    run = jaxlm_runner(cfg, batches, args.steps)
+                    run(1)
+                except Exception as e:  # no cuDNN flash here: say so, fall back to XLA's
+                    if cfg.attention_impl == "xla":
+                        raise
+                    extra = {"attention_impl": "xla", "cudnn_error": str(e)[:300]}
+                    run = jaxlm_runner(cfg.replace(attention_impl="xla"), batches, args.steps)
+                    run(1)
+            else:
+                run = torch_runner(cfg, batches, impl == "torch-compile", accel)
+                run(1)
+            compile_s = time.perf_counter() - t0
+            if args.warmup:
+                run(args.warmup)
+        except Exception as e:  # torch.compile may be unsupported or too slow here
+            cancel()
+            if impl == "torch-compile":
+                import torch
+
+                torch._dynamo.reset()
+            results[impl] = {"impl": impl, **base, "error": f"{type(e).__name__}: {e}"[:500]}
+            continue
+        cancel()
+        runners[impl] = run
+        results[impl] = {"impl": impl, **base, **extra, "compile_s": round(compile_s, 2)}
+        results[impl]["times"] = []
+    for _ in range(args.rounds):  # interleaved timed rounds
+        for impl, run in runners.items():
+            t0 = time.perf_counter()
+            run(args.steps)
+            results[impl]["times"].append((time.perf_counter() - t0) / args.steps)
+    tokens = args.batch * args.seq_len
+    peak = peak_flops(jax.devices()[0]) if accel else None
+    for impl in runners:
+        r = results[impl]
+        step_s = statistics.median(r.pop("times"))
+        tps = tokens / step_s
+        r["step_ms_median"] = round(step_s * 1e3, 2)
+        r["tokens_per_s"] = round(tps, 1)
+        r["mfu"] = round(tps * flops_per_token(cfg, args.seq_len) / peak, 4) if peak else None
+    runners.clear()
+    gc.collect()  # free this preset's models before the next one's
+    return [results[i] for i in impls]
+
+
+@jax.custom_vjp
+def _fused_ce(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
+    return _fused_ce_fwd(logits_btv, targets_bt)[0]
+
+
+def _fused_ce_fwd(logits_btv, targets_bt):
+    logz_bt = jax.nn.logsumexp(logits_btv, axis=-1)
+    gold_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
+    return jnp.mean(logz_bt - gold_bt), (logits_btv, logz_bt, targets_bt)
+
+
+def _fused_ce_bwd(res, g):
+    # softmax - one_hot in one elementwise pass, instead of a scatter plus an add
+    logits_btv, logz_bt, targets_bt = res
+    onehot_btv = jnp.arange(logits_btv.shape[-1]) == targets_bt[..., None]
+    d_btv = (jnp.exp(logits_btv - logz_bt[..., None]) - onehot_btv) * (g / targets_bt.size)
+    return d_btv, None
+
+
+_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
+
+
+def breakdown(name: str, args, accel: bool, device: str) -> list[dict]:
+    """Where jaxlm's step goes: forward, forward + backward, a fused cross-entropy backward,
+    the XLA attention path instead of cuDNN. A probe for the next optimisation, not a benchmark."""
+    from flax import nnx
+
+    from jaxlm.model import init_model
+    from jaxlm.train import next_token_loss
+
+    dtype = "bfloat16" if accel else "float32"
+    batches = _batches(args.vocab_size, args.batch, args.seq_len)
+    tokens = jnp.asarray(batches[0])
+    out = []
+    for attn in ("cudnn", "xla") if jax.default_backend() == "gpu" else ("xla",):
+        cfg = preset(name, vocab_size=args.vocab_size, dtype=dtype, attention_impl=attn)
+        graphdef, params = nnx.split(init_model(cfg, 0), nnx.Param)
+
+        def loss(p, t, graphdef=graphdef):
+            return next_token_loss(nnx.merge(graphdef, p), t)
+
+        def loss_fused(p, t, graphdef=graphdef):
+            return _fused_ce(nnx.merge(graphdef, p)(t[:, :-1]), t[:, 1:])
+
+        parts = {
+            "forward": jax.jit(loss),
+            "fwd+bwd": jax.jit(jax.value_and_grad(loss)),
+            "fwd+bwd fused-ce": jax.jit(jax.value_and_grad(loss_fused)),
+        }
+        for part, f in parts.items():
+            try:
+                jax.block_until_ready(f(params, tokens))
+                times = []
+                for _ in range(args.rounds):
+                    t0 = time.perf_counter()
+                    for _ in range(args.steps):
+                        r = f(params, tokens)
+                    jax.block_until_ready(r)
+                    times.append((time.perf_counter() - t0) / args.steps)
+                ms = round(statistics.median(times) * 1e3, 2)
+                rec = {"impl": "jaxlm", "part": part, "attention_impl": attn, "step_ms_median": ms}
+            except Exception as e:
+                rec = {"impl": "jaxlm", "part": part, "attention_impl": attn, "error": str(e)[:300]}
+            rec.update(preset=name, device=device, batch=args.batch, seq_len=args.seq_len)
+            print(json.dumps(rec), flush=True)
+            out.append(rec)
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", default="ts-8m,ts-33m")
+    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
+    p.add_argument("--compile-timeout", type=float, default=600, help="torch.compile budget (s)")
+    p.add_argument("--breakdown", action="store_true", help="time jaxlm's parts instead")
+    args = p.parse_args(argv)
+    impls = [i for i in args.impls.split(",") if i]
+    if bad := set(impls) - set(IMPLS):
+        p.error(f"unknown impls {sorted(bad)}; choose from {IMPLS}")
+
+    accel = jax.default_backend() != "cpu"
+    if not accel:  # compile in this process, so that a timed-out torch.compile leaves no workers
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # busy on our two cores
+    import torch
+
+    if accel and not torch.cuda.is_available():
+        p.error("jax sees an accelerator but torch has no CUDA")
+    if not accel:
+        torch.set_num_threads(os.cpu_count())
+    device = jax.devices()[0].device_kind
+    if args.breakdown:
+        return [r for name in args.presets.split(",") for r in breakdown(name, args, accel, device)]
+    lines = []
+    for name in [s for s in args.presets.split(",") if s]:
+        for r in bench_preset(name, impls, args, accel, device):
+            print(json.dumps(r), flush=True)
+            lines.append(r)
+    ratios = {}
+    for name in {r["preset"] for r in lines}:
+        tps = {r["impl"]: r.get("tokens_per_s") for r in lines if r["preset"] == name}
+        for other in ("torch-eager", "torch-compile"):
+            if tps.get("jaxlm") and tps.get(other):
+                ratios.setdefault(name, {})[f"jaxlm/{other}"] = round(tps["jaxlm"] / tps[other], 3)
+    summary = {"ratios": ratios, "device": device}
+    print(json.dumps(summary), flush=True)
+    return lines + [summary]
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)

@@ -1,0 +1,33 @@
+"""scripts/bench_train.py on a tiny model: one JSON line per implementation, then the ratios."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "bench_train.py"
+FIELDS = {"impl", "preset", "device", "vocab_size", "batch", "seq_len", "dtype", "tokens_per_s",
+          "mfu", "step_ms_median", "compile_s"}  # fmt: skip
+TINY = ["--presets", "ts-1m", "--vocab-size", "128", "--seq-len", "16", "--batch", "2",
+        "--steps", "1", "--rounds", "2", "--warmup", "0"]  # fmt: skip
+
+
+def test_bench_train_prints_every_field_and_the_ratios():
+    # 0.5 s is too little for torch.compile: its failure must come back as a JSON line
+    argv = [sys.executable, str(SCRIPT), *TINY, "--compile-timeout", "0.5"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True).stdout
+    *lines, summary = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    by_impl = {r["impl"]: r for r in lines}
+    assert set(by_impl) == {"jaxlm", "torch-eager", "torch-compile"}
+    for impl in ("jaxlm", "torch-eager"):
+        r = by_impl[impl]
+        assert FIELDS <= set(r), FIELDS - set(r)
+        assert r["tokens_per_s"] > 0 and r["vocab_size"] == 128 and r["seq_len"] == 16
+        assert r["dtype"] == "float32" and r["mfu"] is None  # no known peak for a CPU
+    assert "error" in by_impl["torch-compile"] or "tokens_per_s" in by_impl["torch-compile"]
+    assert summary["ratios"]["ts-1m"]["jaxlm/torch-eager"] > 0
