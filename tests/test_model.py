@@ -183,7 +183,7 @@ def test_full_size_presets_by_shape_only():
     [
         ({"d_model": 100, "n_heads": 16}, "n_heads=16 does not divide d_model=100"),
         ({"window_size": 0}, "window_size=0 must be >= 1"),
-        ({"attention_layers": ("global", "sliding")}, "'global' or 'local'"),
+        ({"n_layers": 2, "attention_layers": ("global", "sliding")}, "'global' or 'local'"),
         ({"n_layers": 3, "attention_layers": ("global",)}, "attention_layers has 1 entries"),
     ],
 )
