@@ -68,10 +68,18 @@ class Demo:
     # --- stages ---------------------------------------------------------------------------------
 
     def _cli(self, *args: str) -> None:
+        """Run a jaxlm command with its output in logs/, so the console shows one line a stage."""
+        import contextlib
+
         from jaxlm.cli import main
 
-        if main(list(args)) != 0:
-            raise UserError(f"jaxlm {' '.join(args[:2])} failed")
+        log_path = self.w / "logs" / f"{args[0]}-{args[1]}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            code = main(list(args))
+        if code != 0:
+            last = log_path.read_text().strip().splitlines()[-1:] or ["(no output)"]
+            raise UserError(f"jaxlm {' '.join(args[:2])} failed: {last[0]} (log: {log_path})")
 
     def corpus(self) -> dict:
         n_native = max(1, round(self.cfg.n_translated * self.cfg.native_fraction))
