@@ -324,6 +324,9 @@ def judge_file(
 def compare(paths: list[str | Path]) -> dict:
     """Mean scores of several grades files side by side (e.g. before vs after CPT)."""
     table = {"files": [str(p) for p in paths]}
+    for p in paths:
+        if not Path(p).is_file():
+            raise UserError(f"{p}: no such grades file")
     sums = [summarize(list(read_jsonl(p))) for p in paths]
     for p, s in zip(paths, sums, strict=True):
         if not s["n"]:
