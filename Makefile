@@ -30,12 +30,12 @@ test: $(DEV)
 	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n 2 -q tests
 
 lint: $(DEV)
-	$(BIN)/ruff check jaxlm sae scripts tests tpu
-	$(BIN)/ruff format --check jaxlm sae scripts tests tpu
+	$(BIN)/ruff check jaxlm scripts tests tpu
+	$(BIN)/ruff format --check jaxlm scripts tests tpu
 
 format: $(DEV)
-	$(BIN)/ruff format jaxlm sae scripts tests tpu
-	$(BIN)/ruff check --fix jaxlm sae scripts tests tpu
+	$(BIN)/ruff format jaxlm scripts tests tpu
+	$(BIN)/ruff check --fix jaxlm scripts tests tpu
 
 check: lint test
 
