@@ -242,6 +242,8 @@ class _Run:
     model_cfg: ModelConfig
     tokenizer: str | None
     seq_len: int
+    rules: tuple
+    val_sources: list[tuple[str, float]]  # the first source with validation rows, or none
 
 
 def _maybe_init_distributed() -> None:
@@ -289,9 +291,12 @@ def _setup(cfg: TrainConfig, workdir: Path) -> _Run:
         raise UserError(
             f"model.vocab_size={model_cfg.vocab_size} < the tokenizer's {tok['vocab_size']}"
         )
-    run = _Run(cfg, workdir, mesh, model_cfg, tok.get("path"), seq_lens.pop())
-    run.rules = rules  # type: ignore[attr-defined]
-    return run
+    # Validation: the first source with a validation split (a tiny native set may have none).
+    val_sources = [
+        src for src, m in zip(_data_sources(cfg), metas, strict=True)
+        if m["splits"].get("validation", {}).get("rows", 0) > 0
+    ][:1]  # fmt: skip
+    return _Run(cfg, workdir, mesh, model_cfg, tok.get("path"), seq_lens.pop(), rules, val_sources)
 
 
 def _init_params(run: _Run):
@@ -469,13 +474,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
         in_shardings=(param_sh, tokens_sharding),
     )
 
-    from jaxlm.data.pipeline import read_metadata
-
-    # Validation: the first source with a validation split (a tiny native set may have none).
-    val_sources = [
-        (p, w) for p, w in _data_sources(cfg)
-        if read_metadata(p)["splits"].get("validation", {}).get("rows", 0) > 0
-    ][:1]  # fmt: skip
+    val_sources = run.val_sources
     if not val_sources:
         log.warning("no data source has validation rows: evaluation is skipped")
 

@@ -77,19 +77,26 @@ def _device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _tokenizer(cfg: BackendConfig):
+    """The HF tokenizer set to the source language, and the target-language token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.model)
+    tok.src_lang, _ = resolve_lang(tok, cfg.src)
+    _, tgt_token = resolve_lang(tok, cfg.tgt)
+    return tok, tgt_token
+
+
 class TransformersBackend:
     """`AutoModelForSeq2SeqLM.generate` with a forced target-language token."""
 
     def __init__(self, cfg: BackendConfig):
         import torch
-        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+        from transformers import AutoModelForSeq2SeqLM
 
         self.cfg, self.counters = cfg, Counters()
         self.device = _device(cfg.device)
-        self.tok = AutoTokenizer.from_pretrained(cfg.model)
-        src_code, _ = resolve_lang(self.tok, cfg.src)
-        self.tok.src_lang = src_code
-        _, tgt_token = resolve_lang(self.tok, cfg.tgt)
+        self.tok, tgt_token = _tokenizer(cfg)
         self.tgt_id = self.tok.convert_tokens_to_ids(tgt_token)
         dtype = cfg.dtype
         if dtype == "auto":
@@ -160,14 +167,10 @@ class CTranslate2Backend:
 
     def __init__(self, cfg: BackendConfig):
         import ctranslate2
-        from transformers import AutoTokenizer
 
         self.cfg, self.counters = cfg, Counters()
         self.device = _device(cfg.device)
-        self.tok = AutoTokenizer.from_pretrained(cfg.model)
-        src_code, _ = resolve_lang(self.tok, cfg.src)
-        self.tok.src_lang = src_code
-        _, self.tgt_token = resolve_lang(self.tok, cfg.tgt)
+        self.tok, self.tgt_token = _tokenizer(cfg)
         compute = {"auto": "default", "float32": "float32"}.get(cfg.dtype, cfg.dtype)
         if cfg.dtype == "auto" and self.device == "cuda":
             compute = "bfloat16"
