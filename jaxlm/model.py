@@ -245,15 +245,23 @@ class GPTNeo(nnx.Module):
         valid_bt: Array | None = None,
         cache: KVCache | None = None,
         capture_mlp: tuple[int, ...] = (),
-    ) -> tuple[Array, KVCache | None] | Array | tuple[Array, dict[int, Array]]:
+        capture_only: bool = False,
+    ) -> tuple[Array, KVCache | None] | Array | tuple[Array, dict[int, Array]] | dict[int, Array]:
         """Logits for `tokens_bt`.
 
         Without a cache: returns logits [B, T, V] (plus {layer: MLP hidden [B, T, F]} when
-        `capture_mlp` names layers). With a cache: writes this step into slots
+        `capture_mlp` names layers). `capture_only=True` returns just the captured activations and
+        stops after the last captured layer: what an SAE's activation store needs, without paying
+        for the later layers and the [B, T, V] logits. With a cache: writes this step into slots
         [cache.index, cache.index + T) and returns (logits, new cache). `valid_bt` marks real
         tokens (False for left padding); `positions_bt` defaults to the slot numbers.
         """
         cfg = self.cfg
+        bad = [i for i in capture_mlp if not 0 <= i < cfg.n_layers]
+        if bad or (capture_only and not capture_mlp):
+            raise ValueError(f"capture_mlp={capture_mlp}: layers are 0..{cfg.n_layers - 1}")
+        if capture_mlp and cache is not None:
+            raise ValueError("capture_mlp works without a KV cache only")
         B, T = tokens_bt.shape
         start = jnp.int32(0) if cache is None else cache.index
         q_slot_t = start + jnp.arange(T, dtype=jnp.int32)
@@ -279,6 +287,8 @@ class GPTNeo(nnx.Module):
             )
             if i in capture_mlp:
                 captured[i] = h_btf
+                if capture_only and len(captured) == len(set(capture_mlp)):
+                    return captured
             if cache is not None:
                 new_k.append(k_bsnh)
                 new_v.append(v_bsnh)

@@ -35,6 +35,27 @@ def test_logits_match_transformers(name, tmp_path):
     assert np.abs(out - ref).max() <= LOGITS_TOL
 
 
+def test_mlp_capture_matches_transformers_hook(tmp_path):
+    """`capture_mlp` returns what a hook on transformers' `mlp.act` sees (SAEs train on it)."""
+    cfg = preset("ts-3m", vocab_size=512)
+    ref_model = random_hf_gpt_neo(cfg, tmp_path, seed=2)
+    model = load_hf(tmp_path)
+    ids = np.random.RandomState(1).randint(0, cfg.vocab_size, (2, 300))
+    seen = {}
+    for i in (1, 5):
+        act = ref_model.transformer.h[i].mlp.act
+        act.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out.numpy()))
+    with torch.no_grad():
+        ref_model(torch.tensor(ids))
+    logits, full = model(jnp.asarray(ids), capture_mlp=(1, 5))
+    only = model(jnp.asarray(ids), capture_mlp=(1, 5), capture_only=True)
+    assert logits.shape == (2, 300, 512) and set(only) == {1, 5}
+    for i in (1, 5):
+        assert full[i].shape == (2, 300, cfg.d_ff)
+        assert np.abs(np.asarray(full[i]) - seen[i]).max() <= 1e-5 * max(1, np.abs(seen[i]).max())
+        np.testing.assert_array_equal(np.asarray(only[i]), np.asarray(full[i]))
+
+
 def test_local_window_sees_itself_and_previous_255():
     cfg = ModelConfig(vocab_size=64, d_model=32, n_heads=4, n_layers=1, attention_layers=("local",))
     model = init_model(cfg, 0)
