@@ -1,0 +1,246 @@
+"""The four SAE architectures, each mirroring one SAELens 6.54.12 training class.
+
+standard   saes/standard_sae.py StandardTrainingSAE: ReLU, decoder-norm-weighted Lp penalty
+topk       saes/topk_sae.py TopKTrainingSAE: the k largest pre-activations, AuxK dead-latent loss
+batchtopk  saes/batchtopk_sae.py BatchTopKTrainingSAE: the k * N largest over the batch and a
+           running threshold; saved as a jumprelu SAE, as SAELens does
+jumprelu   saes/jumprelu_sae.py JumpReLUTrainingSAE: a learned per-latent threshold trained
+           through the straight-through rectangle-kernel pseudo-gradients
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sae.base import SAE, Array, Buffer, SAEConfig, StepOutput, _param
+from sae.registry import register
+
+
+@register("standard")
+class StandardSAE(SAE):
+    """ReLU SAE with the Anthropic April 2024 sparsity penalty ||acts * ||W_dec rows|| ||_p."""
+
+    coefficient_names = ("l1",)
+
+    def encode_with_hidden_pre(self, x_nf: Array) -> tuple[Array, Array]:
+        pre_ns = self.hidden_pre(x_nf)
+        return jax.nn.relu(pre_ns), pre_ns
+
+    def coefficient_schedule(self) -> dict[str, tuple[float, int]]:
+        return {"l1": (self.cfg.l1_coefficient, self.cfg.l1_warm_up_steps)}
+
+    def aux_losses(self, x_nf, acts_ns, pre_ns, out_nf, coefficients, dead_s) -> dict[str, Array]:
+        weighted_ns = acts_ns * self.W_dec_norm_s()
+        p = self.cfg.lp_norm
+        if p == 1.0:
+            sparsity_n = jnp.abs(weighted_ns).sum(-1)
+        else:
+            sparsity_n = jnp.linalg.norm(weighted_ns, ord=p, axis=-1)
+        return {"l1_loss": (coefficients.get("l1", self.cfg.l1_coefficient) * sparsity_n).mean()}
+
+
+def _scatter_rows(values_nk: Array, index_nk: Array, shape: tuple[int, int]) -> Array:
+    rows_n1 = jnp.arange(shape[0])[:, None]
+    return jnp.zeros(shape, values_nk.dtype).at[rows_n1, index_nk].set(values_nk)
+
+
+@register("topk")
+class TopKSAE(SAE):
+    """Keeps each row's k largest pre-activations (ReLU'd); AuxK makes dead latents model the error.
+
+    With `rescale_acts_by_decoder_norm`, pre-activations are multiplied by the decoder row norms
+    before the top-k and divided by them again in `decode`, as SAELens does.
+    """
+
+    def encode_with_hidden_pre(self, x_nf: Array) -> tuple[Array, Array]:
+        pre_ns = self.hidden_pre(x_nf)
+        if self.cfg.rescale_acts_by_decoder_norm:
+            pre_ns = pre_ns * self.W_dec_norm_s()
+        return self.activation(pre_ns), pre_ns
+
+    def activation(self, pre_ns: Array) -> Array:
+        values_nk, index_nk = jax.lax.top_k(pre_ns, int(self.cfg.k))
+        return _scatter_rows(jax.nn.relu(values_nk), index_nk, pre_ns.shape)
+
+    def _times_W_dec(self, acts_ns: Array) -> Array:
+        if self.cfg.rescale_acts_by_decoder_norm:
+            acts_ns = acts_ns * (1 / self.W_dec_norm_s())
+        return acts_ns @ self.W_dec_sf[...]
+
+    def decode(self, acts_ns: Array) -> Array:
+        return self._times_W_dec(acts_ns) + self.b_dec_f[...]
+
+    def aux_losses(self, x_nf, acts_ns, pre_ns, out_nf, coefficients, dead_s) -> dict[str, Array]:
+        return {"auxiliary_reconstruction_loss": self._auxk_loss(x_nf, out_nf, pre_ns, dead_s)}
+
+    def _auxk_loss(self, x_nf, out_nf, pre_ns, dead_s) -> Array:
+        # SAELens calculate_topk_aux_loss: the top k_aux = min(F // 2, #dead) dead latents
+        # reconstruct the (detached) residual; scaled by min(#dead / (F // 2), 1).
+        if dead_s is None:
+            return jnp.zeros((), jnp.float32)
+        k_aux_max = min(x_nf.shape[-1] // 2, pre_ns.shape[-1])
+        n_dead = dead_s.sum()
+        residual_nf = jax.lax.stop_gradient(x_nf - out_nf)
+        masked_ns = jnp.where(dead_s[None], pre_ns, -jnp.inf)
+        values_nk, index_nk = jax.lax.top_k(masked_ns, k_aux_max)
+        # Fewer dead latents than k_aux_max: the extra picks are live ones (-inf); drop them.
+        values_nk = jnp.where(jnp.isfinite(values_nk), values_nk, 0.0)
+        aux_acts_ns = _scatter_rows(values_nk, index_nk, pre_ns.shape)
+        recons_nf = self._times_W_dec(aux_acts_ns)
+        auxk = jnp.square(recons_nf - residual_nf).sum(-1).mean()
+        scale = jnp.minimum(n_dead / (x_nf.shape[-1] // 2), 1.0)
+        loss = self.cfg.aux_loss_coefficient * scale * auxk
+        return jnp.where(n_dead > 0, loss, 0.0)
+
+    def _folded(self) -> dict[str, Array]:
+        _, t = SAE.inference_tensors(self)
+        if self.cfg.rescale_acts_by_decoder_norm:  # SAELens _fold_norm_topk
+            n_s = self.W_dec_norm_s()
+            t = {**t, "b_enc": t["b_enc"] * n_s, "W_dec": t["W_dec"] / n_s[:, None],
+                 "W_enc": t["W_enc"] * n_s[None, :]}  # fmt: skip
+        return t
+
+    def inference_tensors(self) -> tuple[str, dict[str, Array]]:
+        return "topk", self._folded()
+
+
+@register("batchtopk")
+class BatchTopKSAE(TopKSAE):
+    """Keeps the k * N largest ReLU'd pre-activations of the whole batch of N rows.
+
+    A running threshold (the EMA of the smallest kept activation) becomes a JumpReLU threshold at
+    save time, so a saved batchtopk SAE is a `jumprelu` SAE, exactly as SAELens saves it.
+    SAELens keeps that threshold in float64; here it is float32 (jax's default precision).
+    """
+
+    def __init__(self, cfg: SAEConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        self.topk_threshold = Buffer(jnp.zeros((), jnp.float32))
+
+    def activation(self, pre_ns: Array) -> Array:
+        acts_ns = jax.nn.relu(pre_ns)
+        flat = acts_ns.reshape(-1)
+        values, index = jax.lax.top_k(flat, int(self.cfg.k * pre_ns.shape[0]))
+        return jnp.zeros_like(flat).at[index].set(values).reshape(acts_ns.shape)
+
+    def after_step(self, out: StepOutput) -> None:
+        acts_ns = jax.lax.stop_gradient(out.feature_acts)
+        positive = acts_ns > 0
+        min_positive = jnp.min(jnp.where(positive, acts_ns, jnp.inf))
+        lr = self.cfg.topk_threshold_lr
+        new = (1 - lr) * self.topk_threshold[...] + lr * min_positive
+        self.topk_threshold[...] = jnp.where(positive.any(), new, self.topk_threshold[...])
+
+    def fold_activation_scale(self, scale: float) -> None:
+        super().fold_activation_scale(scale)
+        if self.cfg.rescale_acts_by_decoder_norm:  # SAELens #763: threshold in W_dec-norm units
+            self.topk_threshold[...] = self.topk_threshold[...] / scale
+
+    def inference_tensors(self) -> tuple[str, dict[str, Array]]:
+        t = self._folded()
+        t["threshold"] = jnp.ones_like(t["b_enc"]) * self.topk_threshold[...]
+        return "jumprelu", t
+
+
+def _rectangle(x: Array) -> Array:
+    return ((x > -0.5) & (x < 0.5)).astype(x.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def jumprelu(x_ns: Array, threshold_s: Array, bandwidth: float, ste_to_input: bool) -> Array:
+    """x * (x > threshold), with SAELens's JumpReLU.backward pseudo-gradient for the threshold."""
+    return x_ns * (x_ns > threshold_s).astype(x_ns.dtype)
+
+
+def _jumprelu_fwd(x_ns, threshold_s, bandwidth, ste_to_input):
+    return jumprelu(x_ns, threshold_s, bandwidth, ste_to_input), (x_ns, threshold_s)
+
+
+def _jumprelu_bwd(bandwidth, ste_to_input, res, g_ns):
+    x_ns, threshold_s = res
+    ste_ns = (threshold_s / bandwidth) * _rectangle((x_ns - threshold_s) / bandwidth) * g_ns
+    x_grad = (x_ns > threshold_s).astype(g_ns.dtype) * g_ns
+    if ste_to_input:
+        x_grad = x_grad + ste_ns
+    return x_grad, jnp.sum(-ste_ns, axis=0)
+
+
+jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def step(x_ns: Array, threshold_s: Array, bandwidth: float, ste_to_input: bool) -> Array:
+    """Heaviside(x - threshold), with SAELens's Step.backward pseudo-gradient."""
+    return (x_ns > threshold_s).astype(x_ns.dtype)
+
+
+def _step_fwd(x_ns, threshold_s, bandwidth, ste_to_input):
+    return step(x_ns, threshold_s, bandwidth, ste_to_input), (x_ns, threshold_s)
+
+
+def _step_bwd(bandwidth, ste_to_input, res, g_ns):
+    x_ns, threshold_s = res
+    ste_ns = (1.0 / bandwidth) * _rectangle((x_ns - threshold_s) / bandwidth) * g_ns
+    x_grad = ste_ns if ste_to_input else jnp.zeros_like(x_ns)
+    return x_grad, jnp.sum(-ste_ns, axis=0)
+
+
+step.defvjp(_step_fwd, _step_bwd)
+
+
+@register("jumprelu")
+class JumpReLUSAE(SAE):
+    """JumpReLU SAE (Rajamanoharan et al. 2024) with SAELens's directly parameterised threshold."""
+
+    coefficient_names = ("l0",)
+
+    def __init__(self, cfg: SAEConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        init = jnp.full((cfg.n_latents,), cfg.jumprelu_init_threshold, jnp.float32)
+        self.threshold_s = _param(init, ("sae_latent",))
+
+    def encode_with_hidden_pre(self, x_nf: Array) -> tuple[Array, Array]:
+        pre_ns = self.hidden_pre(x_nf)
+        c = self.cfg
+        acts_ns = jumprelu(
+            pre_ns, self.threshold_s[...], c.jumprelu_bandwidth, c.jumprelu_ste_to_input
+        )
+        return acts_ns, pre_ns
+
+    def coefficient_schedule(self) -> dict[str, tuple[float, int]]:
+        return {"l0": (self.cfg.l0_coefficient, self.cfg.l0_warm_up_steps)}
+
+    def project(self) -> None:
+        self.threshold_s[...] = jnp.maximum(self.threshold_s[...], 0.0)
+
+    def aux_losses(self, x_nf, acts_ns, pre_ns, out_nf, coefficients, dead_s) -> dict[str, Array]:
+        c, th_s, norm_s = self.cfg, self.threshold_s[...], self.W_dec_norm_s()
+        coef: Any = coefficients.get("l0", c.l0_coefficient)
+        if c.jumprelu_sparsity_loss_mode == "tanh":
+            per_row = jnp.tanh(c.jumprelu_tanh_scale * acts_ns * norm_s).sum(-1)
+        else:
+            l0_n = step(pre_ns, th_s, c.jumprelu_bandwidth, c.jumprelu_ste_to_input).sum(-1)
+            per_row = l0_n
+            if c.jumprelu_sparsity_loss_mode == "quadratic":
+                per_row = 2 / c.target_l0 * jnp.square(l0_n - c.target_l0)
+        losses = {"l0_loss": (coef * per_row).mean()}
+        if c.pre_act_loss_coefficient is not None:
+            if dead_s is None:
+                losses["pre_act_loss"] = jnp.zeros((), jnp.float32)
+            else:
+                per = (jax.nn.relu(th_s - pre_ns) * dead_s * norm_s).sum(-1)
+                losses["pre_act_loss"] = c.pre_act_loss_coefficient * per.mean()
+        return losses
+
+    def inference_tensors(self) -> tuple[str, dict[str, Array]]:
+        _, t = SAE.inference_tensors(self)
+        return "jumprelu", {**t, "threshold": self.threshold_s[...]}
+
+    def load_tensors(self, tensors: dict[str, Array]) -> None:
+        super().load_tensors(tensors)
+        self.threshold_s[...] = jnp.asarray(tensors["threshold"])
