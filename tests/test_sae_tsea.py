@@ -1,0 +1,510 @@
+"""TSEA and feature dashboards: enrichment against an independent KS reference, the projection
+against the model's own forward, a planted English-name feature, token sets, dashboards, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from jaxlm.config import ModelConfig
+from jaxlm.errors import UserError
+from jaxlm.model import init_model
+from jaxlm.tokenizer import Tokenizer
+from sae import dashboards as db
+from sae import tsea
+
+TOL = 1e-5  # simple ops in fp32 (STYLE.md)
+
+
+def _set(param, value) -> None:
+    param.set_value(jnp.asarray(value, jnp.float32))
+
+
+def _model(V: int, D: int = 32, F: int = 64, layers: int = 2, seed: int = 0):
+    cfg = ModelConfig(
+        vocab_size=V, d_model=D, n_layers=layers, n_heads=4, d_mlp=F, max_positions=64
+    )
+    model = init_model(cfg, seed)
+    rng = np.random.default_rng(seed + 1)  # a non-trivial final LayerNorm, so folding matters
+    _set(model.ln_f.scale_d, rng.uniform(0.5, 1.5, D))
+    _set(model.ln_f.bias_d, rng.normal(0, 0.1, D))
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok2000(demo_data):
+    """A 2000-piece tokenizer on the demo corpus: large enough for whole-name pieces."""
+    from jaxlm.cli import main
+
+    d = demo_data["dir"]
+    out = d / "tok2000"
+    if not out.exists():
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--input",
+                str(d / "translated.jsonl"),
+                "--input",
+                str(d / "native.jsonl"),
+                "--vocab-size",
+                "2000",
+                "--out",
+                str(out),
+            ]
+        )
+    return Tokenizer.load(out)
+
+
+# --- enrichment ---------------------------------------------------------------------------------
+
+
+def _running_sum_reference(scores_v: np.ndarray, members: np.ndarray) -> float:
+    """GSEA's running sum written out, as SAELens' calculate_batch_enrichment_scores does it."""
+    V, n = len(scores_v), len(members)
+    hits = np.isin(np.argsort(-scores_v, kind="stable"), members)
+    steps = np.where(hits, 1.0 / n, -1.0 / (V - n))
+    return float(np.abs(np.cumsum(steps)).max())
+
+
+def test_enrichment_equals_ks_statistic_and_running_sum():
+    rng = np.random.default_rng(0)
+    S, V = 40, 700
+    proj = rng.normal(size=(S, V)).astype(np.float32)
+    proj[:5, :30] += 2.0  # a few features that strongly promote the first tokens
+    sets = [rng.choice(V, n, replace=False) for n in (1, 5, 50, 349)] + [np.arange(30)]
+    scores, signs = tsea.enrichment_scores(proj, sets, chunk=7)  # chunks of 7: boundaries too
+    ks = [
+        [stats.ks_2samp(proj[f, s], np.delete(proj[f], s), method="asymp") for f in range(S)]
+        for s in sets
+    ]
+    ref_d = np.array([[r.statistic for r in row] for row in ks])
+    ref_p = np.array([[r.pvalue for r in row] for row in ks])
+    ref_rs = np.array([[_running_sum_reference(proj[f], s) for f in range(S)] for s in sets])
+    assert np.abs(scores - ref_d).max() < TOL
+    assert np.abs(scores - ref_rs).max() < TOL
+    p = tsea.ks_pvalues(scores, [len(s) for s in sets], V)
+    assert np.abs(p - ref_p).max() < TOL
+    assert (signs[-1, :5] == 1).all() and (p[-1, :5] < 1e-10).all()
+
+
+def test_enrichment_hand_cases():
+    proj = np.array([[4.0, 3.0, 2.0, 1.0]], np.float32)  # ranking: tokens 0, 1, 2, 3
+    cases = {  # set: (score, sign), from the running sums written out
+        (0,): (1.0, 1),  # +1, -1/3, -2/3, -1 ... max |.| = 1 at the top
+        (3,): (1.0, -1),  # -1/3, -2/3, -1, 0: the set sits at the bottom
+        (0, 2): (0.5, 1),  # +1/2, 0, +1/2, 0
+        (1,): (2 / 3, 1),  # -1/3, +2/3, +1/3, 0
+        (1, 2): (0.5, 1),  # -1/2, 0, +1/2, 0: a tie, read as promoting
+    }
+    scores, signs = tsea.enrichment_scores(proj, [np.array(s) for s in cases])
+    for i, (want, sign) in enumerate(cases.values()):
+        assert abs(scores[i, 0] - want) < TOL
+        assert signs[i, 0] == sign
+
+
+def test_projection_stats_and_corrections():
+    rng = np.random.default_rng(1)
+    x = rng.gamma(2.0, size=(6, 500)).astype(np.float32)
+    got = tsea.projection_stats(x)
+    np.testing.assert_allclose(got["mean"], x.mean(1), rtol=TOL)
+    np.testing.assert_allclose(got["std"], x.std(1), rtol=TOL)
+    np.testing.assert_allclose(got["skewness"], stats.skew(x, axis=1), rtol=1e-4)
+    np.testing.assert_allclose(got["kurtosis"], stats.kurtosis(x, 1, fisher=False), rtol=1e-4)
+    p = rng.uniform(size=(3, 50)) ** 3
+    want = stats.false_discovery_control(p, axis=-1)
+    assert np.abs(tsea.adjust_pvalues(p, "bh") - want).max() < 1e-12
+    assert np.array_equal(tsea.adjust_pvalues(p, "bonferroni"), np.minimum(p * 50, 1))
+
+
+# --- projection ---------------------------------------------------------------------------------
+
+
+def test_projection_is_the_logit_change_through_the_forward():
+    """A model whose final residual is exactly the last MLP's output: logits = LN(d W_out) W_U.
+
+    Layer 0 writes nothing, layer 1's attention writes nothing and its MLP hidden is the constant
+    gelu(b_up) = d. Then std(d W_out) * (logits - ln_f.bias W_U), centred over the vocabulary, is
+    the folded, centred projection of d, exactly (LayerNorm is scale-free).
+    """
+    V, D, F = 50, 16, 24
+    model = _model(V, D, F, layers=2)
+    rng = np.random.default_rng(2)
+    for b in model.blocks:
+        _set(b.attn.w_o_nhd, np.zeros_like(b.attn.w_o_nhd[...]))
+    _set(model.blocks[0].mlp.w_down_fd, np.zeros((F, D)))
+    _set(model.blocks[1].mlp.w_up_df, np.zeros((D, F)))
+    _set(model.blocks[1].mlp.b_up_f, rng.normal(size=F))
+    wte = np.asarray(model.wte_vd[...]).copy()
+    wte[0] = 0.0
+    _set(model.wte_vd, wte)
+    _set(model.wpe_pd, np.zeros_like(model.wpe_pd[...]))
+    logits, hidden = model(jnp.zeros((1, 1), jnp.int32), capture_mlp=(1,))
+    d_f = np.asarray(hidden[1][0, 0])
+    x_d = d_f @ np.asarray(model.blocks[1].mlp.w_down_fd[...])
+    sigma = np.sqrt(x_d.var() + model.cfg.layer_norm_eps)
+    want = sigma * (np.asarray(logits[0, 0]) - np.asarray(model.ln_f.bias_d[...]) @ wte.T)
+    want -= want.mean()
+    got = tsea.feature_vocab_projection(model, d_f[None], 1)[0]
+    assert np.abs(got - want).max() < TOL * np.abs(want).max()
+
+
+def test_projection_matches_numpy_on_exported_hf_weights():
+    from jaxlm.hf import to_hf_tensors
+
+    model = _model(V=120, D=32, F=48, layers=2, seed=3)
+    t = to_hf_tensors(model)
+    W_dec = np.random.default_rng(3).normal(size=(37, 48)).astype(np.float32)
+    W_out_fd = t["transformer.h.0.mlp.c_proj.weight"].T  # torch [out, in] -> [F, D]
+    W_U = t["transformer.ln_f.weight"][:, None] * t["transformer.wte.weight"].T  # [D, V]
+    r = W_dec @ W_out_fd
+    r -= r.mean(1, keepdims=True)
+    want = r @ W_U
+    want -= want.mean(1, keepdims=True)
+    got = tsea.feature_vocab_projection(model, W_dec, 0, chunk=16)
+    assert np.abs(got - want).max() < TOL * np.abs(want).max()
+    W_Uc = W_U - W_U.mean(0) - (W_U - W_U.mean(0)).mean(1, keepdims=True)
+    cos = (r / np.linalg.norm(r, axis=1, keepdims=True)) @ (W_Uc / np.linalg.norm(W_Uc, axis=0))
+    got_cos = tsea.feature_vocab_projection(model, W_dec, 0, cosine_sim=True)
+    assert np.abs(got_cos - cos).max() < TOL and np.abs(got_cos).max() <= 1 + TOL
+
+
+# --- planted signal -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def planted(tok2000):
+    """A 1-layer random model (D = F = 512) and a direction d [F] that promotes exactly the
+    English-name tokens, as well as least squares through W_out @ W_U (the pseudo-inverse) can."""
+    sets = tsea.demo_token_sets(tok2000)
+    model = _model(tok2000.vocab_size, D=512, F=512, layers=1, seed=0)
+    M_fv = np.asarray(tsea.mlp_out_weight(model, 0) @ tsea.folded_unembedding(model), np.float64)
+    target_v = np.zeros(tok2000.vocab_size)
+    target_v[sets["english_names"]] = 1.0
+    # rcond: M is rank D - 1 (W_U is centred over D); float32 leaves that null direction at
+    # ~1e-9 of the largest singular value, which numpy's default 1e-15 would invert
+    d_f = target_v @ np.linalg.pinv(M_fv, rcond=1e-6)
+    return model, d_f / np.linalg.norm(d_f), sets
+
+
+def _decoder(d_f, planted_at: int | None, S: int = 64, seed: int = 7) -> np.ndarray:
+    """W_dec [S, F]: random unit rows, row `planted_at` replaced by d."""
+    W_dec = np.random.default_rng(seed).normal(size=(S, len(d_f))).astype(np.float32)
+    W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
+    if planted_at is not None:
+        W_dec[planted_at] = d_f
+    return W_dec
+
+
+def test_planted_english_name_feature_ranks_first_and_random_sets_stay_quiet(tok2000, planted):
+    model, d_f, sets = planted
+    sets = dict(sets)
+    names = sets["english_names"]
+    others = np.setdiff1d(np.arange(tok2000.vocab_size), np.concatenate([names, np.arange(4)]))
+    sets["random"] = np.random.default_rng(5).choice(others, len(names), replace=False)
+    W_dec = _decoder(d_f, planted_at=17)
+    res = tsea.tsea(model, W_dec, 0, sets, chunk=24, correction="bonferroni")
+    i, r = res.set_names.index("english_names"), res.set_names.index("random")
+    assert int(np.argmax(res.scores[i])) == 17 and res.signs[i, 17] == 1
+    assert res.p_adjusted[i, 17] < 1e-30 and res.scores[i, 17] > 0.9
+    assert set(res.top_ids[17]) <= set(names.tolist())  # its ten best tokens are all names
+    assert not (res.p_adjusted[r] < 0.05).any(), res.p_adjusted[r].min()
+    # the chunked analysis equals the whole projection analysed at once
+    proj = tsea.feature_vocab_projection(model, W_dec, 0, chunk=24)
+    scores, _ = tsea.enrichment_scores(proj, [sets[n] for n in res.set_names], chunk=10)
+    assert np.abs(scores - res.scores).max() < TOL
+    np.testing.assert_array_equal(res.top_ids[:, 0], proj.argmax(1))
+
+
+def test_compare_reads_the_fading_feature(tok2000, planted, tmp_path):
+    model, d_f, sets = planted
+    before = tsea.tsea(model, _decoder(d_f, planted_at=3), 0, sets)
+    after = tsea.tsea(model, _decoder(d_f, planted_at=None), 0, sets)
+    texts = tsea.display_texts(tok2000)
+    out = tsea.compare(before, after, texts_before=texts, texts_after=texts, top=3)
+    en = out["sets"]["english_names"]
+    assert en["before"]["top_features"][0]["feature"] == 3
+    assert en["before"]["top_features"][0]["direction"] == "promotes"
+    assert en["before"]["n_significant_promoting"] >= 1
+    assert en["change"]["n_significant_promoting"] == -en["before"]["n_significant_promoting"]
+    top_tokens = en["before"]["top_features"][0]["top_tokens"]
+    assert {t.strip() for t in top_tokens} <= set(tsea.demo_word_lists()["english_names"])
+    json.dumps(out)  # serialisable as is
+    png = tsea.manhattan_plot({"before": before, "after": after}, tmp_path / "m.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- token sets ---------------------------------------------------------------------------------
+
+
+def test_token_sets_from_the_demo_tokenizer(tok2000, demo_data):
+    sets = tsea.demo_token_sets(tok2000)
+    pieces = [tok2000.id_to_piece(i) for i in range(tok2000.vocab_size)]
+    for name, words in tsea.demo_word_lists().items():
+        got = {pieces[i].lstrip("\u2581") for i in sets[name]}
+        assert got == set(words), name  # every demo name is a whole piece at 2000 pieces
+    texts = tsea.token_texts(tok2000)
+    assert all('"' in texts[i] for i in sets["latin_double_quote"])
+    assert {"«", "»"} <= {pieces[i] for i in sets["arabic_quotes"]}
+    assert "،" in {pieces[i] for i in sets["arabic_comma"]}
+    assert not set(sets["arabic_quotes"]) & set(sets["latin_double_quote"])
+    # at 400 pieces no name is a whole piece: a one-line error naming the set
+    with pytest.raises(UserError, match="token set 'english_names' is empty"):
+        tsea.demo_token_sets(Tokenizer.load(demo_data["tok"]))
+    # byte pieces: ASCII ones read as their character, others belong to no set
+    assert texts[pieces.index("<0x41>")] == "A" and texts[pieces.index("<0xD8>")] is None
+    assert texts[:4] == [None] * 4
+
+
+def test_token_sets_from_shared_name_lists(tok2000, shared_data, tmp_path):
+    names = shared_data / "names"
+    en = tsea.load_word_list(names / "english_first_names_arabic_script.tsv", "arabic")
+    ar = tsea.load_word_list(names / "arabic_first_names.txt")
+    assert len(en) == 4396 and len(ar) == 845 and "جيمس" in en
+    sets = tsea.build_token_sets(tok2000, words={"english": en, "arabic": ar})
+    texts = tsea.token_texts(tok2000)
+    got_ar = {texts[i].strip() for i in sets["arabic"]}
+    assert {"يوسف", "مريم", "خالد"} <= got_ar and got_ar <= set(ar)
+    assert {texts[i].strip() for i in sets["english"]} <= set(en)
+    with pytest.raises(UserError, match="no column 'arab'.*english, arabic"):
+        tsea.load_word_list(names / "english_first_names_arabic_script.tsv", "arab")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# nothing\n")
+    with pytest.raises(UserError, match="empty.txt: no words"):
+        tsea.load_word_list(empty)
+
+
+# --- dashboards ---------------------------------------------------------------------------------
+
+
+def _sae(F: int, S: int, seed: int = 0) -> db.SAEWeights:
+    rng = np.random.default_rng(seed)
+    W = rng.normal(size=(F, S)).astype(np.float32)
+    return db.SAEWeights(
+        W_enc=W,
+        b_enc=np.full(S, -0.3, np.float32),
+        W_dec=W.T.copy(),
+        b_dec=rng.normal(0, 0.05, F).astype(np.float32),
+        cfg={"hook_name": "blocks.1.mlp.hook_post"},
+    )
+
+
+def test_dashboard_contexts_are_the_top_activations(demo_data, tmp_path):
+    tok = Tokenizer.load(demo_data["tok"])
+    model = _model(tok.vocab_size, D=32, F=64, layers=2, seed=4)
+    sae = _sae(64, 40)
+    feats = np.array([0, 5, 17, 39])
+    batches = list(db.read_rows(demo_data["translated"], max_rows=48, batch_size=16))
+    k, left, right = 5, 6, 2
+    texts = tsea.display_texts(tok)
+    data = db.dashboards(model, sae, 1, batches, feats, texts, k=k, left=left, right=right)
+    rows = np.concatenate(batches)  # [R, T]
+    h = np.asarray(model(jnp.asarray(rows), capture_mlp=(1,))[1][1])  # [R, T, F]
+    acts = np.maximum((h - sae.b_dec) @ sae.W_enc + sae.b_enc, 0)[..., feats]  # brute force
+    assert data["tokens_seen"] == rows.size
+    for j, f in enumerate(data["features"]):
+        a = acts[..., j]
+        want = np.sort(a[a > 0].ravel())[::-1][:k]
+        got = np.array([c["activation"] for c in f["contexts"]])
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        assert abs(f["density"] - (a > 0).mean()) < 1e-9
+        for c in f["contexts"]:
+            r, t = c["row"], c["position"]
+            assert abs(a[r, t] - c["activation"]) < 1e-4
+            lo = max(0, t - left)
+            assert c["tokens"] == [texts[i] for i in rows[r, lo : t + right + 1]]
+            assert c["max_index"] == t - lo and c["acts"][c["max_index"]] == c["activation"]
+    j, html_path = db.write_dashboards(data, tmp_path)
+    assert json.loads(j.read_text())["features"][2]["feature"] == 17
+    assert 'dir="auto"' in html_path.read_text()
+
+
+def test_dashboard_html_escapes_text():
+    evil = '<script>alert("x")</script>'
+    data = {
+        "layer": 0,
+        "tokens_seen": 3,
+        "k": 1,
+        "features": [
+            {
+                "feature": 0,
+                "density": 0.5,
+                "max_activation": 1.0,
+                "promotes": [{"token": evil, "weight": 1.0}],
+                "suppresses": [],
+                "contexts": [
+                    {
+                        "row": 0,
+                        "position": 1,
+                        "activation": 1.0,
+                        "tokens": ["a", evil, "ليلي"],
+                        "acts": [0.0, 1.0, 0.2],
+                        "max_index": 1,
+                    }
+                ],
+            }
+        ],
+    }
+    page = db.render_html(data, title="<b>t</b>")
+    assert "<script>" not in page and "<b>t</b>" not in page
+    assert page.count("&lt;script&gt;") == 2 and "ليلي" in page
+
+
+def test_sae_dir_roundtrip_and_topk(tmp_path):
+    sae = _sae(16, 12, seed=1)
+    loaded = db.load_sae_dir(db.save_sae_dir(sae, tmp_path / "s"))
+    x = np.random.default_rng(0).normal(size=(7, 16)).astype(np.float32)
+    np.testing.assert_allclose(loaded.encode(x), sae.encode(x), atol=1e-6)
+    np.testing.assert_allclose(loaded.encode(x, [3, 5]), np.asarray(sae.encode(x))[:, [3, 5]])
+    assert db.sae_layer(loaded.cfg) == 1
+    topk = db.load_sae_dir(db.save_sae_dir(dataclass_replace(sae, k=2), tmp_path / "k"))
+    z = np.asarray(topk.encode(x))
+    assert ((z > 0).sum(1) <= 2).all()
+    assert np.array_equal(np.asarray(topk.encode(x, [1, 4])), z[:, [1, 4]])
+
+
+def dataclass_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def _cli(argv: list[str]) -> int:
+    """The `jaxlm-sae` dispatch contract: register(), then func(args); UserError -> exit 2."""
+    from sae.analysis_cli import register
+
+    parser = argparse.ArgumentParser(prog="jaxlm-sae")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"jaxlm-sae {args.command}: error: {e}")
+        return 2
+
+
+def test_cli_pulse_and_bad_input(tok2000, demo_data, shared_data, tmp_path, capsys):
+    from jaxlm.checkpoint import save_model
+
+    model = _model(tok2000.vocab_size, D=32, F=64, layers=2, seed=6)
+    save_model(tmp_path / "m", model, tokenizer=str(tok2000.path.parent))
+    db.save_sae_dir(_sae(64, 24), tmp_path / "sae")
+    common = [
+        "--demo-sets",
+        "--names",
+        f"ssa_ar={shared_data}/names/english_first_names_arabic_script.tsv#arabic",
+    ]
+    assert (
+        _cli(
+            [
+                "tsea",
+                "--model",
+                str(tmp_path / "m"),
+                "--sae",
+                str(tmp_path / "sae"),
+                *common,
+                "--out",
+                str(tmp_path / "t"),
+            ]
+        )
+        == 0
+    )
+    out = json.loads((tmp_path / "t/tsea.json").read_text())
+    assert set(out["sets"]) == {
+        "english_names",
+        "arabic_names",
+        "ssa_ar",
+        "latin_double_quote",
+        "arabic_quotes",
+        "arabic_comma",
+        "punctuation",
+    }
+    assert out["layer"] == 1 and (tmp_path / "t/tsea.png").stat().st_size > 0
+    m, s = str(tmp_path / "m"), str(tmp_path / "sae")
+    assert (
+        _cli(
+            [
+                "tsea-compare",
+                "--before",
+                m,
+                s,
+                "--after",
+                m,
+                s,
+                *common,
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
+    cmp = json.loads((tmp_path / "c/tsea_compare.json").read_text())
+    assert cmp["sets"]["english_names"]["change"]["n_significant"] == 0  # same SAE twice
+    capsys.readouterr()
+    # the dashboard reads the demo DATADIR, tokenised with the 400-piece tokenizer: a 400 model
+    tok400 = Tokenizer.load(demo_data["tok"])
+    save_model(
+        tmp_path / "m400", _model(tok400.vocab_size, D=32, F=64), tokenizer=str(demo_data["tok"])
+    )
+    assert (
+        _cli(
+            [
+                "dashboard",
+                "--model",
+                str(tmp_path / "m400"),
+                "--sae",
+                s,
+                "--data",
+                str(demo_data["translated"]),
+                "--features",
+                "0-3,7",
+                "--rows",
+                "20",
+                "--out",
+                str(tmp_path / "d"),
+            ]
+        )
+        == 0
+    )
+    dash = json.loads((tmp_path / "d/dashboards.json").read_text())
+    assert [f["feature"] for f in dash["features"]] == [0, 1, 2, 3, 7]
+    capsys.readouterr()
+    bad = [
+        (
+            ["tsea", "--model", m, "--sae", s, "--names", f"x={tmp_path}/nope.txt", "--out", "o"],
+            "nope.txt: cannot read",
+        ),
+        (
+            ["tsea", "--model", m, "--sae", str(tmp_path), "--demo-sets", "--out", "o"],
+            "cfg.json: cannot read",
+        ),
+        (["tsea", "--model", m, "--sae", s, "--out", "o"], "no token sets"),
+        (
+            [
+                "dashboard",
+                "--model",
+                m,
+                "--sae",
+                s,
+                "--data",
+                str(demo_data["translated"]),
+                "--features",
+                "0-99",
+                "--out",
+                "o",
+            ],
+            "--features '0-99': the SAE has features 0..23",
+        ),
+    ]
+    for argv, msg in bad:
+        assert _cli(argv) == 2
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert len(lines) == 1 and msg in lines[0], lines
