@@ -7,9 +7,10 @@ Written as JSON and as one static HTML page (all text escaped; `dir="auto"` lets
 out Arabic right to left). Sized for the demo: a few hundred features over a few thousand rows on
 a CPU.
 
-The SAE is anything with `encode(x_bf) -> [B, S]` and `W_dec [S, F]`, or the SAELens layout on
-disk (`cfg.json` + `sae_weights.safetensors` with W_enc [F, S], W_dec [S, F], b_enc [S], b_dec [F],
-optionally `threshold` [S] for JumpReLU), read by `load_sae_dir`.
+The SAE is anything with `encode(x_bf) -> [B, S]` and a decoder `W_dec` / `W_dec_sf` [S, F] (a
+`sae.base.SAE` qualifies), or the SAELens layout on disk (`cfg.json` + `sae_weights.safetensors`
+with W_enc [F, S], W_dec [S, F], b_enc [S], b_dec [F], `threshold` [S] for JumpReLU; what
+`sae.io.save_sae` writes), read by `load_sae_dir`.
 """
 
 from __future__ import annotations
@@ -72,19 +73,26 @@ def _encode(x_bf, W_enc_fs, b_enc_s, b_dec_f, threshold_s, k):
 
 
 def sae_layer(cfg: dict, where: str = "cfg.json") -> int:
-    """The model layer an SAE reads: `hook_layer`, or N in a `hook_name` like `blocks.N.mlp...`."""
-    if isinstance(cfg.get("hook_layer"), int):
-        return cfg["hook_layer"]
-    m = re.search(r"(?:blocks|h|layers)\.(\d+)\.", str(cfg.get("hook_name", "")))
+    """The model layer an SAE reads: `jaxlm.layer`, `hook_layer`, or N in a hook name like
+    `blocks.N.mlp.hook_post` (top level as in SAELens 4.x, or under `metadata` as in 6.x)."""
+    for layer in ((cfg.get("jaxlm") or {}).get("layer"), cfg.get("hook_layer")):
+        if isinstance(layer, int):
+            return layer
+    hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name") or ""
+    m = re.search(r"(?:blocks|h|layers)\.(\d+)\.", str(hook))
     if m is None:
         raise UserError(
-            f"{where}: no hook_layer, and hook_name does not name a layer; pass --layer"
+            f"{where}: names no layer (jaxlm.layer, hook_layer, hook_name); pass --layer"
         )
     return int(m.group(1))
 
 
 def load_sae_dir(path: str | Path) -> SAEWeights:
-    """cfg.json + sae_weights.safetensors (SAELens layout) -> SAEWeights."""
+    """cfg.json + sae_weights.safetensors (SAELens 4.x or 6.x layout) -> SAEWeights.
+
+    Architectures: standard (ReLU), jumprelu (a `threshold` tensor), topk (`k` at the top level
+    as 6.x writes it, or `activation_fn_kwargs.k` with `activation_fn_str: topk` as 4.x does).
+    """
     d = Path(path)
     cfg_path, w_path = d / "cfg.json", d / "sae_weights.safetensors"
     try:
@@ -107,23 +115,44 @@ def load_sae_dir(path: str | Path) -> SAEWeights:
     norm = cfg.get("normalize_activations") or "none"
     if norm != "none":
         raise UserError(f"{cfg_path}: normalize_activations={norm!r} is not supported here")
-    act = cfg.get("activation_fn_str", "relu")
-    k = (cfg.get("activation_fn_kwargs") or {}).get("k") if act == "topk" else None
-    if act == "topk" and not isinstance(k, int):
-        raise UserError(f"{cfg_path}: activation_fn_str is topk but activation_fn_kwargs.k is not")
-    if act not in ("relu", "topk"):
-        raise UserError(f"{cfg_path}: activation_fn_str={act!r}; supported: relu, topk")
+    arch, k = _architecture(cfg, cfg_path)
+    if arch == "jumprelu" and "threshold" not in t:
+        raise UserError(f"{w_path}: a jumprelu SAE needs a 'threshold' tensor")
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
     return SAEWeights(
         W_enc=f32(t["W_enc"]),
         b_enc=f32(t["b_enc"]),
         W_dec=f32(t["W_dec"]),
         b_dec=f32(t["b_dec"]),
-        threshold=f32(t["threshold"]) if "threshold" in t else None,
+        threshold=f32(t["threshold"]) if arch == "jumprelu" else None,
         k=k,
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
         cfg=cfg,
     )
+
+
+def _architecture(cfg: dict, where: Path) -> tuple[str, int | None]:
+    arch = cfg.get("architecture", "standard")
+    if cfg.get("activation_fn_str") == "topk":  # SAELens 4.x
+        arch = "topk"
+    if arch not in ("standard", "jumprelu", "topk"):
+        raise UserError(f"{where}: architecture {arch!r}; supported: standard, jumprelu, topk")
+    if arch != "topk":
+        return arch, None
+    k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+    if not isinstance(k, int) or k < 1:
+        raise UserError(f"{where}: a topk SAE needs an integer k (got {k!r})")
+    return arch, k
+
+
+def decoder_weights(sae) -> np.ndarray:
+    """W_dec [S, F] of an SAEWeights, a `sae.base.SAE` (W_dec_sf) or any object with W_dec."""
+    w = getattr(sae, "W_dec", None)
+    if w is None:
+        w = getattr(sae, "W_dec_sf", None)
+    if w is None:
+        raise TypeError(f"{type(sae).__name__} has neither W_dec nor W_dec_sf")
+    return np.asarray(w[...] if hasattr(w, "get_value") else w, np.float32)
 
 
 def save_sae_dir(sae: SAEWeights, path: str | Path) -> Path:
@@ -138,7 +167,9 @@ def save_sae_dir(sae: SAEWeights, path: str | Path) -> Path:
     cfg = {"d_in": sae.W_enc.shape[0], "d_sae": sae.W_enc.shape[1], **sae.cfg}
     cfg.setdefault("apply_b_dec_to_input", sae.apply_b_dec_to_input)
     if sae.k is not None:
-        cfg.update(activation_fn_str="topk", activation_fn_kwargs={"k": sae.k})
+        cfg.update(architecture="topk", k=sae.k)
+    elif sae.threshold is not None:
+        cfg.update(architecture="jumprelu")
     (d / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
     save_file(
         {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
@@ -335,7 +366,7 @@ def dashboards(
     store = collect_contexts(
         model, sae, layer, batches, features, k=k, left=left, right=right, progress=progress
     )
-    proj = feature_vocab_projection(model, np.asarray(sae.W_dec)[features], layer)
+    proj = feature_vocab_projection(model, decoder_weights(sae)[features], layer)
     n = min(n_logit_tokens, proj.shape[1])
     out = []
     for j, f in enumerate(features):

@@ -4,6 +4,7 @@ against the model's own forward, a planted English-name feature, token sets, das
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -355,23 +356,54 @@ def test_dashboard_html_escapes_text():
     assert page.count("&lt;script&gt;") == 2 and "ليلي" in page
 
 
-def test_sae_dir_roundtrip_and_topk(tmp_path):
+def test_sae_dir_layouts_and_encoders(tmp_path):
     sae = _sae(16, 12, seed=1)
     loaded = db.load_sae_dir(db.save_sae_dir(sae, tmp_path / "s"))
     x = np.random.default_rng(0).normal(size=(7, 16)).astype(np.float32)
     np.testing.assert_allclose(loaded.encode(x), sae.encode(x), atol=1e-6)
     np.testing.assert_allclose(loaded.encode(x, [3, 5]), np.asarray(sae.encode(x))[:, [3, 5]])
     assert db.sae_layer(loaded.cfg) == 1
-    topk = db.load_sae_dir(db.save_sae_dir(dataclass_replace(sae, k=2), tmp_path / "k"))
+    topk = db.load_sae_dir(db.save_sae_dir(dataclasses.replace(sae, k=2), tmp_path / "k"))
     z = np.asarray(topk.encode(x))
-    assert ((z > 0).sum(1) <= 2).all()
+    assert ((z > 0).sum(1) <= 2).all() and (z > 0).sum() > 7
     assert np.array_equal(np.asarray(topk.encode(x, [1, 4])), z[:, [1, 4]])
+    thr = np.linspace(0, 2, 12).astype(np.float32)
+    jump = db.load_sae_dir(db.save_sae_dir(dataclasses.replace(sae, threshold=thr), tmp_path / "j"))
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    np.testing.assert_allclose(jump.encode(x), np.where(pre > thr, pre, 0), atol=1e-6)
+    # SAELens 6.x: the hook under metadata, k at the top level; 4.x: activation_fn_kwargs
+    assert db.sae_layer({"metadata": {"hook_name": "blocks.3.mlp.hook_post"}}) == 3
+    assert db.sae_layer({"jaxlm": {"layer": 2}, "hook_name": "blocks.3.mlp.hook_post"}) == 2
+    cfg4 = {"activation_fn_str": "topk", "activation_fn_kwargs": {"k": 3}}
+    assert db._architecture(cfg4, tmp_path) == ("topk", 3)
+    with pytest.raises(UserError, match="names no layer"):
+        db.sae_layer({"hook_name": "embed"})
+    (tmp_path / "k/cfg.json").write_text(json.dumps({"architecture": "topk"}))
+    with pytest.raises(UserError, match="needs an integer k"):
+        db.load_sae_dir(tmp_path / "k")
 
 
-def dataclass_replace(obj, **kw):
-    import dataclasses
+def test_dashboards_take_a_sae_base_module(demo_data):
+    """The other half's SAE class (encode + W_dec_sf) gives the same dashboards as its tensors."""
+    from sae.base import SAEConfig
+    from sae.registry import create
 
-    return dataclasses.replace(obj, **kw)
+    tok = Tokenizer.load(demo_data["tok"])
+    model = _model(tok.vocab_size, D=32, F=64, layers=2, seed=4)
+    weights = _sae(64, 40)
+    module = create(SAEConfig(architecture="standard", d_in=64, d_sae=40))
+    module.load_tensors({k: getattr(weights, k) for k in ("W_enc", "b_enc", "W_dec", "b_dec")})
+    batches = list(db.read_rows(demo_data["native"], max_rows=16, batch_size=8))
+    texts = tsea.display_texts(tok)
+    a, b = (db.dashboards(model, s, 1, batches, [2, 9], texts, k=3) for s in (weights, module))
+    for fa, fb in zip(a["features"], b["features"], strict=True):
+        assert fa["density"] == fb["density"] and fa["promotes"] == fb["promotes"]
+        assert [(c["row"], c["position"]) for c in fa["contexts"]] == [
+            (c["row"], c["position"]) for c in fb["contexts"]
+        ]
+        got, want = ([c["activation"] for c in f["contexts"]] for f in (fb, fa))
+        np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert a["features"][0]["contexts"]
 
 
 # --- CLI ----------------------------------------------------------------------------------------
