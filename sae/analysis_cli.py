@@ -65,6 +65,9 @@ def _set_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=0.05)
     p.add_argument("--correction", choices=("bh", "bonferroni"), default="bh")
     p.add_argument("--top", type=int, default=10, help="features listed per set")
+    p.add_argument("--null-directions", type=int, default=256,
+                   help="random directions for the null baseline (0: none)")  # fmt: skip
+    p.add_argument("--null-quantile", type=float, default=0.99)
     p.add_argument("--out", required=True)
 
 
@@ -123,75 +126,57 @@ def _write_json(path: Path, data: dict) -> None:
 # --- commands -----------------------------------------------------------------------------------
 
 
+def _analyse(args, model_dir: str, sae_dir: str):
+    from sae import tsea
+
+    model, sae, layer, tok, tokdir = _load(model_dir, sae_dir, args.tokenizer, args.layer)
+    sets = _token_sets(args, tok, tokdir)
+    res = tsea.tsea(model, sae.W_dec, layer, sets, cosine_sim=args.cosine_sim,
+                    correction=args.correction, n_null=args.null_directions,
+                    null_quantile=args.null_quantile, progress=True)  # fmt: skip
+    res.meta.update(model=str(model_dir), sae=str(sae_dir))
+    return res, tsea.display_texts(tok)
+
+
+def _counts(summary_sets: dict, key: str) -> dict:
+    return {n: s.get(key) for n, s in summary_sets.items()}
+
+
 def cmd_tsea(args) -> int:
     from sae import tsea
 
-    model, sae, layer, tok, tokdir = _load(args.model, args.sae, args.tokenizer, args.layer)
-    sets = _token_sets(args, tok, tokdir)
-    res = tsea.tsea(
-        model,
-        sae.W_dec,
-        layer,
-        sets,
-        cosine_sim=args.cosine_sim,
-        correction=args.correction,
-        progress=True,
-    )
-    res.meta.update(model=str(args.model), sae=str(args.sae))
+    res, texts = _analyse(args, args.model, args.sae)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(
-        out / "tsea.json",
-        res.summary(alpha=args.alpha, top=args.top, texts=tsea.display_texts(tok)),
-    )
+    summary = res.summary(alpha=args.alpha, top=args.top, texts=texts)
+    _write_json(out / "tsea.json", summary)
     res.save_npz(out / "tsea.npz")
     tsea.manhattan_plot({"": res}, out / "tsea.png", alpha=args.alpha)
-    counts = {
-        n: int(((res.p_adjusted[i] < args.alpha) & (res.signs[i] > 0)).sum())
-        for i, n in enumerate(res.set_names)
-    }
-    print(
-        json.dumps(
-            {"out": str(out), "features": res.n_features, "promoting": counts}, ensure_ascii=False
-        )
-    )
+    key = "n_promoting_above_null" if args.null_directions else "n_significant_promoting"
+    line = {"out": str(out), "features": res.n_features, key: _counts(summary["sets"], key)}
+    print(json.dumps(line, ensure_ascii=False))
     return 0
 
 
 def cmd_compare(args) -> int:
     from sae import tsea
 
-    results, texts = {}, {}
-    for label, (model_dir, sae_dir) in (("before", args.before), ("after", args.after)):
-        model, sae, layer, tok, tokdir = _load(model_dir, sae_dir, args.tokenizer, args.layer)
-        sets = _token_sets(args, tok, tokdir)
-        res = tsea.tsea(
-            model,
-            sae.W_dec,
-            layer,
-            sets,
-            cosine_sim=args.cosine_sim,
-            correction=args.correction,
-            progress=True,
-        )
-        res.meta.update(model=str(model_dir), sae=str(sae_dir))
-        results[label], texts[label] = res, tsea.display_texts(tok)
+    (before, texts_b), (after, texts_a) = (
+        _analyse(args, *args.before),
+        _analyse(args, *args.after),
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cmp = tsea.compare(
-        results["before"],
-        results["after"],
-        alpha=args.alpha,
-        top=args.top,
-        texts_before=texts["before"],
-        texts_after=texts["after"],
-    )
+    cmp = tsea.compare(before, after, alpha=args.alpha, top=args.top, texts_before=texts_b,
+                       texts_after=texts_a)  # fmt: skip
     _write_json(out / "tsea_compare.json", cmp)
-    for label, res in results.items():
-        res.save_npz(out / f"tsea_{label}.npz")
-    tsea.manhattan_plot(results, out / "tsea_compare.png", alpha=args.alpha)
-    change = {n: s["change"]["n_significant_promoting"] for n, s in cmp["sets"].items()}
-    print(json.dumps({"out": str(out), "change_in_promoting_features": change}, ensure_ascii=False))
+    before.save_npz(out / "tsea_before.npz")
+    after.save_npz(out / "tsea_after.npz")
+    tsea.manhattan_plot({"before": before, "after": after}, out / "tsea_compare.png",
+                        alpha=args.alpha)  # fmt: skip
+    key = "n_promoting_above_null" if args.null_directions else "n_significant_promoting"
+    change = {n: s["change"].get(key) for n, s in cmp["sets"].items()}
+    print(json.dumps({"out": str(out), f"change_in_{key}": change}, ensure_ascii=False))
     return 0
 
 

@@ -123,6 +123,25 @@ def test_projection_stats_and_corrections():
     assert np.array_equal(tsea.adjust_pvalues(p, "bonferroni"), np.minimum(p * 50, 1))
 
 
+def test_null_baseline_discounts_sets_that_cluster_in_embedding_space():
+    """Names that share an embedding direction are ranked together by almost any direction: the
+    KS p-value calls most random features enriched, the random-direction null does not."""
+    V, D = 300, 32
+    model = _model(V, D=D, F=64, layers=1, seed=8)
+    rng = np.random.default_rng(8)
+    names = rng.choice(np.arange(4, V), 20, replace=False)
+    wte = np.asarray(model.wte_vd[...]).copy()
+    u_d = rng.normal(size=D)
+    wte[names] += 0.1 * u_d / np.linalg.norm(u_d)
+    _set(model.wte_vd, wte)
+    W_dec = rng.normal(size=(200, 64)).astype(np.float32)  # a random "SAE"
+    res = tsea.tsea(model, W_dec, 0, {"names": names}, n_null=512)
+    summary = res.set_summary("names")
+    assert summary["n_significant"] > 60  # p-values: about 45% of random features "enriched"
+    above = summary["n_promoting_above_null"] + summary["n_suppressing_above_null"]
+    assert above <= 10  # the null: about 1% of them, as for any random direction
+
+
 # --- projection ---------------------------------------------------------------------------------
 
 
@@ -213,6 +232,7 @@ def test_planted_english_name_feature_ranks_first_and_random_sets_stay_quiet(tok
     i, r = res.set_names.index("english_names"), res.set_names.index("random")
     assert int(np.argmax(res.scores[i])) == 17 and res.signs[i, 17] == 1
     assert res.p_adjusted[i, 17] < 1e-30 and res.scores[i, 17] > 0.9
+    assert res.beats_null()[i, 17] and res.null_scores.shape == (len(sets), 256)
     assert set(res.top_ids[17]) <= set(names.tolist())  # its ten best tokens are all names
     assert not (res.p_adjusted[r] < 0.05).any(), res.p_adjusted[r].min()
     # the chunked analysis equals the whole projection analysed at once
@@ -232,7 +252,8 @@ def test_compare_reads_the_fading_feature(tok2000, planted, tmp_path):
     assert en["before"]["top_features"][0]["feature"] == 3
     assert en["before"]["top_features"][0]["direction"] == "promotes"
     assert en["before"]["n_significant_promoting"] >= 1
-    assert en["change"]["n_significant_promoting"] == -en["before"]["n_significant_promoting"]
+    assert en["change"]["n_promoting_above_null"] == -1  # the other 63 rows are the same
+    assert en["before"]["top_features"][0]["above_null"]
     top_tokens = en["before"]["top_features"][0]["top_tokens"]
     assert {t.strip() for t in top_tokens} <= set(tsea.demo_word_lists()["english_names"])
     json.dumps(out)  # serialisable as is
