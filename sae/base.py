@@ -213,6 +213,7 @@ class SAE(nnx.Module):
         self.W_enc_fs[...] = self.W_enc_fs[...] * scale
         self.W_dec_sf[...] = self.W_dec_sf[...] / scale
         self.b_dec_f[...] = self.b_dec_f[...] / scale
+        self.cfg = dataclasses.replace(self.cfg, normalize_activations="none")
 
     def inference_tensors(self) -> tuple[str, dict[str, Array]]:
         """(SAELens architecture, {SAELens tensor name: value}) as SAELens saves for inference."""
