@@ -153,8 +153,12 @@ def _rectangle(x: Array) -> Array:
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def jumprelu(x_ns: Array, threshold_s: Array, bandwidth: float, ste_to_input: bool) -> Array:
-    """x * (x > threshold), with SAELens's JumpReLU.backward pseudo-gradient for the threshold."""
-    return x_ns * (x_ns > threshold_s).astype(x_ns.dtype)
+    """relu(x) * (x > threshold), with SAELens's JumpReLU.backward pseudo-gradient.
+
+    The relu is SAELens's inference JumpReLUSAE; its training class drops it, which is the same
+    for the thresholds >= 0 that `JumpReLUSAE.project` keeps during training.
+    """
+    return jax.nn.relu(x_ns) * (x_ns > threshold_s).astype(x_ns.dtype)
 
 
 def _jumprelu_fwd(x_ns, threshold_s, bandwidth, ste_to_input):
