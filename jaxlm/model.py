@@ -168,8 +168,18 @@ class Attention(nnx.Module):
         if valid_bs is not None:
             allowed = allowed & valid_bs[:, None, None, :]
         scores_bnts = jnp.where(allowed, scores_bnts, jnp.finfo(jnp.float32).min)
-        probs_bnts = jax.nn.softmax(scores_bnts, axis=-1).astype(v_bsnh.dtype)
-        return jnp.einsum("bnts,bsnh->btnh", probs_bnts, v_bsnh)
+        # Softmax with the division moved after the value product, as flash attention does: it
+        # then divides [B, T, N, H] instead of [B, N, T, S] (H is 16 in most presets).
+        max_bnt1 = jax.lax.stop_gradient(jnp.max(scores_bnts, axis=-1, keepdims=True))
+        p_bnts = jnp.exp(scores_bnts - max_bnt1)
+        sum_btn = jnp.einsum("bnts->btn", p_bnts)
+        out_btnh = jnp.einsum(
+            "bnts,bsnh->btnh",
+            p_bnts.astype(v_bsnh.dtype),
+            v_bsnh,
+            preferred_element_type=jnp.float32,
+        )
+        return (out_btnh / sum_btn[..., None]).astype(v_bsnh.dtype)
 
     def _cudnn(self, q_btnh, k_bsnh, v_bsnh) -> Array:
         # Fused flash attention (float32 softmax accumulators) with GPT-Neo's scale of 1.
@@ -246,13 +256,16 @@ class GPTNeo(nnx.Module):
         cache: KVCache | None = None,
         capture_mlp: tuple[int, ...] = (),
         capture_only: bool = False,
+        head: bool = True,
     ) -> tuple[Array, KVCache | None] | Array | tuple[Array, dict[int, Array]] | dict[int, Array]:
         """Logits for `tokens_bt`.
 
         Without a cache: returns logits [B, T, V] (plus {layer: MLP hidden [B, T, F]} when
         `capture_mlp` names layers). `capture_only=True` returns just the captured activations and
         stops after the last captured layer: what an SAE's activation store needs, without paying
-        for the later layers and the [B, T, V] logits. With a cache: writes this step into slots
+        for the later layers and the [B, T, V] logits. `head=False` returns the final hidden state
+        [B, T, D] (after ln_f) instead of logits, for a loss that fuses the output projection.
+        With a cache: writes this step into slots
         [cache.index, cache.index + T) and returns (logits, new cache). `valid_bt` marks real
         tokens (False for left padding); `positions_bt` defaults to the slot numbers.
         """
@@ -293,6 +306,8 @@ class GPTNeo(nnx.Module):
                 new_k.append(k_bsnh)
                 new_v.append(v_bsnh)
         x_btd = self.ln_f(x_btd)
+        if not head and cache is None and not capture_mlp:
+            return x_btd
         logits_btv = jnp.einsum(
             "btd,vd->btv", x_btd, self.wte_vd[...].astype(dt), preferred_element_type=jnp.float32
         )

@@ -32,6 +32,7 @@ from jaxlm import overlay
 from jaxlm.checkpoint import checkpoint_manager, load_model, read_meta, write_meta
 from jaxlm.config import ModelConfig, preset
 from jaxlm.errors import UserError
+from jaxlm.loss import linear_cross_entropy
 from jaxlm.model import GPTNeo, init_model
 from jaxlm.sharding import DEFAULT_RULES, batch_sharding, load_rules, make_mesh, use_mesh
 
@@ -48,6 +49,8 @@ class ModelSection:
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; weights stay float32
     attention_impl: Literal["xla", "cudnn", "auto"] = "auto"  # auto: cuDNN flash on GPUs in bf16
     remat: bool = False  # recompute blocks in the backward pass to save memory
+    loss_impl: Literal["fused", "plain"] = "fused"  # fused: output projection + CE in chunks
+    loss_chunk_rows: int = 0  # (b, t) rows per fused-loss chunk; 0: 1024 on CPU, 8192 elsewhere
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,20 +172,35 @@ def make_optimizer(o: OptimSection, steps: int) -> optax.GradientTransformation:
     return optax.chain(*parts), lr
 
 
-def next_token_loss(model: GPTNeo, tokens_bt1: jax.Array) -> jax.Array:
-    """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1] (float32)."""
-    logits_btv = model(tokens_bt1[:, :-1])
+def next_token_loss(
+    model: GPTNeo, tokens_bt1: jax.Array, impl: str = "fused", rows: int = 0
+) -> jax.Array:
+    """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1] (float32).
+
+    `fused` never materialises the [B, T, V] logits (jaxlm.loss); `plain` is the textbook form."""
     targets_bt = tokens_bt1[:, 1:]
+    if impl == "fused":
+        x_btd = model(tokens_bt1[:, :-1], head=False)
+        rows = rows or (1024 if jax.default_backend() == "cpu" else 8192)
+        return linear_cross_entropy(x_btd, model.wte_vd[...], targets_bt, model.cfg.dtype, rows)
+    logits_btv = model(tokens_bt1[:, :-1])
     logz_bt = jax.nn.logsumexp(logits_btv, axis=-1)
     gold_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
     return jnp.mean(logz_bt - gold_bt)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum: int):
+def make_train_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    grad_accum: int,
+    loss_impl: str = "fused",
+    loss_chunk_rows: int = 0,
+):
     """(params, opt_state, tokens [B, T+1]) -> (params, opt_state, metrics); pure, for jax.jit."""
 
     def loss_fn(params, tokens):
-        return next_token_loss(nnx.merge(graphdef, params), tokens)
+        model = nnx.merge(graphdef, params)
+        return next_token_loss(model, tokens, loss_impl, loss_chunk_rows)
 
     def step(params, opt_state, tokens_bt1):
         if grad_accum == 1:
@@ -464,13 +482,17 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
     step_fn = jax.jit(
-        make_train_step(graphdef, tx, cfg.grad_accum),
+        make_train_step(
+            graphdef, tx, cfg.grad_accum, cfg.model.loss_impl, cfg.model.loss_chunk_rows
+        ),
         in_shardings=(param_sh, opt_sh, tokens_sharding),
         out_shardings=(param_sh, opt_sh, None),
         donate_argnums=(0, 1),
     )
     eval_fn = jax.jit(
-        lambda p, t: next_token_loss(nnx.merge(graphdef, p), t),
+        lambda p, t: next_token_loss(
+            nnx.merge(graphdef, p), t, cfg.model.loss_impl, cfg.model.loss_chunk_rows
+        ),
         in_shardings=(param_sh, tokens_sharding),
     )
 
@@ -614,7 +636,9 @@ def abstract_train_step(
     tok_sh = batch_sharding(mesh, 2, rules)
     tokens = jax.ShapeDtypeStruct((B, seq_len + 1), jnp.int32, sharding=tok_sh)
     step = jax.jit(
-        make_train_step(graphdef, tx, cfg.grad_accum),
+        make_train_step(
+            graphdef, tx, cfg.grad_accum, cfg.model.loss_impl, cfg.model.loss_chunk_rows
+        ),
         in_shardings=(p_sh, opt_sh, tok_sh),
         out_shardings=(p_sh, opt_sh, None),
         donate_argnums=(0, 1),

@@ -1,0 +1,107 @@
+"""The training loss: next-token cross-entropy fused with the tied output projection.
+
+Why fused: at vocabulary 32000 the logits are the largest tensor of a step ([B, T, V] in float32 is
+4.2 GB at 64 x 512), and plain autodiff writes them, reads them for the log-sum-exp, scatters the
+one-hot gradient into a second [B, T, V] buffer and transposes it for the weight gradient. Here the
+sequence is cut into chunks; for each chunk the forward pass computes the logits, the loss, and at
+once the gradient `softmax - onehot` and its two products (d hidden, d embedding), so no [B, T, V]
+tensor ever exists (the Liger-kernel / "cut cross-entropy" idea). The backward pass only scales
+the stored gradients by the incoming cotangent. Same mathematics as the plain loss; sums run in a
+different order, so results agree to float rounding (tests/test_loss.py).
+
+Mixed precision follows torch autocast, which is what the PyTorch peers compute: in bfloat16 the
+hidden states and weights enter the matmuls in bf16, the logits and softmax are float32, and the
+logit gradient is cast to bf16 for the two backward matmuls (accumulated in float32).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def _chunk_len(B: int, T: int, rows: int) -> int:
+    """The largest divisor of T with B x chunk <= rows (at least 1): chunks cut T, not B, so a
+    batch sharded over devices stays sharded."""
+    best = 1
+    for c in range(1, T + 1):
+        if T % c == 0 and B * c <= max(rows, B):
+            best = c
+    return best
+
+
+def _chunks(x_btd: Array, targets_bt: Array, c: int) -> tuple[Array, Array]:
+    B, T, D = x_btd.shape
+    x_kbcd = x_btd.reshape(B, T // c, c, D).swapaxes(0, 1)  # [K, B, C, D]
+    t_kbc = targets_bt.reshape(B, T // c, c).swapaxes(0, 1)  # [K, B, C]
+    return x_kbcd, t_kbc
+
+
+def _logits(x_bcd: Array, w_vd: Array, dtype) -> Array:
+    return jnp.einsum(
+        "bcd,vd->bcv", x_bcd.astype(dtype), w_vd.astype(dtype), preferred_element_type=jnp.float32
+    )
+
+
+def _nll_sum(logits_bcv: Array, t_bc: Array) -> tuple[Array, Array]:
+    logz_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
+    gold_bc = jnp.take_along_axis(logits_bcv, t_bc[..., None], axis=-1)[..., 0]
+    return jnp.sum(logz_bc - gold_bc), logz_bc
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def linear_cross_entropy(
+    x_btd: Array, w_vd: Array, targets_bt: Array, dtype: str = "float32", rows: int = 2048
+) -> Array:
+    """Mean over B x T of -log softmax(x @ w.T)[target], never holding all [B, T, V] logits.
+
+    x_btd: final hidden states [B, T, D]; w_vd: the (tied) output embedding [V, D], float32 master
+    weights; dtype: the matmul input dtype; rows: about how many (b, t) rows one chunk holds.
+    """
+    c = _chunk_len(*targets_bt.shape, rows)
+    x_kbcd, t_kbc = _chunks(x_btd, targets_bt, c)
+
+    def body(total, inp):
+        x_bcd, t_bc = inp
+        return total + _nll_sum(_logits(x_bcd, w_vd, dtype), t_bc)[0], None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (x_kbcd, t_kbc))
+    return total / targets_bt.size
+
+
+def _lce_fwd(x_btd, w_vd, targets_bt, dtype, rows):
+    B, T, D = x_btd.shape
+    c = _chunk_len(B, T, rows)
+    x_kbcd, t_kbc = _chunks(x_btd, targets_bt, c)
+    scale = 1.0 / targets_bt.size
+    w_c = w_vd.astype(dtype)
+    vocab_v = jnp.arange(w_vd.shape[0], dtype=targets_bt.dtype)
+
+    def body(dw_vd, inp):
+        x_bcd, t_bc = inp
+        x_bcd = x_bcd.astype(dtype)
+        logits_bcv = _logits(x_bcd, w_c, dtype)
+        nll, logz_bc = _nll_sum(logits_bcv, t_bc)
+        # d loss / d logits = (softmax - onehot) / (B T), made in one elementwise pass
+        onehot_bcv = vocab_v == t_bc[..., None]
+        g_bcv = ((jnp.exp(logits_bcv - logz_bc[..., None]) - onehot_bcv) * scale).astype(dtype)
+        dx_bcd = jnp.einsum("bcv,vd->bcd", g_bcv, w_c, preferred_element_type=jnp.float32)
+        dw_vd = dw_vd + jnp.einsum("bcv,bcd->vd", g_bcv, x_bcd, preferred_element_type=jnp.float32)
+        return dw_vd, (nll, dx_bcd)
+
+    dw0_vd = jnp.zeros(w_vd.shape, jnp.float32)
+    dw_vd, (nll_k, dx_kbcd) = jax.lax.scan(body, dw0_vd, (x_kbcd, t_kbc))
+    dx_btd = dx_kbcd.swapaxes(0, 1).reshape(B, T, D).astype(x_btd.dtype)
+    return jnp.sum(nll_k) * scale, (dx_btd, dw_vd.astype(w_vd.dtype))
+
+
+def _lce_bwd(dtype, rows, res, g):
+    dx_btd, dw_vd = res
+    return (dx_btd * g).astype(dx_btd.dtype), (dw_vd * g).astype(dw_vd.dtype), None
+
+
+linear_cross_entropy.defvjp(_lce_fwd, _lce_bwd)
