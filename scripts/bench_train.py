@@ -61,7 +61,9 @@ def _batches(vocab: int, batch: int, seq_len: int, n: int = 4) -> np.ndarray:
     return np.random.RandomState(0).randint(0, vocab, (n, batch, seq_len + 1)).astype(np.int32)
 
 
-def jaxlm_runner(cfg, batches: np.ndarray, steps: int) -> Callable[[int], None]:
+def jaxlm_runner(
+    cfg, batches: np.ndarray, steps: int, loss_impl: str = "fused"
+) -> Callable[[int], None]:
     """A function running k jitted train steps (params and optimizer state donated)."""
     from flax import nnx
 
@@ -69,7 +71,7 @@ def jaxlm_runner(cfg, batches: np.ndarray, steps: int) -> Callable[[int], None]:
 
     graphdef, params = nnx.split(init_model(cfg, 0), nnx.Param)
     tx, _ = make_optimizer(OptimSection(), steps)
-    step = jax.jit(make_train_step(graphdef, tx, 1), donate_argnums=(0, 1))
+    step = jax.jit(make_train_step(graphdef, tx, 1, loss_impl), donate_argnums=(0, 1))
     tokens = [jax.device_put(jnp.asarray(b)) for b in batches]
     state = {"params": params, "opt": tx.init(params), "i": 0}
 
@@ -142,17 +144,20 @@ def bench_preset(name: str, impls: list[str], args, accel: bool, device: str) ->
     for impl in impls:  # build and warm up (compile) each
         t0 = time.perf_counter()
         cancel = _alarm(args.compile_timeout if impl == "torch-compile" else 0)
-        extra = {"attention_impl": cfg.attention_impl} if impl == "jaxlm" else {}
+        extra = {}
+        if impl == "jaxlm":
+            extra = {"attention_impl": cfg.attention_impl, "loss_impl": args.loss_impl}
         try:
             if impl == "jaxlm":
                 try:
-                    run = jaxlm_runner(cfg, batches, args.steps)
+                    run = jaxlm_runner(cfg, batches, args.steps, args.loss_impl)
                     run(1)
                 except Exception as e:  # no cuDNN flash here: say so, fall back to XLA's
                     if cfg.attention_impl == "xla":
                         raise
-                    extra = {"attention_impl": "xla", "cudnn_error": str(e)[:300]}
-                    run = jaxlm_runner(cfg.replace(attention_impl="xla"), batches, args.steps)
+                    extra.update(attention_impl="xla", cudnn_error=str(e)[:300])
+                    cfg_xla = cfg.replace(attention_impl="xla")
+                    run = jaxlm_runner(cfg_xla, batches, args.steps, args.loss_impl)
                     run(1)
             else:
                 run = torch_runner(cfg, batches, impl == "torch-compile", accel)
@@ -191,30 +196,8 @@ def bench_preset(name: str, impls: list[str], args, accel: bool, device: str) ->
     return [results[i] for i in impls]
 
 
-@jax.custom_vjp
-def _fused_ce(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
-    return _fused_ce_fwd(logits_btv, targets_bt)[0]
-
-
-def _fused_ce_fwd(logits_btv, targets_bt):
-    logz_bt = jax.nn.logsumexp(logits_btv, axis=-1)
-    gold_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
-    return jnp.mean(logz_bt - gold_bt), (logits_btv, logz_bt, targets_bt)
-
-
-def _fused_ce_bwd(res, g):
-    # softmax - one_hot in one elementwise pass, instead of a scatter plus an add
-    logits_btv, logz_bt, targets_bt = res
-    onehot_btv = jnp.arange(logits_btv.shape[-1]) == targets_bt[..., None]
-    d_btv = (jnp.exp(logits_btv - logz_bt[..., None]) - onehot_btv) * (g / targets_bt.size)
-    return d_btv, None
-
-
-_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
-
-
 def breakdown(name: str, args, accel: bool, device: str) -> list[dict]:
-    """Where jaxlm's step goes: forward, forward + backward, a fused cross-entropy backward,
+    """Where jaxlm's step goes: forward, forward + backward, with the plain and the fused loss,
     the XLA attention path instead of cuDNN. A probe for the next optimisation, not a benchmark."""
     from flax import nnx
 
@@ -230,15 +213,15 @@ def breakdown(name: str, args, accel: bool, device: str) -> list[dict]:
         graphdef, params = nnx.split(init_model(cfg, 0), nnx.Param)
 
         def loss(p, t, graphdef=graphdef):
-            return next_token_loss(nnx.merge(graphdef, p), t)
+            return next_token_loss(nnx.merge(graphdef, p), t, "plain")
 
         def loss_fused(p, t, graphdef=graphdef):
-            return _fused_ce(nnx.merge(graphdef, p)(t[:, :-1]), t[:, 1:])
+            return next_token_loss(nnx.merge(graphdef, p), t, "fused")
 
         parts = {
             "forward": jax.jit(loss),
             "fwd+bwd": jax.jit(jax.value_and_grad(loss)),
-            "fwd+bwd fused-ce": jax.jit(jax.value_and_grad(loss_fused)),
+            "fwd+bwd fused loss": jax.jit(jax.value_and_grad(loss_fused)),
         }
         for part, f in parts.items():
             try:
@@ -272,6 +255,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
     p.add_argument("--compile-timeout", type=float, default=600, help="torch.compile budget (s)")
     p.add_argument("--breakdown", action="store_true", help="time jaxlm's parts instead")
+    p.add_argument("--loss-impl", choices=("fused", "plain"), default="fused", help="jaxlm's loss")
     args = p.parse_args(argv)
     impls = [i for i in args.impls.split(",") if i]
     if bad := set(impls) - set(IMPLS):
