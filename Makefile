@@ -19,6 +19,9 @@ $(BASE): pyproject.toml
 # Tests also need the dev tools, the LLM SDK and libtpu (ahead-of-time TPU compiles in CI).
 $(DEV): $(BASE)
 	$(PIP) -e ".[hf,dev,judge,tpu]"
+	# SAELens as the SAE parity reference: its SAE classes import only these (no wandb, datasets).
+	$(PIP) --no-deps "sae-lens==6.54.12" "transformer-lens==3.9.0" "einops==0.8.2" \
+		"jaxtyping==0.3.11" "wadler-lindig==0.1.8" "better-abc==0.0.3"
 	touch $(DEV)
 
 install: $(DEV)
@@ -30,12 +33,12 @@ test: $(DEV)
 	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n 2 -q tests
 
 lint: $(DEV)
-	$(BIN)/ruff check jaxlm scripts tests tpu
-	$(BIN)/ruff format --check jaxlm scripts tests tpu
+	$(BIN)/ruff check jaxlm sae scripts tests tpu
+	$(BIN)/ruff format --check jaxlm sae scripts tests tpu
 
 format: $(DEV)
-	$(BIN)/ruff format jaxlm scripts tests tpu
-	$(BIN)/ruff check --fix jaxlm scripts tests tpu
+	$(BIN)/ruff format jaxlm sae scripts tests tpu
+	$(BIN)/ruff check --fix jaxlm sae scripts tests tpu
 
 check: lint test
 

@@ -144,7 +144,8 @@ class ActivationStore:
             acts = []
             for _ in range(self.n_batches_in_buffer):
                 tokens = self._tokens()
-                if self._tok_sharding is not None:
+                dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"] if self.mesh else 1
+                if self._tok_sharding is not None and tokens.shape[0] % dp == 0:
                     tokens = jax.device_put(tokens, self._tok_sharding)
                 acts.append(self._capture(tokens))
             buffer_mf = jnp.concatenate(acts)  # [M, F]

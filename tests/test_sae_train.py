@@ -1,0 +1,172 @@
+"""The activation store (equal to the model's MLP capture, seeded, resumable) and the SAE trainer:
+a CLI pulse, one-line errors, loss and L0 that respond, interrupted == uninterrupted bitwise, and
+8 devices == 1 device."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from jaxlm.checkpoint import load_model
+from jaxlm.cli import main as jaxlm_main
+from jaxlm.data.pipeline import make_loader
+from jaxlm.metrics_log import read_metrics
+from sae import activations as act_mod
+from sae.activations import ActivationStore
+from sae.cli import main
+from sae.train import load_config, train
+
+LAYER = 3
+FAST = ["--set", "log.progress=false", "--set", "log.plot=false"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(demo_data, tmp_path_factory):
+    d = tmp_path_factory.mktemp("sae_model") / "m"
+    assert jaxlm_main(["init", "--preset", "ts-1m", "--vocab-size", "400", "--out", str(d)]) == 0
+    return d
+
+
+def _store(model_dir, data, **kw):
+    model, _ = load_model(model_dir)
+    args = dict(context_size=16, store_batch_size_prompts=8, n_batches_in_buffer=3,
+                train_batch_size_tokens=64, seed=7)  # fmt: skip
+    return ActivationStore(model, LAYER, [(str(data), 1.0)], **{**args, **kw}), model
+
+
+def test_store_serves_the_models_mlp_activations(model_dir, demo_data):
+    store, model = _store(model_dir, demo_data["translated"], train_batch_size_tokens=384)
+    batch = np.asarray(next(store))  # one fill = 3 forwards x 8 contexts x 16 tokens = 384 rows
+    loader = make_loader([(str(demo_data["translated"]), 1.0)], split="train", batch_size=4,
+                         seed=7, slice_global_batch=True)  # fmt: skip
+    want = []
+    for _ in range(3):
+        rows = next(loader)["tokens"][:, :32].reshape(-1, 16)  # 2 contexts per row of 32
+        _, cap = model(rows, capture_mlp=(LAYER,))
+        want.append(np.asarray(cap[LAYER]).reshape(-1, 256))
+    want = np.concatenate(want)
+    order = lambda a: a[np.lexsort(a.T[::-1])]  # noqa: E731 (shuffled: compare as sets of rows)
+    np.testing.assert_allclose(order(batch), order(want), atol=1e-6, rtol=1e-6)
+    assert not np.array_equal(batch, want)  # and shuffled
+
+
+def test_store_is_seeded_and_resumes_exactly(model_dir, demo_data):
+    a, _ = _store(model_dir, demo_data["translated"])
+    ref = [np.asarray(next(a)) for _ in range(13)]  # 6 batches per fill: crosses two fills
+    b, _ = _store(model_dir, demo_data["translated"])
+    assert all(np.array_equal(np.asarray(next(b)), r) for r in ref[:4])
+    for cut in (4, 6):  # mid-fill and at a fill boundary
+        c, _ = _store(model_dir, demo_data["translated"])
+        for _ in range(cut):
+            next(c)
+        state = json.loads(json.dumps(c.get_state()))
+        d, _ = _store(model_dir, demo_data["translated"])
+        d.set_state(state)
+        assert all(np.array_equal(np.asarray(next(d)), r) for r in ref[cut:])
+    other, _ = _store(model_dir, demo_data["translated"], seed=8)
+    assert not np.array_equal(np.asarray(next(other)), ref[0])
+
+
+def _cfg(model_dir, data, tokens=64 * 12, **over):
+    sets = {"model": {"path": str(model_dir), "layer": LAYER},
+            "data": {"sources": [{"path": str(data)}], "context_size": 16,
+                     "store_batch_size_prompts": 8, "n_batches_in_buffer": 2,
+                     "train_batch_size_tokens": 64, "training_tokens": tokens},
+            "log": {"every": 1, "progress": False, "plot": False},
+            "checkpoint": {"every": 3, "async_save": False}}  # fmt: skip
+    from jaxlm.overlay import merge
+
+    return load_config(None, [merge(sets, over)])
+
+
+def _losses(out):
+    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl")}
+
+
+def test_cli_has_a_pulse(model_dir, demo_data, tmp_path, capsys):
+    out = tmp_path / "sae"
+    assert main(["train", "--model", str(model_dir), "--layer", str(LAYER), "--data",
+                 str(demo_data["translated"]), "--out", str(out), "--config",
+                 "configs/sae/demo.yaml", "--training-tokens", "512", *FAST]) == 0  # fmt: skip
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["step"] == 2 and np.isfinite(res["loss"])
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["d_in"] == 256 and cfg["d_sae"] == 1024 and cfg["jaxlm"]["layer"] == LAYER
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--model", "/nonexistent/m"], "/nonexistent/m"),
+        (["--set", "sae.l1_coefficent=2"], "l1_coefficent"),
+        (["--layer", "8"], "model.layer=8"),
+    ],
+)
+def test_bad_input_is_one_line(model_dir, demo_data, tmp_path, capsys, flags, needle):
+    base = {"--model": str(model_dir), "--layer": str(LAYER)}
+    argv = ["train", "--data", str(demo_data["translated"]), "--out", str(tmp_path / "o"),
+            "--config", "configs/sae/demo.yaml", *FAST]  # fmt: skip
+    for k, v in base.items():
+        if k not in flags:
+            argv += [k, v]
+    assert main(argv + flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+
+
+def test_loss_falls_and_l1_lowers_l0(model_dir, demo_data, tmp_path):
+    data = demo_data["translated"]
+    low = train(_cfg(model_dir, data, 64 * 40, optim={"lr": 3e-3}), tmp_path / "low")
+    losses = _losses(tmp_path / "low")
+    assert np.mean([losses[s] for s in range(36, 41)]) < 0.9 * np.mean(
+        [losses[s] for s in (1, 2, 3)]
+    )
+    high = train(_cfg(model_dir, data, 64 * 40, optim={"lr": 3e-3}, sae={"l1_coefficient": 20.0}),
+                 tmp_path / "high")  # fmt: skip
+    assert high["l0"] < 0.5 * low["l0"], (high["l0"], low["l0"])
+
+
+def test_interrupted_run_resumes_bitwise(model_dir, demo_data, tmp_path, monkeypatch):
+    data = demo_data["translated"]
+    cfg = _cfg(model_dir, data, sae={"architecture": "batchtopk", "k": 8})
+    train(cfg, tmp_path / "ref")
+
+    real_next, calls = act_mod.ActivationStore.__next__, {"n": 0}
+
+    def crash_at_8(self):
+        calls["n"] += 1
+        if calls["n"] > 7:  # step 8 never happens; the last checkpoint is step 6
+            raise KeyboardInterrupt
+        return real_next(self)
+
+    monkeypatch.setattr(act_mod.ActivationStore, "__next__", crash_at_8)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run")
+    monkeypatch.setattr(act_mod.ActivationStore, "__next__", real_next)
+    assert not (tmp_path / "run" / "cfg.json").exists()
+    train(cfg, tmp_path / "run")  # the same command again: resumes from step 6
+    a = load_file(str(tmp_path / "ref" / "sae_weights.safetensors"))
+    b = load_file(str(tmp_path / "run" / "sae_weights.safetensors"))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert _losses(tmp_path / "ref") == _losses(tmp_path / "run")
+
+
+def test_eight_devices_equal_one(model_dir, demo_data, tmp_path):
+    assert jax.device_count() == 8
+    data = demo_data["translated"]
+    one = train(_cfg(model_dir, data, 64 * 4, mesh={"devices": 1}), tmp_path / "one")
+    eight = train(_cfg(model_dir, data, 64 * 4), tmp_path / "eight")
+    a = load_file(str(tmp_path / "one" / "sae_weights.safetensors"))
+    b = load_file(str(tmp_path / "eight" / "sae_weights.safetensors"))
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=1e-5, err_msg=k)
+    np.testing.assert_allclose(one["loss"], eight["loss"], atol=1e-5, rtol=1e-5)
+
+
+def test_configs_parse_and_default_yaml_is_the_defaults():
+    from sae.train import SAETrainConfig
+
+    assert load_config("configs/sae/default.yaml") == SAETrainConfig()
+    assert load_config("configs/sae/demo.yaml").steps == 60
