@@ -1,7 +1,8 @@
 """The whole method on the built-in demo corpus, stage by stage, each skipped once done.
 
     corpus -> tokenizer -> shards -> pretrain (translated style) -> continual pre-training
-    (native stories, 1% of the corpus) -> samples + what changed -> Hugging Face exports
+    (native stories, 1% of the corpus) -> samples + what changed -> SAEs on both models' MLP
+    activations -> token set enrichment analysis (TSEA) + feature dashboards -> Hugging Face exports
 
 The corpus is generated (jaxlm.data.demo_corpus), so the "translation artifacts" are known
 exactly: transliterated English names and English dialogue order. The samples stage counts them
@@ -32,6 +33,8 @@ class DemoConfig:
     cpt_config: str = str(REPO / "configs/demo/cpt.yaml")
     n_samples: int = 48  # stories sampled from each model
     max_new_tokens: int = 160
+    sae_config: str = str(REPO / "configs/demo/sae.yaml")
+    sae_layer: int = -1  # the MLP layer the SAEs read; -1: the last
     seed: int = 0
 
 
@@ -60,26 +63,35 @@ class Demo:
         stages = [
             ("corpus", self.corpus), ("tokenizer", self.tokenizer), ("shards", self.shards),
             ("pretrain", self.pretrain), ("cpt", self.cpt), ("samples", self.samples),
-            ("export", self.export),
+            ("sae", self.sae), ("tsea", self.tsea), ("export", self.export),
         ]  # fmt: skip
         results = {name: self.stage(name, fn) for name, fn in stages}
         return results
 
     # --- stages ---------------------------------------------------------------------------------
 
-    def _cli(self, *args: str) -> None:
-        """Run a jaxlm command with its output in logs/, so the console shows one line a stage."""
+    def _cli(self, *args: str, prog: str = "jaxlm") -> None:
+        """Run a jaxlm (or jaxlm-sae) command with its output in logs/, so the console shows one
+        line a stage. jaxlm-sae runs in a child process: two SAE trainings in one process over
+        several (fake) CPU devices were seen to deadlock in an XLA collective (see README notes)."""
         import contextlib
+        import subprocess
+        import sys
 
-        from jaxlm.cli import main
-
-        log_path = self.w / "logs" / f"{args[0]}-{args[1]}.log"
+        log_path = self.w / "logs" / f"{prog}-{args[0]}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-            code = main(list(args))
+        with open(log_path, "a") as f:
+            if prog == "jaxlm":
+                from jaxlm.cli import main
+
+                with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                    code = main(list(args))
+            else:
+                cmd = [sys.executable, "-m", "sae.cli", *args]
+                code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
         if code != 0:
             last = log_path.read_text().strip().splitlines()[-1:] or ["(no output)"]
-            raise UserError(f"jaxlm {' '.join(args[:2])} failed: {last[0]} (log: {log_path})")
+            raise UserError(f"{prog} {' '.join(args[:2])} failed: {last[0]} (log: {log_path})")
 
     def corpus(self) -> dict:
         n_native = max(1, round(self.cfg.n_translated * self.cfg.native_fraction))
@@ -150,6 +162,57 @@ class Demo:
                 "".join(json.dumps({"text": s}, ensure_ascii=False) + "\n" for s in stories)
             )
             out[name] = {**artifact_stats(stories), "file": str(path)}
+        return out
+
+    def _layer(self) -> int:
+        from jaxlm.checkpoint import load_model
+
+        n_layers = load_model(self.w / "pretrain")[0].cfg.n_layers
+        return self.cfg.sae_layer % n_layers
+
+    def sae(self) -> dict:
+        """One SAE per model, same layer, same activations stream (translated and native 1:1)."""
+        from jaxlm.metrics_log import read_metrics
+
+        layer, out = self._layer(), {"layer": self._layer()}
+        for name in ("pretrain", "cpt"):
+            d = self.w / f"sae/{name}"
+            self._cli("train", "--model", str(self.w / name), "--layer", str(layer),
+                      "--data", f"{self.w / 'data/translated'}:1",
+                      "--data", f"{self.w / 'data/native'}:1", "--config", self.cfg.sae_config,
+                      "--set", "log.progress=false", "--out", str(d), prog="jaxlm-sae")  # fmt: skip
+            last = [r for r in read_metrics(d / "metrics.jsonl") if "l0" in r][-1]
+            keys = ("explained_variance", "l0", "dead_features")
+            out[name] = {k: round(last[k], 3) for k in keys if k in last} | {"dir": str(d)}
+        return out
+
+    def tsea(self) -> dict:
+        """Which SAE features promote English names, Arabic names and each dialogue style, before
+        and after continual pre-training; dashboards of the top English-name features."""
+        d = self.w / "tsea"
+        tok = str(self.w / "tokenizer")
+        w = self.w
+        self._cli("tsea-compare", "--before", str(w / "pretrain"), str(w / "sae/pretrain"),
+                  "--after", str(w / "cpt"), str(w / "sae/cpt"), "--demo-sets",
+                  "--tokenizer", tok, "--out", str(d), prog="jaxlm-sae")  # fmt: skip
+        cmp = json.loads((d / "tsea_compare.json").read_text())
+        out: dict = {}
+        for name, s in cmp["sets"].items():
+            b, a = s["before"], s["after"]
+            out[name] = {"before": b.get("n_promoting_above_null"),
+                         "after": a.get("n_promoting_above_null")}  # fmt: skip
+        for name in ("pretrain", "cpt"):
+            key = "before" if name == "pretrain" else "after"
+            best = cmp["sets"]["english_names"][key]["top_features"]
+            top = [f["feature"] for f in best if f["direction"] == "promotes"][:8]
+            if top:
+                self._cli("dashboard", "--model", str(self.w / name), "--sae",
+                          str(self.w / f"sae/{name}"), "--data", str(self.w / "data/translated"),
+                          "--tokenizer", tok, "--features", ",".join(map(str, top)),
+                          "--rows", "256", "--out", str(d / f"dashboards-{name}"),
+                          prog="jaxlm-sae")  # fmt: skip
+        out["plot"] = str(d / "tsea_compare.png")
+        out["report"] = str(d / "tsea_compare.json")
         return out
 
     def export(self) -> dict:

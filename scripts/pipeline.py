@@ -21,10 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-translated", type=int, default=DemoConfig.n_translated)
     p.add_argument("--pretrain-config", default=DemoConfig.pretrain_config)
     p.add_argument("--cpt-config", default=DemoConfig.cpt_config)
+    p.add_argument("--sae-config", default=DemoConfig.sae_config)
     p.add_argument("--samples", type=int, default=DemoConfig.n_samples)
     args = p.parse_args(argv)
     cfg = DemoConfig(n_translated=args.n_translated, pretrain_config=args.pretrain_config,
-                     cpt_config=args.cpt_config, n_samples=args.samples)  # fmt: skip
+                     cpt_config=args.cpt_config, n_samples=args.samples,
+                     sae_config=args.sae_config)  # fmt: skip
     try:
         r = Demo(args.workdir, cfg).run()
     except UserError as e:
@@ -40,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
           "continual pre-training")  # fmt: skip
     print(f"  English-style dialogue share: {s['pretrain']['english_dialogue_share']} -> "
           f"{s['cpt']['english_dialogue_share']}")  # fmt: skip
+    t = r["tsea"]
+    print(f"  SAE features (layer {r['sae']['layer']}) promoting a token set beyond random "
+          "directions, before -> after continual pre-training:")  # fmt: skip
+    for name, v in t.items():
+        if isinstance(v, dict):
+            print(f"    {name:20s} {v['before']} -> {v['after']}")
+    print(f"  TSEA report:  {t['report']}, plot {t['plot']}")
     return 0
 
 

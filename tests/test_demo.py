@@ -1,6 +1,7 @@
 """The README's main job has a pulse: every stage of scripts/pipeline.py on a tiny corpus."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +20,16 @@ def test_pipeline_runs_every_stage_and_skips_them_on_rerun(tmp_path):
     (tmp_path / "pre.yaml").write_text(tiny)
     (tmp_path / "cpt.yaml").write_text(tiny.replace("steps: 3", "steps: 2"))
     cmd = [sys.executable, str(ROOT / "scripts/pipeline.py"), "--workdir", str(tmp_path / "w"),
-           "--n-translated", "300", "--samples", "4", "--pretrain-config",
-           str(tmp_path / "pre.yaml"), "--cpt-config", str(tmp_path / "cpt.yaml")]  # fmt: skip
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+           "--n-translated", "2000", "--samples", "4", "--pretrain-config",
+           str(tmp_path / "pre.yaml"), "--cpt-config", str(tmp_path / "cpt.yaml"),
+           "--sae-config", str(ROOT / "configs/sae/tiny.yaml")]  # fmt: skip
+    # As the README runs it: one CPU device, not the suite's 8 fake ones (see README notes on the
+    # SAE trainer over 8 fake devices).
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
-    stages = ["corpus", "tokenizer", "shards", "pretrain", "cpt", "samples", "export"]
+    stages = ["corpus", "tokenizer", "shards", "pretrain", "cpt", "samples", "sae", "tsea",
+              "export"]  # fmt: skip
     for s in stages:
         assert f"[{s}] " in first.stdout
     w = tmp_path / "w"
@@ -31,8 +37,16 @@ def test_pipeline_runs_every_stage_and_skips_them_on_rerun(tmp_path):
     samples = [json.loads(line) for line in (w / "samples/cpt.jsonl").read_text().splitlines()]
     assert len(samples) == 4
     assert "English-name share" in first.stdout
+    assert (w / "sae/pretrain/sae_weights.safetensors").exists() and (
+        w / "sae/cpt/cfg.json"
+    ).exists()
+    report = json.loads((w / "tsea/tsea_compare.json").read_text())
+    assert {"english_names", "arabic_names", "latin_double_quote", "arabic_quotes"} <= set(
+        report["sets"]
+    )
+    assert (w / "tsea/tsea_compare.png").exists() and "TSEA report" in first.stdout
 
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0
     assert all(f"[{s}] done already" in again.stdout for s in stages)
 

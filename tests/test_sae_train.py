@@ -89,7 +89,7 @@ def test_cli_has_a_pulse(model_dir, demo_data, tmp_path, capsys):
     out = tmp_path / "sae"
     assert main(["train", "--model", str(model_dir), "--layer", str(LAYER), "--data",
                  str(demo_data["translated"]), "--out", str(out), "--config",
-                 "configs/sae/demo.yaml", "--training-tokens", "512", *FAST]) == 0  # fmt: skip
+                 "configs/sae/tiny.yaml", "--training-tokens", "512", *FAST]) == 0  # fmt: skip
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["step"] == 2 and np.isfinite(res["loss"])
     cfg = json.loads((out / "cfg.json").read_text())
@@ -107,7 +107,7 @@ def test_cli_has_a_pulse(model_dir, demo_data, tmp_path, capsys):
 def test_bad_input_is_one_line(model_dir, demo_data, tmp_path, capsys, flags, needle):
     base = {"--model": str(model_dir), "--layer": str(LAYER)}
     argv = ["train", "--data", str(demo_data["translated"]), "--out", str(tmp_path / "o"),
-            "--config", "configs/sae/demo.yaml", *FAST]  # fmt: skip
+            "--config", "configs/sae/tiny.yaml", *FAST]  # fmt: skip
     for k, v in base.items():
         if k not in flags:
             argv += [k, v]
@@ -169,4 +169,4 @@ def test_configs_parse_and_default_yaml_is_the_defaults():
     from sae.train import SAETrainConfig
 
     assert load_config("configs/sae/default.yaml") == SAETrainConfig()
-    assert load_config("configs/sae/demo.yaml").steps == 60
+    assert load_config("configs/sae/tiny.yaml").steps == 60
