@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 from jaxlm.errors import UserError
@@ -20,21 +21,30 @@ _COMMAND_MODULES = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxlm", description=__doc__.splitlines()[0])
+def build_parser(
+    prog: str = "jaxlm", modules: tuple[str, ...] = _COMMAND_MODULES, description: str = ""
+) -> argparse.ArgumentParser:
+    """A parser with every subcommand of `modules`; a module that is not installed is skipped."""
+    parser = argparse.ArgumentParser(prog=prog, description=description or __doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in _COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for name in modules:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse, run the subcommand, and turn a user's mistake into one line and exit code 2."""
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"jaxlm {args.command}: error: {e}", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch(build_parser(), argv)
 
 
 if __name__ == "__main__":

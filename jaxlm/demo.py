@@ -165,16 +165,16 @@ class Demo:
         return out
 
     def _layer(self) -> int:
-        from jaxlm.checkpoint import load_model
+        from jaxlm.checkpoint import read_meta
 
-        n_layers = load_model(self.w / "pretrain")[0].cfg.n_layers
-        return self.cfg.sae_layer % n_layers
+        return self.cfg.sae_layer % read_meta(self.w / "pretrain")[0].n_layers  # config only
 
     def sae(self) -> dict:
         """One SAE per model, same layer, same activations stream (translated and native 1:1)."""
         from jaxlm.metrics_log import read_metrics
 
-        layer, out = self._layer(), {"layer": self._layer()}
+        layer = self._layer()
+        out: dict = {"layer": layer}
         for name in ("pretrain", "cpt"):
             d = self.w / f"sae/{name}"
             self._cli("train", "--model", str(self.w / name), "--layer", str(layer),

@@ -7,11 +7,10 @@ is not there yet is skipped. A user's mistake (`UserError`) is one line on stder
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import sys
 
-from jaxlm.errors import UserError
+from jaxlm.cli import build_parser as _build_parser
+from jaxlm.cli import dispatch
 
 _COMMAND_MODULES = (
     "sae.train_cli",  # train
@@ -20,21 +19,11 @@ _COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxlm-sae", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in _COMMAND_MODULES:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name).register(sub)
-    return parser
+    return _build_parser("jaxlm-sae", _COMMAND_MODULES, __doc__.splitlines()[0])
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"jaxlm-sae {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return dispatch(build_parser(), argv)
 
 
 if __name__ == "__main__":
