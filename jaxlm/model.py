@@ -294,10 +294,12 @@ class GPTNeo(nnx.Module):
         new_k, new_v, captured = [], [], {}
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else (cache.k_lbsnh[i], cache.v_lbsnh[i])
-            step = nnx.remat(Block.__call__) if cfg.remat and cache is None else Block.__call__
-            x_btd, (k_bsnh, v_bsnh), h_btf = step(
-                block, x_btd, q_slot_t=q_slot_t, valid_bs=valid_bs, kv=kv, write=(start, T)
-            )
+            if cfg.remat and cache is None:  # remat takes positional arguments only
+                x_btd, (k_bsnh, v_bsnh), h_btf = _remat_block(block, x_btd, q_slot_t, valid_bs)
+            else:
+                x_btd, (k_bsnh, v_bsnh), h_btf = block(
+                    x_btd, q_slot_t=q_slot_t, valid_bs=valid_bs, kv=kv, write=(start, T)
+                )
             if i in capture_mlp:
                 captured[i] = h_btf
                 if capture_only and len(captured) == len(set(capture_mlp)):
@@ -318,6 +320,12 @@ class GPTNeo(nnx.Module):
         if capture_mlp:
             return logits_btv, captured
         return logits_btv
+
+
+@nnx.remat
+def _remat_block(block: Block, x_btd: Array, q_slot_t: Array, valid_bs: Array | None):
+    """A block without a cache whose activations are recomputed in the backward pass."""
+    return block(x_btd, q_slot_t=q_slot_t, valid_bs=valid_bs, kv=None, write=None)
 
 
 def init_model(
