@@ -10,8 +10,9 @@ the stored gradients by the incoming cotangent. Same mathematics as the plain lo
 different order, so results agree to float rounding (tests/test_loss.py).
 
 Mixed precision follows torch autocast, which is what the PyTorch peers compute: in bfloat16 the
-hidden states and weights enter the matmuls in bf16, the logits and softmax are float32, and the
-logit gradient is cast to bf16 for the two backward matmuls (accumulated in float32).
+hidden states and weights enter the matmuls in bf16, the logits come out in bf16 (autocast's linear
+returns bf16; the peers then upcast), log-softmax runs in float32, and the logit gradient is cast
+to bf16 for the two backward matmuls (accumulated in float32).
 """
 
 from __future__ import annotations
@@ -42,9 +43,13 @@ def _chunks(x_btd: Array, targets_bt: Array, c: int) -> tuple[Array, Array]:
 
 
 def _logits(x_bcd: Array, w_vd: Array, dtype) -> Array:
-    return jnp.einsum(
-        "bcd,vd->bcv", x_bcd.astype(dtype), w_vd.astype(dtype), preferred_element_type=jnp.float32
+    """float32 logits [B, C, V]; in a 16-bit dtype the matmul's output is rounded to it first (it
+    accumulates in float32), as autocast's bf16 linear gives them: half the bytes to write."""
+    out = jnp.float32 if jnp.dtype(dtype).itemsize >= 4 else dtype
+    logits = jnp.einsum(
+        "bcd,vd->bcv", x_bcd.astype(dtype), w_vd.astype(dtype), preferred_element_type=out
     )
+    return logits.astype(jnp.float32)
 
 
 def _nll_sum(logits_bcv: Array, t_bc: Array) -> tuple[Array, Array]:

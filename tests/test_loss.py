@@ -69,7 +69,7 @@ def test_model_loss_fused_equals_plain_with_gradients():
 
 
 def test_bfloat16_fused_loss_is_close_to_float32():
-    """bf16 inputs, float32 logits and softmax (torch autocast's recipe): about 1e-2 relative."""
+    """bf16 inputs and logits, float32 softmax (torch autocast's recipe): about 1e-2 relative."""
     x, w, t = _data(D=64)
     w = w / 8
     ref_loss, ref_dx = jax.value_and_grad(_plain)(x, w, t)
