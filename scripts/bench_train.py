@@ -8,6 +8,11 @@ then one line with the jaxlm / torch ratios per preset.
 
     python scripts/bench_train.py --presets ts-8m,ts-33m --batch 8 --steps 3 --rounds 3
 
+Variants of jaxlm run side by side as extra impls, `jaxlm[key=value+key=value]`, where a key is
+`loss_impl`, `loss_chunk_rows` or a ModelConfig field, e.g.
+`--impls jaxlm,jaxlm[loss_impl=plain],jaxlm[loss_chunk_rows=32768],torch-eager`. `--profile DIR`
+writes a jax.profiler trace (Perfetto JSON too) of a few steps of the first jaxlm impl.
+
 fp32 on CPU; bf16 on accelerators (torch autocast with fp32 master weights; jaxlm
 dtype=bfloat16 with fp32 params and cuDNN flash attention).
 """
@@ -15,9 +20,11 @@ dtype=bfloat16 with fp32 params and cuDNN flash attention).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
+import re
 import signal
 import statistics
 import sys
@@ -61,8 +68,44 @@ def _batches(vocab: int, batch: int, seq_len: int, n: int = 4) -> np.ndarray:
     return np.random.RandomState(0).randint(0, vocab, (n, batch, seq_len + 1)).astype(np.int32)
 
 
+LOSS_KEYS = ("loss_impl", "loss_chunk_rows")
+
+
+def parse_impl(spec: str) -> tuple[str, dict[str, str]]:
+    """'jaxlm[loss_impl=plain+loss_chunk_rows=4096]' -> ('jaxlm', {'loss_impl': 'plain', ...})."""
+    m = re.fullmatch(r"([\w-]+)(?:\[(.*)\])?", spec)
+    if not m or m[1] not in IMPLS or (m[2] and m[1] != "jaxlm"):
+        raise ValueError(f"impl {spec!r}: choose from {IMPLS}; only jaxlm takes [key=value+...]")
+    overrides = {}
+    for kv in filter(None, (m[2] or "").split("+")):
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise ValueError(f"impl {spec!r}: {kv!r} is not key=value")
+        overrides[key] = value
+    return m[1], overrides
+
+
+def _variant(cfg, overrides: dict[str, str], loss_impl: str, loss_chunk_rows: int):
+    """cfg and the loss settings with a jaxlm[...] impl's overrides applied."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    loss = {"loss_impl": loss_impl, "loss_chunk_rows": loss_chunk_rows}
+    changes = {}
+    for key, value in overrides.items():
+        if key in LOSS_KEYS:
+            loss[key] = int(value) if key == "loss_chunk_rows" else value
+        elif key in fields:
+            current = getattr(cfg, key)
+            if isinstance(current, bool):
+                changes[key] = value.lower() in ("1", "true", "yes")
+            else:
+                changes[key] = type(current)(value) if current is not None else value
+        else:
+            raise ValueError(f"jaxlm[{key}=...]: not a ModelConfig field nor one of {LOSS_KEYS}")
+    return cfg.replace(**changes) if changes else cfg, loss
+
+
 def jaxlm_runner(
-    cfg, batches: np.ndarray, steps: int, loss_impl: str = "fused"
+    cfg, batches: np.ndarray, steps: int, loss_impl: str = "fused", loss_chunk_rows: int = 0
 ) -> Callable[[int], None]:
     """A function running k jitted train steps (params and optimizer state donated)."""
     from flax import nnx
@@ -71,7 +114,8 @@ def jaxlm_runner(
 
     graphdef, params = nnx.split(init_model(cfg, 0), nnx.Param)
     tx, _ = make_optimizer(OptimSection(), steps)
-    step = jax.jit(make_train_step(graphdef, tx, 1, loss_impl), donate_argnums=(0, 1))
+    train_step = make_train_step(graphdef, tx, 1, loss_impl, loss_chunk_rows)
+    step = jax.jit(train_step, donate_argnums=(0, 1))
     tokens = [jax.device_put(jnp.asarray(b)) for b in batches]
     state = {"params": params, "opt": tx.init(params), "i": 0}
 
@@ -141,24 +185,27 @@ def bench_preset(name: str, impls: list[str], args, accel: bool, device: str) ->
     base = {"preset": name, "device": device, "vocab_size": cfg.vocab_size,
             "batch": args.batch, "seq_len": args.seq_len, "dtype": dtype}  # fmt: skip
     runners, results = {}, {}
-    for impl in impls:  # build and warm up (compile) each
+    for spec in impls:  # build and warm up (compile) each
+        impl, overrides = parse_impl(spec)
         t0 = time.perf_counter()
         cancel = _alarm(args.compile_timeout if impl == "torch-compile" else 0)
         extra = {}
-        if impl == "jaxlm":
-            extra = {"attention_impl": cfg.attention_impl, "loss_impl": args.loss_impl}
         try:
             if impl == "jaxlm":
+                vcfg, loss = _variant(cfg, overrides, args.loss_impl, args.loss_chunk_rows)
+                extra = {"attention_impl": vcfg.attention_impl, **loss}
                 try:
-                    run = jaxlm_runner(cfg, batches, args.steps, args.loss_impl)
+                    run = jaxlm_runner(vcfg, batches, args.steps, **loss)
                     run(1)
                 except Exception as e:  # no cuDNN flash here: say so, fall back to XLA's
-                    if cfg.attention_impl == "xla":
+                    if vcfg.attention_impl == "xla":
                         raise
                     extra.update(attention_impl="xla", cudnn_error=str(e)[:300])
-                    cfg_xla = cfg.replace(attention_impl="xla")
-                    run = jaxlm_runner(cfg_xla, batches, args.steps, args.loss_impl)
+                    vcfg = vcfg.replace(attention_impl="xla")
+                    run = jaxlm_runner(vcfg, batches, args.steps, **loss)
                     run(1)
+                if overrides:
+                    extra["overrides"] = overrides
             else:
                 run = torch_runner(cfg, batches, impl == "torch-compile", accel)
                 run(1)
@@ -171,12 +218,12 @@ def bench_preset(name: str, impls: list[str], args, accel: bool, device: str) ->
                 import torch
 
                 torch._dynamo.reset()
-            results[impl] = {"impl": impl, **base, "error": f"{type(e).__name__}: {e}"[:500]}
+            results[spec] = {"impl": spec, **base, "error": f"{type(e).__name__}: {e}"[:500]}
             continue
         cancel()
-        runners[impl] = run
-        results[impl] = {"impl": impl, **base, **extra, "compile_s": round(compile_s, 2)}
-        results[impl]["times"] = []
+        runners[spec] = run
+        results[spec] = {"impl": spec, **base, **extra, "compile_s": round(compile_s, 2)}
+        results[spec]["times"] = []
     for _ in range(args.rounds):  # interleaved timed rounds
         for impl, run in runners.items():
             t0 = time.perf_counter()
@@ -191,6 +238,11 @@ def bench_preset(name: str, impls: list[str], args, accel: bool, device: str) ->
         r["step_ms_median"] = round(step_s * 1e3, 2)
         r["tokens_per_s"] = round(tps, 1)
         r["mfu"] = round(tps * flops_per_token(cfg, args.seq_len) / peak, 4) if peak else None
+    if args.profile and (first := next((s for s in runners if s.startswith("jaxlm")), None)):
+        out = os.path.join(args.profile, name)
+        os.makedirs(out, exist_ok=True)
+        with jax.profiler.trace(out, create_perfetto_trace=True):
+            runners[first](args.steps)
     runners.clear()
     gc.collect()  # free this preset's models before the next one's
     return [results[i] for i in impls]
@@ -256,10 +308,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--compile-timeout", type=float, default=600, help="torch.compile budget (s)")
     p.add_argument("--breakdown", action="store_true", help="time jaxlm's parts instead")
     p.add_argument("--loss-impl", choices=("fused", "plain"), default="fused", help="jaxlm's loss")
+    p.add_argument("--loss-chunk-rows", type=int, default=0, help="fused-loss rows (0: default)")
+    p.add_argument("--profile", metavar="DIR", help="trace the first jaxlm impl into DIR/PRESET")
     args = p.parse_args(argv)
     impls = [i for i in args.impls.split(",") if i]
-    if bad := set(impls) - set(IMPLS):
-        p.error(f"unknown impls {sorted(bad)}; choose from {IMPLS}")
+    for spec in impls:
+        try:
+            parse_impl(spec)
+        except ValueError as e:
+            p.error(str(e))
 
     accel = jax.default_backend() != "cpu"
     if not accel:  # compile in this process, so that a timed-out torch.compile leaves no workers
@@ -281,9 +338,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ratios = {}
     for name in {r["preset"] for r in lines}:
         tps = {r["impl"]: r.get("tokens_per_s") for r in lines if r["preset"] == name}
-        for other in ("torch-eager", "torch-compile"):
-            if tps.get("jaxlm") and tps.get(other):
-                ratios.setdefault(name, {})[f"jaxlm/{other}"] = round(tps["jaxlm"] / tps[other], 3)
+        for ours in [i for i in tps if i.startswith("jaxlm")]:
+            for other in ("torch-eager", "torch-compile"):
+                if tps.get(ours) and tps.get(other):
+                    ratio = round(tps[ours] / tps[other], 3)
+                    ratios.setdefault(name, {})[f"{ours}/{other}"] = ratio
     summary = {"ratios": ratios, "device": device}
     print(json.dumps(summary), flush=True)
     return lines + [summary]
