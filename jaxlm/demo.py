@@ -72,8 +72,8 @@ class Demo:
 
     def _cli(self, *args: str, prog: str = "jaxlm") -> None:
         """Run a jaxlm (or jaxlm-sae) command with its output in logs/, so the console shows one
-        line a stage. jaxlm-sae runs in a child process: two SAE trainings in one process over
-        several (fake) CPU devices were seen to deadlock in an XLA collective (see README notes)."""
+        line a stage. jaxlm-sae runs in a child process, so each SAE training starts with a fresh
+        XLA runtime and gives its memory back when it ends."""
         import contextlib
         import subprocess
         import sys

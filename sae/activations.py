@@ -54,6 +54,15 @@ def _shuffle(buffer_mf: jax.Array, key: jax.Array, batch: int) -> jax.Array:
     return buffer_mf[perm].reshape(-1, batch, buffer_mf.shape[-1])
 
 
+@partial(jax.jit, static_argnums=(2,))
+def _take(batches_kbf: jax.Array, i: jax.Array, sharding) -> jax.Array:
+    """Batch i of a fill, each device slicing its own rows: no collective. (Eager `batches[i]`
+    compiled a gather with an all-gather; on fake CPU devices it could run beside the SAE step's
+    collectives and deadlock XLA's in-process rendezvous.)"""
+    out = jax.lax.dynamic_index_in_dim(batches_kbf, i, 0, keepdims=False)
+    return out if sharding is None else jax.lax.with_sharding_constraint(out, sharding)
+
+
 class ActivationStore:
     """Iterator of float32 [train_batch_size_tokens, F] activation batches; `get_state`/`set_state`.
 
@@ -118,6 +127,14 @@ class ActivationStore:
             if mesh is not None
             else None
         )
+        self._row_sharding = (
+            NamedSharding(mesh, logical_to_pspec(("sae_rows", None), SAE_RULES))
+            if mesh is not None
+            else None
+        )
+        self._one_at_a_time = (
+            mesh is not None and mesh.size > 1 and mesh.devices.flat[0].platform == "cpu"
+        )
         self._fill = 0  # number of the next fill
         self._fill_start: dict | None = None  # loader state where the current fill began
         self._batches: jax.Array | None = None  # [K, batch, F] the current fill, shuffled
@@ -126,10 +143,15 @@ class ActivationStore:
     def __iter__(self) -> Iterator[jax.Array]:
         return self
 
+    @property
+    def refill_due(self) -> bool:
+        """The next batch starts a new fill (model forwards, a shuffle across devices)."""
+        return self._batches is None or self._served >= self._batches.shape[0]
+
     def __next__(self) -> jax.Array:
-        if self._batches is None or self._served >= self._batches.shape[0]:
+        if self.refill_due:
             self._refill()
-        out = self._batches[self._served]
+        out = _take(self._batches, jnp.int32(self._served), self._row_sharding)
         self._served += 1
         return out
 
@@ -147,14 +169,24 @@ class ActivationStore:
                 dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"] if self.mesh else 1
                 if self._tok_sharding is not None and tokens.shape[0] % dp == 0:
                     tokens = jax.device_put(tokens, self._tok_sharding)
-                acts.append(self._capture(tokens))
-            buffer_mf = jnp.concatenate(acts)  # [M, F]
+                acts.append(self._serial(self._capture(tokens)))
+            buffer_mf = self._serial(jnp.concatenate(acts))  # [M, F]
             key = jax.random.fold_in(self._key, self._fill)
-            self._batches = _shuffle(buffer_mf, key, self.batch)
+            self._batches = self._serial(_shuffle(buffer_mf, key, self.batch))
             if self._out_sharding is not None:
                 self._batches = jax.device_put(self._batches, self._out_sharding)
         self._fill += 1
         self._served = 0
+
+    def _serial(self, x: jax.Array) -> jax.Array:
+        """x, computed. Over several CPU devices each program's collectives meet in XLA's
+        in-process rendezvous, one thread per device; programs with no data dependency between
+        them (the fill's forwards) run at once, and their threads can fill the pool while each
+        waits for the others' missing participant: a deadlock (seen in the demo's SAE runs, "7 of
+        8 arrived"). So on CPU, one such program at a time. GPUs and TPUs order them per device."""
+        if self._one_at_a_time:
+            jax.block_until_ready(x)
+        return x
 
     def get_state(self) -> dict:
         """JSON-serialisable: resume with `set_state` to get exactly the batches that follow."""

@@ -23,8 +23,7 @@ def test_pipeline_runs_every_stage_and_skips_them_on_rerun(tmp_path):
            "--n-translated", "2000", "--samples", "4", "--pretrain-config",
            str(tmp_path / "pre.yaml"), "--cpt-config", str(tmp_path / "cpt.yaml"),
            "--sae-config", str(ROOT / "configs/sae/tiny.yaml")]  # fmt: skip
-    # As the README runs it: one CPU device, not the suite's 8 fake ones (see README notes on the
-    # SAE trainer over 8 fake devices).
+    # As the README runs it: one CPU device, not the suite's 8 fake ones.
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert first.returncode == 0, first.stderr[-3000:]

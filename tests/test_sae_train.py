@@ -170,3 +170,22 @@ def test_configs_parse_and_default_yaml_is_the_defaults():
 
     assert load_config("configs/sae/default.yaml") == SAETrainConfig()
     assert load_config("configs/sae/tiny.yaml").steps == 60
+
+
+def test_store_over_eight_cpu_devices_does_not_deadlock(model_dir, demo_data):
+    """Regression: a fill's 20 FSDP forwards ran at once over 8 fake CPU devices and their
+    all-gathers deadlocked XLA's in-process rendezvous ("7 of 8 arrived", an abort after 40 s)."""
+    from jaxlm.sharding import make_mesh
+    from sae.base import SAE_RULES
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (fake) devices")
+    mesh = make_mesh((1, -1, 1), jax.devices()[:8])
+    model, _ = load_model(model_dir, mesh=mesh, rules=SAE_RULES)
+    # the demo's store: the last layer (7 of ts-1m), 32 prompts a forward, 8 forwards a fill
+    store = ActivationStore(model, 7, [(str(demo_data["translated"]), 1.0)],
+                            context_size=None, store_batch_size_prompts=32, n_batches_in_buffer=8,
+                            train_batch_size_tokens=1024, seed=7, mesh=mesh)  # fmt: skip
+    batches = [next(store) for _ in range(240)]
+    assert all(b.shape == (1024, 256) for b in batches)
+    assert np.isfinite(np.asarray(batches[-1])).all()
