@@ -132,7 +132,8 @@ class ActivationStore:
             if mesh is not None
             else None
         )
-        self._one_at_a_time = (
+        # several CPU devices: one program with collectives in flight at a time (see `_serial`)
+        self.one_program_at_a_time = (
             mesh is not None and mesh.size > 1 and mesh.devices.flat[0].platform == "cpu"
         )
         self._fill = 0  # number of the next fill
@@ -184,13 +185,13 @@ class ActivationStore:
         them (the fill's forwards) run at once, and their threads can fill the pool while each
         waits for the others' missing participant: a deadlock (seen in the demo's SAE runs, "7 of
         8 arrived"). So on CPU, one such program at a time. GPUs and TPUs order them per device."""
-        if self._one_at_a_time:
+        if self.one_program_at_a_time:
             jax.block_until_ready(x)
         return x
 
     def get_state(self) -> dict:
         """JSON-serialisable: resume with `set_state` to get exactly the batches that follow."""
-        if self._batches is None or self._served >= self._batches.shape[0]:
+        if self.refill_due:
             return {"loader": self._loader.get_state(), "fill": self._fill, "served": 0}
         return {"loader": self._fill_start, "fill": self._fill - 1, "served": self._served}
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of issue 4 in one short run (one H100 or H200, about 6 minutes):
+# The GPU figures of issue 4 in one short run (one H100 or H200, about 2-3 minutes):
 #   $OUT/bench.jsonl  bench_train.py lines: ts-33m (jaxlm variants, torch eager and compiled),
 #                     ts-8m, and ts-33m again with XLA's Triton GEMMs off (cuBLAS for every matmul)
 #   $OUT/trace_ts-33m.json.gz  a Perfetto trace of jaxlm's ts-33m train step (kernel times)

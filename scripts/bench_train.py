@@ -87,7 +87,7 @@ def parse_impl(spec: str) -> tuple[str, dict[str, str]]:
 
 def _variant(cfg, overrides: dict[str, str], loss_impl: str, loss_chunk_rows: int):
     """cfg and the loss settings with a jaxlm[...] impl's overrides applied."""
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    fields = {f.name for f in dataclasses.fields(cfg)}
     loss = {"loss_impl": loss_impl, "loss_chunk_rows": loss_chunk_rows}
     changes = {}
     for key, value in overrides.items():

@@ -173,7 +173,7 @@ def test_configs_parse_and_default_yaml_is_the_defaults():
 
 
 def test_store_over_eight_cpu_devices_does_not_deadlock(model_dir, demo_data):
-    """Regression: a fill's 20 FSDP forwards ran at once over 8 fake CPU devices and their
+    """Regression: a fill's FSDP forwards ran at once over 8 fake CPU devices and their
     all-gathers deadlocked XLA's in-process rendezvous ("7 of 8 arrived", an abort after 40 s)."""
     from jaxlm.sharding import make_mesh
     from sae.base import SAE_RULES
