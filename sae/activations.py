@@ -122,16 +122,12 @@ class ActivationStore:
         )
         self._capture = capture_fn(model, layer)
         self._tok_sharding = batch_sharding(mesh, 2) if mesh is not None else None
-        self._out_sharding = (
-            NamedSharding(mesh, logical_to_pspec((None, "sae_rows", None), SAE_RULES))
-            if mesh is not None
-            else None
-        )
-        self._row_sharding = (
-            NamedSharding(mesh, logical_to_pspec(("sae_rows", None), SAE_RULES))
-            if mesh is not None
-            else None
-        )
+
+        def rows_sharded(axes):  # a fill [K, batch, F] and one batch [batch, F]: rows over devices
+            return None if mesh is None else NamedSharding(mesh, logical_to_pspec(axes, SAE_RULES))
+
+        self._out_sharding = rows_sharded((None, "sae_rows", None))
+        self._row_sharding = rows_sharded(("sae_rows", None))
         # several CPU devices: one program with collectives in flight at a time (see `_serial`)
         self.one_program_at_a_time = (
             mesh is not None and mesh.size > 1 and mesh.devices.flat[0].platform == "cpu"
@@ -148,6 +144,12 @@ class ActivationStore:
     def refill_due(self) -> bool:
         """The next batch starts a new fill (model forwards, a shuffle across devices)."""
         return self._batches is None or self._served >= self._batches.shape[0]
+
+    @property
+    def serial_fill_due(self) -> bool:
+        """The next batch starts a fill whose programs must run alone (see `_serial`): a caller
+        with its own collective programs in flight lets them finish first."""
+        return self.one_program_at_a_time and self.refill_due
 
     def __next__(self) -> jax.Array:
         if self.refill_due:

@@ -389,8 +389,8 @@ def train(cfg: SAETrainConfig, out: str | Path) -> dict:
     with use_mesh(mesh, SAE_RULES):
         step = start
         while step < cfg.steps:
-            if store.refill_due and store.one_program_at_a_time:  # the fill's programs have
-                jax.block_until_ready(state)  # collectives too: let the last step end first
+            if store.serial_fill_due:  # the fill's programs have collectives too:
+                jax.block_until_ready(state)  # let the last step end first
             x_nf = next(store)
             *state, metrics = step_fn(*state, x_nf, jnp.int32(step), jnp.float32(scale))
             step += 1
