@@ -9,6 +9,12 @@ tensor ever exists (the Liger-kernel / "cut cross-entropy" idea). The backward p
 the stored gradients by the incoming cotangent. Same mathematics as the plain loss; sums run in a
 different order, so results agree to float rounding (tests/test_loss.py).
 
+Passes over a chunk's logits, the largest tensor: one for the row maximum, one that writes
+p = exp(logits - max) and sums it on the way. The gradient matmuls take p itself; the softmax's
+1/sum scales their small [B, C, D] sides, and the one-hot term is a gather of C embedding rows (d
+hidden) and a scatter-add of C hidden rows (d embedding). Normalising p and subtracting the one-hot
+first would cost one more read and write of the logits.
+
 Mixed precision follows torch autocast, which is what the PyTorch peers compute: in bfloat16 the
 hidden states and weights enter the matmuls in bf16, the logits come out in bf16 (autocast's linear
 returns bf16; the peers then upcast), log-softmax runs in float32, and the logit gradient is cast
@@ -84,18 +90,25 @@ def _lce_fwd(x_btd, w_vd, targets_bt, dtype, rows):
     x_kbcd, t_kbc = _chunks(x_btd, targets_bt, c)
     scale = 1.0 / targets_bt.size
     w_c = w_vd.astype(dtype)
-    vocab_v = jnp.arange(w_vd.shape[0], dtype=targets_bt.dtype)
 
     def body(dw_vd, inp):
         x_bcd, t_bc = inp
         x_bcd = x_bcd.astype(dtype)
         logits_bcv = _logits(x_bcd, w_c, dtype)
-        nll, logz_bc = _nll_sum(logits_bcv, t_bc)
-        # d loss / d logits = (softmax - onehot) / (B T), made in one elementwise pass
-        onehot_bcv = vocab_v == t_bc[..., None]
-        g_bcv = ((jnp.exp(logits_bcv - logz_bc[..., None]) - onehot_bcv) * scale).astype(dtype)
-        dx_bcd = jnp.einsum("bcv,vd->bcd", g_bcv, w_c, preferred_element_type=jnp.float32)
-        dw_vd = dw_vd + jnp.einsum("bcv,bcd->vd", g_bcv, x_bcd, preferred_element_type=jnp.float32)
+        max_bc = jnp.max(logits_bcv, axis=-1)
+        p_bcv = jnp.exp(logits_bcv - max_bc[..., None])  # unnormalised softmax, in (0, 1]
+        sum_bc = jnp.sum(p_bcv, axis=-1)
+        gold_bc = jnp.take_along_axis(logits_bcv, t_bc[..., None], axis=-1)[..., 0]
+        nll = jnp.sum(max_bc + jnp.log(sum_bc) - gold_bc)
+        # d loss / d logits = (p / sum - onehot) * scale; the products take p and scale the rest
+        p_bcv = p_bcv.astype(dtype)
+        r_bc1 = (scale / sum_bc)[..., None]
+        x32_bcd = x_bcd.astype(jnp.float32)
+        dx_bcd = jnp.einsum("bcv,vd->bcd", p_bcv, w_c, preferred_element_type=jnp.float32)
+        dx_bcd = dx_bcd * r_bc1 - scale * w_c[t_bc].astype(jnp.float32)
+        xr_bcd = (x32_bcd * r_bc1).astype(dtype)
+        dw_vd = dw_vd + jnp.einsum("bcv,bcd->vd", p_bcv, xr_bcd, preferred_element_type=jnp.float32)
+        dw_vd = dw_vd.at[t_bc.reshape(-1)].add(-scale * x32_bcd.reshape(-1, D))
         return dw_vd, (nll, dx_bcd)
 
     dw0_vd = jnp.zeros(w_vd.shape, jnp.float32)

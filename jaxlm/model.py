@@ -64,6 +64,38 @@ class KVCache(NamedTuple):
         )
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x_btd: Array, scale_d: Array, bias_d: Array, eps: float) -> Array:
+    """LayerNorm over the last axis in float32 (as torch autocast runs it), in x's dtype.
+
+    The backward pass is written out because XLA's own recomputes the mean and variance inside
+    each of the fusions that need them (three row reductions where one pair suffices); keeping
+    mean and 1/std ([..., 1] each, float32) made the ts-33m CPU train step about 4-7% faster.
+    """
+    return _layer_norm_fwd(x_btd, scale_d, bias_d, eps)[0]
+
+
+def _layer_norm_fwd(x_btd, scale_d, bias_d, eps):
+    x = x_btd.astype(jnp.float32)
+    mean_bt1 = x.mean(-1, keepdims=True)
+    rstd_bt1 = jax.lax.rsqrt(jnp.square(x - mean_bt1).mean(-1, keepdims=True) + eps)
+    y = (x - mean_bt1) * rstd_bt1 * scale_d + bias_d
+    return y.astype(x_btd.dtype), (x_btd, mean_bt1, rstd_bt1, scale_d)
+
+
+def _layer_norm_bwd(eps, res, dy_btd):
+    x_btd, mean_bt1, rstd_bt1, scale_d = res
+    xhat = (x_btd.astype(jnp.float32) - mean_bt1) * rstd_bt1
+    dy = dy_btd.astype(jnp.float32)
+    g = dy * scale_d  # d loss / d xhat
+    dx = rstd_bt1 * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+    rows = tuple(range(dy.ndim - 1))
+    return dx.astype(x_btd.dtype), (dy * xhat).sum(rows), dy.sum(rows)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
 class LayerNorm(nnx.Module):
     """LayerNorm computed in float32 (as torch autocast does), returned in the compute dtype."""
 
@@ -73,11 +105,7 @@ class LayerNorm(nnx.Module):
         self.bias_d = _const((cfg.d_model,), ("norm",), 0.0)
 
     def __call__(self, x_btd: Array) -> Array:
-        x = x_btd.astype(jnp.float32)
-        mean = x.mean(-1, keepdims=True)
-        var = jnp.square(x - mean).mean(-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale_d[...] + self.bias_d[...]
-        return y.astype(x_btd.dtype)
+        return layer_norm(x_btd, self.scale_d[...], self.bias_d[...], self.eps)
 
 
 class Attention(nnx.Module):

@@ -235,3 +235,27 @@ def test_remat_gives_the_same_loss_and_gradients():
     np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(out[False][1]), jax.tree.leaves(out[True][1]), strict=True):
         np.testing.assert_allclose(b, a, atol=1e-6 * max(1e-3, float(jnp.abs(a).max())), rtol=0)
+
+
+def test_layer_norm_gradients_match_torch():
+    """layer_norm's hand-written backward against torch autograd's layer_norm, in float32."""
+    from jaxlm.model import layer_norm
+
+    r = np.random.RandomState(4)
+    x = (3.0 * r.randn(3, 5, 48) + 1.5).astype(np.float32)
+    scale, bias, dy = (
+        r.randn(48).astype(np.float32),
+        r.randn(48).astype(np.float32),
+        r.randn(3, 5, 48),
+    )
+    dy = dy.astype(np.float32)
+    tx, ts, tb = (torch.tensor(a, requires_grad=True) for a in (x, scale, bias))
+    ty = torch.nn.functional.layer_norm(tx, (48,), ts, tb, eps=1e-5)
+    ty.backward(torch.tensor(dy))
+
+    y, vjp = jax.vjp(lambda *a: layer_norm(*a, 1e-5), jnp.asarray(x), scale, bias)
+    grads = vjp(jnp.asarray(dy))
+    np.testing.assert_allclose(y, ty.detach().numpy(), atol=1e-5, rtol=0)
+    for g, t in zip(grads, (tx, ts, tb), strict=True):
+        ref = t.grad.numpy()
+        np.testing.assert_allclose(g, ref, atol=1e-5 * float(np.abs(ref).max()), rtol=0)
