@@ -34,8 +34,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 
+from jaxlm import overlay
 from jaxlm.config import preset
+from jaxlm.errors import UserError
 from jaxlm.train import OptimSection, flops_per_token, make_optimizer, make_train_step, peak_flops
 
 IMPLS = ("jaxlm", "torch-eager", "torch-compile")
@@ -86,22 +89,20 @@ def parse_impl(spec: str) -> tuple[str, dict[str, str]]:
 
 
 def _variant(cfg, overrides: dict[str, str], loss_impl: str, loss_chunk_rows: int):
-    """cfg and the loss settings with a jaxlm[...] impl's overrides applied."""
-    fields = {f.name for f in dataclasses.fields(cfg)}
+    """cfg and the loss settings with a jaxlm[...] impl's overrides applied; values are parsed as
+    YAML and typed and checked as `--set` overrides are (jaxlm.overlay)."""
     loss = {"loss_impl": loss_impl, "loss_chunk_rows": loss_chunk_rows}
-    changes = {}
+    model = {}
     for key, value in overrides.items():
-        if key in LOSS_KEYS:
-            loss[key] = int(value) if key == "loss_chunk_rows" else value
-        elif key in fields:
-            current = getattr(cfg, key)
-            if isinstance(current, bool):
-                changes[key] = value.lower() in ("1", "true", "yes")
-            else:
-                changes[key] = type(current)(value) if current is not None else value
-        else:
-            raise ValueError(f"jaxlm[{key}=...]: not a ModelConfig field nor one of {LOSS_KEYS}")
-    return cfg.replace(**changes) if changes else cfg, loss
+        (loss if key in LOSS_KEYS else model)[key] = yaml.safe_load(value)
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    for key in set(model) - set(fields):
+        raise UserError(f"jaxlm[{key}=...]: not a ModelConfig field nor one of {LOSS_KEYS}")
+    if model:
+        cfg = overlay.build(type(cfg), {**fields, **model}, "jaxlm")
+    if loss["loss_impl"] not in ("fused", "plain") or type(loss["loss_chunk_rows"]) is not int:
+        raise UserError(f"jaxlm[...]: loss_impl is fused or plain, loss_chunk_rows an int: {loss}")
+    return cfg, loss
 
 
 def jaxlm_runner(
@@ -312,10 +313,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--profile", metavar="DIR", help="trace the first jaxlm impl into DIR/PRESET")
     args = p.parse_args(argv)
     impls = [i for i in args.impls.split(",") if i]
-    for spec in impls:
+    for spec in impls:  # every spec and variant checked before anything long starts
         try:
-            parse_impl(spec)
-        except ValueError as e:
+            impl, overrides = parse_impl(spec)
+            _variant(preset("ts-1m"), overrides, args.loss_impl, args.loss_chunk_rows)
+        except (ValueError, UserError) as e:
             p.error(str(e))
 
     accel = jax.default_backend() != "cpu"

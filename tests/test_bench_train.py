@@ -31,3 +31,22 @@ def test_bench_train_prints_every_field_and_the_ratios():
         assert r["dtype"] == "float32" and r["mfu"] is None  # no known peak for a CPU
     assert "error" in by_impl["torch-compile"] or "tokens_per_s" in by_impl["torch-compile"]
     assert summary["ratios"]["ts-1m"]["jaxlm/torch-eager"] > 0
+
+
+def test_jaxlm_variants_are_typed_and_checked():
+    import importlib.util
+
+    from jaxlm.config import preset
+    from jaxlm.errors import UserError
+
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    impl, overrides = bench.parse_impl("jaxlm[remat=true+window_size=8+loss_chunk_rows=64]")
+    cfg, loss = bench._variant(preset("ts-1m"), overrides, "fused", 0)
+    assert (impl, cfg.remat, cfg.window_size) == ("jaxlm", True, 8)
+    assert loss == {"loss_impl": "fused", "loss_chunk_rows": 64}
+    bad = {"foo": "1", "attention_impl": "flash", "remat": "maybe", "loss_chunk_rows": "x"}
+    for key, value in bad.items():
+        with pytest.raises(UserError, match=key):
+            bench._variant(preset("ts-1m"), {key: value}, "fused", 0)
