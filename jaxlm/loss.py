@@ -103,18 +103,18 @@ def _lce_fwd(x_btd, w_vd, targets_bt, dtype, rows):
         # d loss / d logits = (p / sum - onehot) * scale; the products take p and scale the rest
         p_bcv = p_bcv.astype(dtype)
         r_bc1 = (scale / sum_bc)[..., None]
-        x32_bcd = x_bcd.astype(jnp.float32)
         dx_bcd = jnp.einsum("bcv,vd->bcd", p_bcv, w_c, preferred_element_type=jnp.float32)
-        dx_bcd = dx_bcd * r_bc1 - scale * w_c[t_bc].astype(jnp.float32)
-        xr_bcd = (x32_bcd * r_bc1).astype(dtype)
+        xr_bcd = (x_bcd.astype(jnp.float32) * r_bc1).astype(dtype)
         dw_vd = dw_vd + jnp.einsum("bcv,bcd->vd", p_bcv, xr_bcd, preferred_element_type=jnp.float32)
-        dw_vd = dw_vd.at[t_bc.reshape(-1)].add(-scale * x32_bcd.reshape(-1, D))
-        return dw_vd, (nll, dx_bcd)
+        return dw_vd, (nll, dx_bcd * r_bc1)
 
     dw0_vd = jnp.zeros(w_vd.shape, jnp.float32)
     dw_vd, (nll_k, dx_kbcd) = jax.lax.scan(body, dw0_vd, (x_kbcd, t_kbc))
-    dx_btd = dx_kbcd.swapaxes(0, 1).reshape(B, T, D).astype(x_btd.dtype)
-    return jnp.sum(nll_k) * scale, (dx_btd, dw_vd.astype(w_vd.dtype))
+    # the one-hot term, once for all chunks (sharded, a scatter in the loop cost an all-reduce each)
+    x32_btd = x_btd.astype(dtype).astype(jnp.float32)
+    dw_vd = dw_vd.at[targets_bt.reshape(-1)].add(-scale * x32_btd.reshape(-1, D))
+    dx_btd = dx_kbcd.swapaxes(0, 1).reshape(B, T, D) - scale * w_c[targets_bt].astype(jnp.float32)
+    return jnp.sum(nll_k) * scale, (dx_btd.astype(x_btd.dtype), dw_vd.astype(w_vd.dtype))
 
 
 def _lce_bwd(dtype, rows, res, g):
