@@ -13,8 +13,8 @@ GPT-Neo's quirks, all kept on purpose because the TinyStories checkpoints depend
   * input and output embeddings are tied; the activation is gelu_new (tanh approximation).
 
 Parameters are float32 master weights; `cfg.dtype` is the compute dtype (bfloat16 on accelerators).
-In bfloat16 the residual stream is bfloat16 too, as in MaxText and levanter (torch autocast keeps it
-float32): half the activation bytes. LayerNorm, attention scores and the softmax stay float32.
+In bfloat16 the residual stream is bfloat16 too (torch autocast keeps it float32): half the
+activation bytes. LayerNorm, attention scores and the softmax stay float32.
 Every parameter names its logical axes in `out_sharding`; configs/sharding.yaml maps them to the
 (data, fsdp, tensor) mesh. Dropout is absent: the TinyStories models were trained without it.
 """
