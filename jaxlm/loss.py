@@ -10,15 +10,16 @@ the stored gradients by the incoming cotangent. Same mathematics as the plain lo
 different order, so results agree to float rounding (tests/test_loss.py).
 
 Passes over a chunk's logits, the largest tensor: one for the row maximum, one that writes
-p = exp(logits - max) and sums it on the way. The gradient matmuls take p itself; the softmax's
-1/sum scales their small [B, C, D] sides, and the one-hot term is a gather of C embedding rows (d
-hidden) and a scatter-add of C hidden rows (d embedding). Normalising p and subtracting the one-hot
-first would cost one more read and write of the logits.
+p = exp(logits - max) and sums it on the way. The gradient matmuls take p itself and the softmax's
+1/sum scales their small [B, C, D] sides; the one-hot term, once per step, is a gather of the
+targets' embedding rows (d hidden) and a scatter-add of the hidden rows into them (d embedding).
+Normalising p and subtracting the one-hot first would cost one more read and write of the logits.
 
 Mixed precision follows torch autocast, which is what the PyTorch peers compute: in bfloat16 the
 hidden states and weights enter the matmuls in bf16, the logits come out in bf16 (autocast's linear
-returns bf16; the peers then upcast), log-softmax runs in float32, and the logit gradient is cast
-to bf16 for the two backward matmuls (accumulated in float32).
+returns bf16; the peers then upcast), log-softmax runs in float32, and p (the logit gradient but
+for its scale and one-hot term) is cast to bf16 for the two backward matmuls (accumulated in
+float32).
 """
 
 from __future__ import annotations
