@@ -3,6 +3,7 @@
 #   $OUT/bench.jsonl  bench_train.py lines: ts-33m (jaxlm variants, torch eager and compiled),
 #                     ts-8m, and ts-33m again with XLA's Triton GEMMs off (cuBLAS for every matmul)
 #   $OUT/trace_ts-33m.json.gz  a Perfetto trace of jaxlm's ts-33m train step (kernel times)
+#   $OUT/trace_summary.jsonl   scripts/trace_summary.py of it: ms per step by class, top fusions
 #   $OUT/hlo.tgz      the optimised HLO of the jitted steps (fusion names in the trace)
 # Usage: OUT=/tmp/out scripts/bench_gpu.sh   (wheels for missing packages: see the README's notes)
 set -u
@@ -24,5 +25,9 @@ XLA_FLAGS=--xla_gpu_enable_triton_gemm=false timeout 75 $B --presets ts-33m \
 
 trace=$(find /tmp/prof -name 'perfetto_trace.json.gz' | head -1)
 [ -n "$trace" ] && cp "$trace" "$OUT/trace_ts-33m.json.gz"
+# the first jit_step dumped is the first jaxlm impl's, the one traced
+hlo=$(ls -tr /tmp/hlo/*jit_step*after_optimizations.txt 2>/dev/null | head -1)
+[ -n "$trace" ] && python3 scripts/trace_summary.py "$OUT/trace_ts-33m.json.gz" --steps 10 \
+  ${hlo:+--hlo "$hlo"} | tee "$OUT/trace_summary.jsonl"
 (cd /tmp/hlo 2>/dev/null && tar czf "$OUT/hlo.tgz" ./*after_optimizations.txt)
 ls -la "$OUT"
