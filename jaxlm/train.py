@@ -223,6 +223,20 @@ def make_train_step(
     return step
 
 
+def _jit_train_step(graphdef, tx, cfg: TrainConfig, param_sh, opt_sh, tokens_sh):
+    """The train step jitted with its shardings, parameters and optimizer state donated: one
+    definition for training and for the ahead-of-time compile checks, so they compile the same."""
+    step = make_train_step(
+        graphdef, tx, cfg.grad_accum, cfg.model.loss_impl, cfg.model.loss_chunk_rows
+    )
+    return jax.jit(
+        step,
+        in_shardings=(param_sh, opt_sh, tokens_sh),
+        out_shardings=(param_sh, opt_sh, None),
+        donate_argnums=(0, 1),
+    )
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x parameters in matmuls + attention (PaLM appendix B)."""
     matmul_params = cfg.n_layers * (4 * cfg.d_model**2 + 2 * cfg.d_model * cfg.d_ff)
@@ -481,14 +495,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
         log.info("resumed from step %d in %s", start, workdir)
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
-    step_fn = jax.jit(
-        make_train_step(
-            graphdef, tx, cfg.grad_accum, cfg.model.loss_impl, cfg.model.loss_chunk_rows
-        ),
-        in_shardings=(param_sh, opt_sh, tokens_sharding),
-        out_shardings=(param_sh, opt_sh, None),
-        donate_argnums=(0, 1),
-    )
+    step_fn = _jit_train_step(graphdef, tx, cfg, param_sh, opt_sh, tokens_sharding)
     eval_fn = jax.jit(
         lambda p, t: next_token_loss(
             nnx.merge(graphdef, p), t, cfg.model.loss_impl, cfg.model.loss_chunk_rows
@@ -635,14 +642,7 @@ def abstract_train_step(
     B = global_batch or cfg.batch_size
     tok_sh = batch_sharding(mesh, 2, rules)
     tokens = jax.ShapeDtypeStruct((B, seq_len + 1), jnp.int32, sharding=tok_sh)
-    step = jax.jit(
-        make_train_step(
-            graphdef, tx, cfg.grad_accum, cfg.model.loss_impl, cfg.model.loss_chunk_rows
-        ),
-        in_shardings=(p_sh, opt_sh, tok_sh),
-        out_shardings=(p_sh, opt_sh, None),
-        donate_argnums=(0, 1),
-    )
+    step = _jit_train_step(graphdef, tx, cfg, p_sh, opt_sh, tok_sh)
     return _MeshJit(step, mesh, rules), (params_sds, opt_sds, tokens)
 
 
