@@ -78,12 +78,12 @@ def parse_impl(spec: str) -> tuple[str, dict[str, str]]:
     """'jaxlm[loss_impl=plain+loss_chunk_rows=4096]' -> ('jaxlm', {'loss_impl': 'plain', ...})."""
     m = re.fullmatch(r"([\w-]+)(?:\[(.*)\])?", spec)
     if not m or m[1] not in IMPLS or (m[2] and m[1] != "jaxlm"):
-        raise ValueError(f"impl {spec!r}: choose from {IMPLS}; only jaxlm takes [key=value+...]")
+        raise UserError(f"impl {spec!r}: choose from {IMPLS}; only jaxlm takes [key=value+...]")
     overrides = {}
     for kv in filter(None, (m[2] or "").split("+")):
         key, sep, value = kv.partition("=")
         if not sep:
-            raise ValueError(f"impl {spec!r}: {kv!r} is not key=value")
+            raise UserError(f"impl {spec!r}: {kv!r} is not key=value")
         overrides[key] = value
     return m[1], overrides
 
@@ -315,9 +315,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     impls = [i for i in args.impls.split(",") if i]
     for spec in impls:  # every spec and variant checked before anything long starts
         try:
-            impl, overrides = parse_impl(spec)
+            _, overrides = parse_impl(spec)
             _variant(preset("ts-1m"), overrides, args.loss_impl, args.loss_chunk_rows)
-        except (ValueError, UserError) as e:
+        except UserError as e:
             p.error(str(e))
 
     accel = jax.default_backend() != "cpu"
