@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of issue 4 in one short run (one H100 or H200, about 3 minutes):
-#   $OUT/bench.jsonl  bench_train.py lines: ts-33m (jaxlm variants, torch eager and compiled),
+#   $OUT/bench.jsonl  bench_train.py lines: ts-33m (jaxlm variants, torch eager and compiled,
+#                     the hand-written GPT-Neo of scripts/torch_gpt_neo.py compiled),
 #                     ts-8m, and ts-33m again with XLA's Triton GEMMs off (cuBLAS for every matmul),
 #                     then also with cuBLASLt
 #   $OUT/trace_ts-33m.json.gz  a Perfetto trace of jaxlm's ts-33m train step (kernel times)
@@ -16,8 +17,8 @@ nvidia-smi -L
 python3 -c 'import jax, flax, optax, torch, transformers as t; print(jax.__version__, flax.__version__, optax.__version__, torch.__version__, t.__version__, jax.devices())'
 
 XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step" \
-  timeout 240 $B --presets ts-33m --compile-timeout 120 --profile /tmp/prof \
-  --impls 'jaxlm,jaxlm[loss_chunk_rows=32768],jaxlm[loss_impl=plain],torch-eager,torch-compile' \
+  timeout 300 $B --presets ts-33m --compile-timeout 120 --profile /tmp/prof \
+  --impls 'jaxlm,jaxlm[loss_chunk_rows=32768],jaxlm[loss_impl=plain],torch-eager,torch-compile,torch-gpt-compile' \
   | tee "$OUT/bench.jsonl"
 timeout 60 $B --presets ts-8m --impls 'jaxlm,torch-eager' | tee -a "$OUT/bench.jsonl"
 XLA_FLAGS=--xla_gpu_enable_triton_gemm=false timeout 75 $B --presets ts-33m \

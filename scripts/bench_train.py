@@ -6,6 +6,10 @@ interleaved rounds (A B C A B C ...) so that noisy neighbours hit them alike; ea
 `--steps` steps and syncs once. Prints one JSON line per (preset, impl) with the median step,
 then one line with the jaxlm / torch ratios per preset.
 
+The torch impls: `torch-eager` and `torch-compile` run transformers' GPTNeoForCausalLM (the
+issue's peer); `torch-gpt` and `torch-gpt-compile` (on request) run the same parameters through
+scripts/torch_gpt_neo.py, a hand-written GPT-Neo with PyTorch's fused SDPA attention.
+
     python scripts/bench_train.py --presets ts-8m,ts-33m --batch 8 --steps 3 --rounds 3
 
 Variants of jaxlm run side by side as extra impls, `jaxlm[key=value+key=value]`, where a key is
@@ -41,7 +45,8 @@ from jaxlm.config import preset
 from jaxlm.errors import UserError
 from jaxlm.train import OptimSection, flops_per_token, make_optimizer, make_train_step, peak_flops
 
-IMPLS = ("jaxlm", "torch-eager", "torch-compile")
+IMPLS = ("jaxlm", "torch-eager", "torch-compile", "torch-gpt", "torch-gpt-compile")
+DEFAULT_IMPLS = IMPLS[:3]  # the hand-written torch-gpt peers on request
 
 
 class _Timeout(Exception):
@@ -131,15 +136,25 @@ def jaxlm_runner(
     return run
 
 
-def torch_runner(cfg, batches: np.ndarray, compiled: bool, accel: bool) -> Callable[[int], None]:
-    """The same step for transformers' GPTNeoForCausalLM: eager or torch.compile'd."""
+def torch_runner(
+    cfg, batches: np.ndarray, compiled: bool, accel: bool, hand: bool = False
+) -> Callable[[int], None]:
+    """The same step for transformers' GPTNeoForCausalLM, eager or torch.compile'd; hand: its
+    forward pass by scripts/torch_gpt_neo.py (SDPA attention) over the same parameters."""
     import torch
 
     from jaxlm.testing import random_hf_gpt_neo
 
     dev = "cuda" if accel else "cpu"
     model = random_hf_gpt_neo(cfg).to(dev).train()
-    fwd = torch.compile(model) if compiled else model
+    if hand:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from torch_gpt_neo import TorchGPTNeo
+
+        hand_model = TorchGPTNeo(model)
+        fwd = torch.compile(hand_model) if compiled else hand_model
+    else:
+        fwd = torch.compile(model) if compiled else model
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     o = OptimSection()
@@ -159,7 +174,7 @@ def torch_runner(cfg, batches: np.ndarray, compiled: bool, accel: bool) -> Calla
 
     def one(t) -> torch.Tensor:
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=accel):
-            logits_btv = fwd(input_ids=t[:, :-1]).logits
+            logits_btv = fwd(t[:, :-1]) if hand else fwd(input_ids=t[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(
             logits_btv.float().view(-1, V), t[:, 1:].reshape(-1)
         )
@@ -189,7 +204,7 @@ def bench_preset(name: str, impls: list[str], args, accel: bool, device: str) ->
     for spec in impls:  # build and warm up (compile) each
         impl, overrides = parse_impl(spec)
         t0 = time.perf_counter()
-        cancel = _alarm(args.compile_timeout if impl == "torch-compile" else 0)
+        cancel = _alarm(args.compile_timeout if impl.endswith("-compile") else 0)
         extra = {}
         try:
             if impl == "jaxlm":
@@ -208,14 +223,16 @@ def bench_preset(name: str, impls: list[str], args, accel: bool, device: str) ->
                 if overrides:
                     extra["overrides"] = overrides
             else:
-                run = torch_runner(cfg, batches, impl == "torch-compile", accel)
+                run = torch_runner(
+                    cfg, batches, impl.endswith("-compile"), accel, impl.startswith("torch-gpt")
+                )
                 run(1)
             compile_s = time.perf_counter() - t0
             if args.warmup:
                 run(args.warmup)
         except Exception as e:  # torch.compile may be unsupported or too slow here
             cancel()
-            if impl == "torch-compile":
+            if impl.endswith("-compile"):
                 import torch
 
                 torch._dynamo.reset()
@@ -234,9 +251,11 @@ def bench_preset(name: str, impls: list[str], args, accel: bool, device: str) ->
     peak = peak_flops(jax.devices()[0]) if accel else None
     for impl in runners:
         r = results[impl]
-        step_s = statistics.median(r.pop("times"))
+        times = r.pop("times")
+        step_s = statistics.median(times)
         tps = tokens / step_s
         r["step_ms_median"] = round(step_s * 1e3, 2)
+        r["step_ms_min"] = round(min(times) * 1e3, 2)  # the round least disturbed by the others
         r["tokens_per_s"] = round(tps, 1)
         r["mfu"] = round(tps * flops_per_token(cfg, args.seq_len) / peak, 4) if peak else None
     if args.profile and (first := next((s for s in runners if s.startswith("jaxlm")), None)):
@@ -299,7 +318,7 @@ def breakdown(name: str, args, accel: bool, device: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="ts-8m,ts-33m")
-    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--impls", default=",".join(DEFAULT_IMPLS))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--vocab-size", type=int, default=32000)
@@ -341,7 +360,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in {r["preset"] for r in lines}:
         tps = {r["impl"]: r.get("tokens_per_s") for r in lines if r["preset"] == name}
         for ours in [i for i in tps if i.startswith("jaxlm")]:
-            for other in ("torch-eager", "torch-compile"):
+            for other in IMPLS[1:]:
                 if tps.get(ours) and tps.get(other):
                     ratio = round(tps[ours] / tps[other], 3)
                     ratios.setdefault(name, {})[f"{ours}/{other}"] = ratio

@@ -50,3 +50,27 @@ def test_jaxlm_variants_are_typed_and_checked():
     for key, value in bad.items():
         with pytest.raises(UserError, match=key):
             bench._variant(preset("ts-1m"), {key: value}, "fused", 0)
+
+
+def test_hand_written_torch_peer_is_gpt_neo():
+    """scripts/torch_gpt_neo.py (the fast torch peer) gives transformers' GPT-Neo logits: unscaled
+    scores, local layers' window, tanh GELU. Larger q/k weights make the attention scale matter."""
+    import torch
+
+    from jaxlm.config import preset
+    from jaxlm.testing import random_hf_gpt_neo
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from torch_gpt_neo import TorchGPTNeo
+
+    cfg = preset("ts-1m", vocab_size=128).replace(window_size=4)  # 16 tokens overflow the window
+    hf = random_hf_gpt_neo(cfg, seed=1)
+    with torch.no_grad():
+        for block in hf.transformer.h:
+            block.attn.attention.q_proj.weight.mul_(20)
+            block.attn.attention.k_proj.weight.mul_(20)
+        ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+        want = hf(input_ids=ids).logits
+        got = TorchGPTNeo(hf)(ids)
+    assert want.abs().max() > 0.3
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
