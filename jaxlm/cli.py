@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import sys
 
+from jaxlm import xla_env
 from jaxlm.errors import UserError
 
 _COMMAND_MODULES = (
@@ -35,6 +36,7 @@ def build_parser(
 
 def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     """Parse, run the subcommand, and turn a user's mistake into one line and exit code 2."""
+    xla_env.apply_defaults()  # before anything starts the JAX backend
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

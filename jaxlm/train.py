@@ -50,7 +50,7 @@ class ModelSection:
     attention_impl: Literal["xla", "cudnn", "auto"] = "auto"  # auto: cuDNN flash on GPUs in bf16
     remat: bool = False  # recompute blocks in the backward pass to save memory
     loss_impl: Literal["fused", "plain"] = "fused"  # fused: output projection + CE in chunks
-    loss_chunk_rows: int = 0  # (b, t) rows per fused-loss chunk; 0: 1024 on CPU, 8192 elsewhere
+    loss_chunk_rows: int = 0  # (b, t) rows per fused-loss chunk; 0: by backend (next_token_loss)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +172,12 @@ def make_optimizer(o: OptimSection, steps: int) -> optax.GradientTransformation:
     return optax.chain(*parts), lr
 
 
+# Fused-loss chunk rows by backend. GPU: one chunk for a 64 x 512 batch ran 1.3-2.5% faster than
+# 8192 rows on an H200 (fewer passes over the float32 d-embedding carry); the logits and p of the
+# chunk then take 4.2 GB in bf16. TPU keeps 8192 for its smaller HBM; CPU: 256-2048 measured alike.
+_LOSS_CHUNK_ROWS = {"cpu": 1024, "gpu": 32768}
+
+
 def next_token_loss(
     model: GPTNeo, tokens_bt1: jax.Array, impl: str = "fused", rows: int = 0
 ) -> jax.Array:
@@ -181,7 +187,7 @@ def next_token_loss(
     targets_bt = tokens_bt1[:, 1:]
     if impl == "fused":
         x_btd = model(tokens_bt1[:, :-1], head=False)
-        rows = rows or (1024 if jax.default_backend() == "cpu" else 8192)
+        rows = rows or _LOSS_CHUNK_ROWS.get(jax.default_backend(), 8192)
         return linear_cross_entropy(x_btd, model.wte_vd[...], targets_bt, model.cfg.dtype, rows)
     logits_btv = model(tokens_bt1[:, :-1])
     logz_bt = jax.nn.logsumexp(logits_btv, axis=-1)

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from jaxlm import overlay
+from jaxlm import overlay, xla_env
 from jaxlm.config import preset
 from jaxlm.errors import UserError
 from jaxlm.train import OptimSection, flops_per_token, make_optimizer, make_train_step, peak_flops
@@ -316,6 +316,7 @@ def breakdown(name: str, args, accel: bool, device: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    xla_env.apply_defaults()  # measure the trainer's XLA settings (before the backend starts)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="ts-8m,ts-33m")
     p.add_argument("--impls", default=",".join(DEFAULT_IMPLS))
