@@ -146,15 +146,13 @@ def torch_runner(
     from jaxlm.testing import random_hf_gpt_neo
 
     dev = "cuda" if accel else "cpu"
-    model = random_hf_gpt_neo(cfg).to(dev).train()
+    model = net = random_hf_gpt_neo(cfg).to(dev).train()
     if hand:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from torch_gpt_neo import TorchGPTNeo
 
-        hand_model = TorchGPTNeo(model)
-        fwd = torch.compile(hand_model) if compiled else hand_model
-    else:
-        fwd = torch.compile(model) if compiled else model
+        net = TorchGPTNeo(model)
+    fwd = torch.compile(net) if compiled else net
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     o = OptimSection()
