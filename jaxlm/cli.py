@@ -12,7 +12,6 @@ import importlib
 import importlib.util
 import sys
 
-from jaxlm import xla_env
 from jaxlm.errors import UserError
 
 _COMMAND_MODULES = (
@@ -36,7 +35,6 @@ def build_parser(
 
 def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     """Parse, run the subcommand, and turn a user's mistake into one line and exit code 2."""
-    xla_env.apply_defaults()  # before anything starts the JAX backend
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -35,6 +35,7 @@ from jaxlm.errors import UserError
 from jaxlm.loss import linear_cross_entropy
 from jaxlm.model import GPTNeo, init_model
 from jaxlm.sharding import DEFAULT_RULES, batch_sharding, load_rules, make_mesh, use_mesh
+from jaxlm.xla_options import compiler_options
 
 log = logging.getLogger("jaxlm.train")
 
@@ -229,17 +230,22 @@ def make_train_step(
     return step
 
 
-def _jit_train_step(graphdef, tx, cfg: TrainConfig, param_sh, opt_sh, tokens_sh):
+def _jit_train_step(
+    graphdef, tx, cfg: TrainConfig, param_sh, opt_sh, tokens_sh, platform: str | None = None
+):
     """The train step jitted with its shardings, parameters and optimizer state donated: one
-    definition for training and for the ahead-of-time compile checks, so they compile the same."""
-    step = make_train_step(
-        graphdef, tx, cfg.grad_accum, cfg.model.loss_impl, cfg.model.loss_chunk_rows
-    )
+    definition for training and for the ahead-of-time compile checks, so they compile the same.
+    `platform` (default: jax's backend) picks the loss chunk and XLA options, so an AOT compile
+    for a TPU from a CPU host gets the TPU's."""
+    platform = platform or jax.default_backend()
+    rows = cfg.model.loss_chunk_rows or _LOSS_CHUNK_ROWS.get(platform, 8192)
+    step = make_train_step(graphdef, tx, cfg.grad_accum, cfg.model.loss_impl, rows)
     return jax.jit(
         step,
         in_shardings=(param_sh, opt_sh, tokens_sh),
         out_shardings=(param_sh, opt_sh, None),
         donate_argnums=(0, 1),
+        compiler_options=compiler_options(platform),
     )
 
 
@@ -507,6 +513,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
             nnx.merge(graphdef, p), t, cfg.model.loss_impl, cfg.model.loss_chunk_rows
         ),
         in_shardings=(param_sh, tokens_sharding),
+        compiler_options=compiler_options(),
     )
 
     val_sources = run.val_sources
@@ -648,7 +655,7 @@ def abstract_train_step(
     B = global_batch or cfg.batch_size
     tok_sh = batch_sharding(mesh, 2, rules)
     tokens = jax.ShapeDtypeStruct((B, seq_len + 1), jnp.int32, sharding=tok_sh)
-    step = _jit_train_step(graphdef, tx, cfg, p_sh, opt_sh, tok_sh)
+    step = _jit_train_step(graphdef, tx, cfg, p_sh, opt_sh, tok_sh, mesh.devices.flat[0].platform)
     return _MeshJit(step, mesh, rules), (params_sds, opt_sds, tokens)
 
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU figures of issue 4 in one short run (one H100 or H200, about 3 minutes):
-#   $OUT/bench.jsonl  bench_train.py lines: ts-33m (jaxlm and variants, transformers' GPT-Neo eager
-#                     and compiled, the hand-written GPT-Neo of scripts/torch_gpt_neo.py compiled),
-#                     ts-8m, and ts-33m again with XLA's Triton GEMMs on (jaxlm turns them off by
-#                     default, jaxlm/xla_env.py), to re-check that default
+# The GPU figures of issue 4 in one short run (one H100 or H200, about 4 minutes):
+#   $OUT/bench.jsonl  bench_train.py lines: ts-33m (jaxlm; with XLA's Triton GEMMs back on, which
+#                     jaxlm turns off by default (jaxlm/xla_options.py); other loss settings;
+#                     transformers' GPT-Neo eager and compiled; the hand-written GPT-Neo of
+#                     scripts/torch_gpt_neo.py compiled), ts-8m, then ts-33m under candidate XLA
+#                     options, each A/B'd against plain jaxlm in the same process
 #   $OUT/trace_ts-33m.json.gz  a Perfetto trace of jaxlm's ts-33m train step (kernel times)
 #   $OUT/trace_summary.jsonl   scripts/trace_summary.py of it: ms per step by class, top fusions
 #   $OUT/hlo.tgz      the optimised HLO of the jitted steps (fusion names in the trace)
@@ -16,14 +17,15 @@ B="python3 scripts/bench_train.py --batch 64 --seq-len 512 --steps 20 --rounds 5
 nvidia-smi -L
 python3 -c 'import jax, flax, optax, torch, transformers as t; print(jax.__version__, flax.__version__, optax.__version__, torch.__version__, t.__version__, jax.devices())'
 
-# bench_train adds jaxlm's default XLA flags to these (jaxlm/xla_env.py)
 XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step" \
   timeout 300 $B --presets ts-33m --compile-timeout 120 --profile /tmp/prof \
-  --impls 'jaxlm,jaxlm[loss_chunk_rows=8192],jaxlm[loss_impl=plain],torch-eager,torch-compile,torch-gpt-compile' \
+  --impls 'jaxlm,jaxlm[xla_gpu_enable_triton_gemm=true],jaxlm[loss_chunk_rows=8192],jaxlm[loss_impl=plain],torch-eager,torch-compile,torch-gpt-compile' \
   | tee "$OUT/bench.jsonl"
 timeout 60 $B --presets ts-8m --impls 'jaxlm,torch-eager' | tee -a "$OUT/bench.jsonl"
-XLA_FLAGS=--xla_gpu_enable_triton_gemm=true timeout 75 $B --presets ts-33m \
-  --impls 'jaxlm,torch-eager' | sed 's/"impl": "/"impl": "triton:/' | tee -a "$OUT/bench.jsonl"
+# candidates for the next default: no q/k/v dot merging (no slices), cuDNN LayerNorm and GEMM
+# fusions, the fusion autotuner
+timeout 150 $B --presets ts-33m --impls 'jaxlm,jaxlm[xla_gpu_dot_merger_threshold_mb=0],jaxlm[xla_gpu_enable_cudnn_layer_norm=true],jaxlm[xla_gpu_cudnn_gemm_fusion_level=2],jaxlm[xla_gpu_experimental_enable_fusion_autotuner=true]' \
+  | sed 's/"impl": "/"impl": "sweep:/' | tee -a "$OUT/bench.jsonl"
 
 trace=$(find /tmp/prof -name 'perfetto_trace.json.gz' | head -1)
 [ -n "$trace" ] && cp "$trace" "$OUT/trace_ts-33m.json.gz"

@@ -13,9 +13,10 @@ scripts/torch_gpt_neo.py, a hand-written GPT-Neo with PyTorch's fused SDPA atten
     python scripts/bench_train.py --presets ts-8m,ts-33m --batch 8 --steps 3 --rounds 3
 
 Variants of jaxlm run side by side as extra impls, `jaxlm[key=value+key=value]`, where a key is
-`loss_impl`, `loss_chunk_rows` or a ModelConfig field, e.g.
-`--impls jaxlm,jaxlm[loss_impl=plain],jaxlm[loss_chunk_rows=32768],torch-eager`. `--profile DIR`
-writes a jax.profiler trace (Perfetto JSON too) of a few steps of the first jaxlm impl.
+`loss_impl`, `loss_chunk_rows`, a ModelConfig field or an XLA option (`xla_...`), e.g.
+`--impls jaxlm,jaxlm[loss_impl=plain],jaxlm[xla_gpu_enable_triton_gemm=true],torch-eager`.
+`--profile DIR` writes a jax.profiler trace (Perfetto JSON too) of a few steps of the first jaxlm
+impl.
 
 fp32 on CPU; bf16 on accelerators (torch autocast with fp32 master weights; jaxlm
 dtype=bfloat16 with fp32 params and cuDNN flash attention).
@@ -40,10 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from jaxlm import overlay, xla_env
+from jaxlm import overlay
 from jaxlm.config import preset
 from jaxlm.errors import UserError
 from jaxlm.train import OptimSection, flops_per_token, make_optimizer, make_train_step, peak_flops
+from jaxlm.xla_options import compiler_options
 
 IMPLS = ("jaxlm", "torch-eager", "torch-compile", "torch-gpt", "torch-gpt-compile")
 DEFAULT_IMPLS = IMPLS[:3]  # the hand-written torch-gpt peers on request
@@ -94,26 +96,38 @@ def parse_impl(spec: str) -> tuple[str, dict[str, str]]:
 
 
 def _variant(cfg, overrides: dict[str, str], loss_impl: str, loss_chunk_rows: int):
-    """cfg and the loss settings with a jaxlm[...] impl's overrides applied; values are parsed as
-    YAML and typed and checked as `--set` overrides are (jaxlm.overlay)."""
-    loss = {"loss_impl": loss_impl, "loss_chunk_rows": loss_chunk_rows}
+    """cfg and jaxlm_runner's keywords with a jaxlm[...] impl's overrides applied. Values are
+    parsed as YAML; ModelConfig fields are typed and checked as `--set` overrides are
+    (jaxlm.overlay); keys starting `xla_` are XLA compiler options for the train step, on top of
+    jaxlm's defaults (jaxlm.xla_options; XLA rejects an unknown one when it compiles)."""
+    kw = {"loss_impl": loss_impl, "loss_chunk_rows": loss_chunk_rows, "xla_options": {}}
     model = {}
     for key, value in overrides.items():
-        (loss if key in LOSS_KEYS else model)[key] = yaml.safe_load(value)
+        value = yaml.safe_load(value)
+        if key.startswith("xla_"):
+            kw["xla_options"][key] = value
+        else:
+            (kw if key in LOSS_KEYS else model)[key] = value
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     for key in set(model) - set(fields):
-        raise UserError(f"jaxlm[{key}=...]: not a ModelConfig field nor one of {LOSS_KEYS}")
+        raise UserError(f"jaxlm[{key}=...]: not a ModelConfig field, xla_ option nor {LOSS_KEYS}")
     if model:
         cfg = overlay.build(type(cfg), {**fields, **model}, "jaxlm")
-    if loss["loss_impl"] not in ("fused", "plain") or type(loss["loss_chunk_rows"]) is not int:
-        raise UserError(f"jaxlm[...]: loss_impl is fused or plain, loss_chunk_rows an int: {loss}")
-    return cfg, loss
+    if kw["loss_impl"] not in ("fused", "plain") or type(kw["loss_chunk_rows"]) is not int:
+        raise UserError(f"jaxlm[...]: loss_impl is fused or plain, loss_chunk_rows an int: {kw}")
+    return cfg, kw
 
 
 def jaxlm_runner(
-    cfg, batches: np.ndarray, steps: int, loss_impl: str = "fused", loss_chunk_rows: int = 0
+    cfg,
+    batches: np.ndarray,
+    steps: int,
+    loss_impl: str = "fused",
+    loss_chunk_rows: int = 0,
+    xla_options: dict | None = None,
 ) -> Callable[[int], None]:
-    """A function running k jitted train steps (params and optimizer state donated)."""
+    """A function running k jitted train steps (params and optimizer state donated), compiled
+    with the trainer's XLA options plus `xla_options`."""
     from flax import nnx
 
     from jaxlm.model import init_model
@@ -121,7 +135,8 @@ def jaxlm_runner(
     graphdef, params = nnx.split(init_model(cfg, 0), nnx.Param)
     tx, _ = make_optimizer(OptimSection(), steps)
     train_step = make_train_step(graphdef, tx, 1, loss_impl, loss_chunk_rows)
-    step = jax.jit(train_step, donate_argnums=(0, 1))
+    opts = compiler_options(extra=xla_options)
+    step = jax.jit(train_step, donate_argnums=(0, 1), compiler_options=opts)
     tokens = [jax.device_put(jnp.asarray(b)) for b in batches]
     state = {"params": params, "opt": tx.init(params), "i": 0}
 
@@ -206,17 +221,17 @@ def bench_preset(name: str, impls: list[str], args, accel: bool, device: str) ->
         extra = {}
         try:
             if impl == "jaxlm":
-                vcfg, loss = _variant(cfg, overrides, args.loss_impl, args.loss_chunk_rows)
-                extra = {"attention_impl": vcfg.attention_impl, **loss}
+                vcfg, kw = _variant(cfg, overrides, args.loss_impl, args.loss_chunk_rows)
+                extra = {"attention_impl": vcfg.attention_impl, **kw}
                 try:
-                    run = jaxlm_runner(vcfg, batches, args.steps, **loss)
+                    run = jaxlm_runner(vcfg, batches, args.steps, **kw)
                     run(1)
                 except Exception as e:  # no cuDNN flash here: say so, fall back to XLA's
                     if vcfg.attention_impl == "xla":
                         raise
                     extra.update(attention_impl="xla", cudnn_error=str(e)[:300])
                     vcfg = vcfg.replace(attention_impl="xla")
-                    run = jaxlm_runner(vcfg, batches, args.steps, **loss)
+                    run = jaxlm_runner(vcfg, batches, args.steps, **kw)
                     run(1)
                 if overrides:
                     extra["overrides"] = overrides
@@ -314,7 +329,6 @@ def breakdown(name: str, args, accel: bool, device: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    xla_env.apply_defaults()  # measure the trainer's XLA settings (before the backend starts)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="ts-8m,ts-33m")
     p.add_argument("--impls", default=",".join(DEFAULT_IMPLS))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxlm import xla_env
 from jaxlm.demo import Demo, DemoConfig
 from jaxlm.errors import UserError
 
@@ -25,7 +24,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sae-config", default=DemoConfig.sae_config)
     p.add_argument("--samples", type=int, default=DemoConfig.n_samples)
     args = p.parse_args(argv)
-    xla_env.apply_defaults()  # the trainer's XLA flags, before the backend starts
     cfg = DemoConfig(n_translated=args.n_translated, pretrain_config=args.pretrain_config,
                      cpt_config=args.cpt_config, n_samples=args.samples,
                      sae_config=args.sae_config)  # fmt: skip

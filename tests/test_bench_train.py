@@ -18,12 +18,16 @@ TINY = ["--presets", "ts-1m", "--vocab-size", "128", "--seq-len", "16", "--batch
 
 
 def test_bench_train_prints_every_field_and_the_ratios():
-    # 0.5 s is too little for torch.compile: its failure must come back as a JSON line
-    argv = [sys.executable, str(SCRIPT), *TINY, "--compile-timeout", "0.5"]
+    # 0.5 s is too little for torch.compile: its failure must come back as a JSON line, as must
+    # a variant's XLA option that XLA does not know
+    bad_xla = "jaxlm[xla_no_such_option=1]"
+    impls = ["--impls", f"jaxlm,torch-eager,torch-compile,{bad_xla}"]
+    argv = [sys.executable, str(SCRIPT), *TINY, *impls, "--compile-timeout", "0.5"]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True).stdout
     *lines, summary = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     by_impl = {r["impl"]: r for r in lines}
-    assert set(by_impl) == {"jaxlm", "torch-eager", "torch-compile"}
+    assert set(by_impl) == {"jaxlm", "torch-eager", "torch-compile", bad_xla}
+    assert "xla_no_such_option" in by_impl[bad_xla]["error"]
     for impl in ("jaxlm", "torch-eager"):
         r = by_impl[impl]
         assert FIELDS <= set(r), FIELDS - set(r)
@@ -42,10 +46,12 @@ def test_jaxlm_variants_are_typed_and_checked():
     spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    impl, overrides = bench.parse_impl("jaxlm[remat=true+window_size=8+loss_chunk_rows=64]")
-    cfg, loss = bench._variant(preset("ts-1m"), overrides, "fused", 0)
+    spec = "jaxlm[remat=true+window_size=8+loss_chunk_rows=64+xla_gpu_enable_triton_gemm=true]"
+    impl, overrides = bench.parse_impl(spec)
+    cfg, kw = bench._variant(preset("ts-1m"), overrides, "fused", 0)
     assert (impl, cfg.remat, cfg.window_size) == ("jaxlm", True, 8)
-    assert loss == {"loss_impl": "fused", "loss_chunk_rows": 64}
+    xla = {"xla_gpu_enable_triton_gemm": True}
+    assert kw == {"loss_impl": "fused", "loss_chunk_rows": 64, "xla_options": xla}
     bad = {"foo": "1", "attention_impl": "flash", "remat": "maybe", "loss_chunk_rows": "x"}
     for key, value in bad.items():
         with pytest.raises(UserError, match=key):
