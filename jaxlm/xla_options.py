@@ -1,8 +1,8 @@
 """XLA compiler options for jaxlm's jitted train and eval steps, by backend.
 
 Why: on an H200 the ts-33m bf16 train step ran 2-5% faster with XLA's Triton GEMM emitter off, so
-that cuBLAS runs every matmul (26.48 -> 25.24 ms and 26.86 -> 26.27 ms per step, on two machines;
-README, Development). They are passed to `jax.jit(compiler_options=...)` of those steps only, so
+that cuBLAS runs every matmul (26.48 -> 25.24, 26.86 -> 26.27 and 26.11 -> 25.43 ms per step, on
+three machines; README, Development). They are passed to `jax.jit(compiler_options=...)` of those steps only, so
 library callers get them too and nothing else in the process changes. A flag the user names in
 XLA_FLAGS is left to that setting.
 """
