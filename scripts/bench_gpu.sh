@@ -13,6 +13,7 @@ set -u
 OUT=${OUT:-/tmp/bench_gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.6  # leave torch room in one process
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # jaxlm from this checkout, installed or not
 B="python3 scripts/bench_train.py --batch 64 --seq-len 512 --steps 20 --rounds 5"
 nvidia-smi -L
 python3 -c 'import jax, flax, optax, torch, transformers as t; print(jax.__version__, flax.__version__, optax.__version__, torch.__version__, t.__version__, jax.devices())'
