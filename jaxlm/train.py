@@ -51,7 +51,7 @@ class ModelSection:
     attention_impl: Literal["xla", "cudnn", "auto"] = "auto"  # auto: cuDNN flash on GPUs in bf16
     remat: bool = False  # recompute blocks in the backward pass to save memory
     loss_impl: Literal["fused", "plain"] = "fused"  # fused: output projection + CE in chunks
-    loss_chunk_rows: int = 0  # (b, t) rows per fused-loss chunk; 0: by backend (next_token_loss)
+    loss_chunk_rows: int = 0  # (b, t) rows per fused-loss chunk; 0: default_loss_chunk_rows()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +179,11 @@ def make_optimizer(o: OptimSection, steps: int) -> optax.GradientTransformation:
 _LOSS_CHUNK_ROWS = {"cpu": 1024, "gpu": 32768}
 
 
+def default_loss_chunk_rows(platform: str | None = None) -> int:
+    """Fused-loss chunk rows for `platform` (jax's default backend if None)."""
+    return _LOSS_CHUNK_ROWS.get(platform or jax.default_backend(), 8192)
+
+
 def next_token_loss(
     model: GPTNeo, tokens_bt1: jax.Array, impl: str = "fused", rows: int = 0
 ) -> jax.Array:
@@ -188,7 +193,7 @@ def next_token_loss(
     targets_bt = tokens_bt1[:, 1:]
     if impl == "fused":
         x_btd = model(tokens_bt1[:, :-1], head=False)
-        rows = rows or _LOSS_CHUNK_ROWS.get(jax.default_backend(), 8192)
+        rows = rows or default_loss_chunk_rows()
         return linear_cross_entropy(x_btd, model.wte_vd[...], targets_bt, model.cfg.dtype, rows)
     logits_btv = model(tokens_bt1[:, :-1])
     logz_bt = jax.nn.logsumexp(logits_btv, axis=-1)
@@ -238,7 +243,7 @@ def _jit_train_step(
     `platform` (default: jax's backend) picks the loss chunk and XLA options, so an AOT compile
     for a TPU from a CPU host gets the TPU's."""
     platform = platform or jax.default_backend()
-    rows = cfg.model.loss_chunk_rows or _LOSS_CHUNK_ROWS.get(platform, 8192)
+    rows = cfg.model.loss_chunk_rows or default_loss_chunk_rows(platform)
     step = make_train_step(graphdef, tx, cfg.grad_accum, cfg.model.loss_impl, rows)
     return jax.jit(
         step,

@@ -2,9 +2,9 @@
 
 Why: on an H200 the ts-33m bf16 train step ran 2-5% faster with XLA's Triton GEMM emitter off, so
 that cuBLAS runs every matmul (26.48 -> 25.24, 26.86 -> 26.27 and 26.11 -> 25.43 ms per step, on
-three machines; README, Development). They are passed to `jax.jit(compiler_options=...)` of those steps only, so
-library callers get them too and nothing else in the process changes. A flag the user names in
-XLA_FLAGS is left to that setting.
+three machines; README, Development). They are passed to `jax.jit(compiler_options=...)` of those
+steps only, so library callers get them too and nothing else in the process changes. A flag the
+user names in XLA_FLAGS is left to that setting.
 """
 
 from __future__ import annotations
