@@ -12,9 +12,12 @@ scripts/torch_gpt_neo.py, a hand-written GPT-Neo with PyTorch's fused SDPA atten
 
     python scripts/bench_train.py --presets ts-8m,ts-33m --batch 8 --steps 3 --rounds 3
 
-Variants of jaxlm run side by side as extra impls, `jaxlm[key=value+key=value]`, where a key is
+Variants run side by side as extra impls, `impl[key=value+key=value]`. For jaxlm a key is
 `loss_impl`, `loss_chunk_rows`, a ModelConfig field or an XLA option (`xla_...`), e.g.
-`--impls jaxlm,jaxlm[loss_impl=plain],jaxlm[xla_gpu_enable_triton_gemm=true],torch-eager`.
+`--impls jaxlm,jaxlm[loss_impl=plain],jaxlm[xla_gpu_enable_triton_gemm=true],torch-eager`; the
+torch impls take ModelConfig fields, e.g. `jaxlm[window_size=512],torch-gpt[window_size=512]`
+(at 512 tokens every layer is then global: the nanoGPT-like "flash everywhere" model, not the
+TinyStories one). The ratios pair each jaxlm impl with the torch impls on the same model.
 `--profile DIR` writes a jax.profiler trace (Perfetto JSON too) of a few steps of the first jaxlm
 impl.
 
@@ -84,8 +87,8 @@ LOSS_KEYS = ("loss_impl", "loss_chunk_rows")
 def parse_impl(spec: str) -> tuple[str, dict[str, str]]:
     """'jaxlm[loss_impl=plain+loss_chunk_rows=4096]' -> ('jaxlm', {'loss_impl': 'plain', ...})."""
     m = re.fullmatch(r"([\w-]+)(?:\[(.*)\])?", spec)
-    if not m or m[1] not in IMPLS or (m[2] and m[1] != "jaxlm"):
-        raise UserError(f"impl {spec!r}: choose from {IMPLS}; only jaxlm takes [key=value+...]")
+    if not m or m[1] not in IMPLS:
+        raise UserError(f"impl {spec!r}: choose from {IMPLS}, each with [key=value+...] or not")
     overrides = {}
     for kv in filter(None, (m[2] or "").split("+")):
         key, sep, value = kv.partition("=")
@@ -95,15 +98,25 @@ def parse_impl(spec: str) -> tuple[str, dict[str, str]]:
     return m[1], overrides
 
 
-def _variant(cfg, overrides: dict[str, str], loss_impl: str, loss_chunk_rows: int):
-    """cfg and jaxlm_runner's keywords with a jaxlm[...] impl's overrides applied. Values are
-    parsed as YAML; ModelConfig fields are typed and checked as `--set` overrides are
-    (jaxlm.overlay); keys starting `xla_` are XLA compiler options for the train step, on top of
+def _model_overrides(spec: str) -> dict[str, str]:
+    """The overrides of an impl spec that change the model (not jaxlm's loss or XLA options)."""
+    return {k: v for k, v in parse_impl(spec)[1].items()
+            if not k.startswith("xla_") and k not in LOSS_KEYS}  # fmt: skip
+
+
+def _variant(
+    cfg, overrides: dict[str, str], loss_impl: str, loss_chunk_rows: int, impl: str = "jaxlm"
+):
+    """cfg and jaxlm_runner's keywords with an impl[...]'s overrides applied. Values are parsed
+    as YAML; ModelConfig fields are typed and checked as `--set` overrides are (jaxlm.overlay);
+    for jaxlm, keys starting `xla_` are XLA compiler options for the train step, on top of
     jaxlm's defaults (jaxlm.xla_options; XLA rejects an unknown one when it compiles)."""
     kw = {"loss_impl": loss_impl, "loss_chunk_rows": loss_chunk_rows, "xla_options": {}}
     model = {}
     for key, value in overrides.items():
         value = yaml.safe_load(value)
+        if impl != "jaxlm" and (key.startswith("xla_") or key in LOSS_KEYS):
+            raise UserError(f"{impl}[{key}=...]: the torch impls take ModelConfig fields only")
         if key.startswith("xla_"):
             kw["xla_options"][key] = value
         else:
@@ -220,8 +233,8 @@ def bench_preset(name: str, impls: list[str], args, accel: bool, device: str) ->
         cancel = _alarm(args.compile_timeout if impl.endswith("-compile") else 0)
         extra = {}
         try:
+            vcfg, kw = _variant(cfg, overrides, args.loss_impl, args.loss_chunk_rows, impl)
             if impl == "jaxlm":
-                vcfg, kw = _variant(cfg, overrides, args.loss_impl, args.loss_chunk_rows)
                 extra = {"attention_impl": vcfg.attention_impl, **kw}
                 try:
                     run = jaxlm_runner(vcfg, batches, args.steps, **kw)
@@ -233,13 +246,13 @@ def bench_preset(name: str, impls: list[str], args, accel: bool, device: str) ->
                     vcfg = vcfg.replace(attention_impl="xla")
                     run = jaxlm_runner(vcfg, batches, args.steps, **kw)
                     run(1)
-                if overrides:
-                    extra["overrides"] = overrides
             else:
                 run = torch_runner(
-                    cfg, batches, impl.endswith("-compile"), accel, impl.startswith("torch-gpt")
+                    vcfg, batches, impl.endswith("-compile"), accel, impl.startswith("torch-gpt")
                 )
                 run(1)
+            if overrides:
+                extra["overrides"] = overrides
             compile_s = time.perf_counter() - t0
             if args.warmup:
                 run(args.warmup)
@@ -328,6 +341,21 @@ def breakdown(name: str, args, accel: bool, device: str) -> list[dict]:
     return out
 
 
+def like_for_like_ratios(lines: list[dict]) -> dict[str, dict[str, float]]:
+    """{preset: {"jaxlm.../torch...": tokens/s ratio}} for each jaxlm impl against each torch impl
+    that runs the same model: the same model overrides (jaxlm's loss and XLA options aside)."""
+    ratios: dict[str, dict[str, float]] = {}
+    for name in {r["preset"] for r in lines}:
+        tps = {r["impl"]: r.get("tokens_per_s") for r in lines if r["preset"] == name}
+        for ours in [i for i in tps if i.startswith("jaxlm")]:
+            for other in [i for i in tps if not i.startswith("jaxlm")]:
+                same = _model_overrides(other) == _model_overrides(ours)
+                if same and tps.get(ours) and tps.get(other):
+                    ratio = round(tps[ours] / tps[other], 3)
+                    ratios.setdefault(name, {})[f"{ours}/{other}"] = ratio
+    return ratios
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="ts-8m,ts-33m")
@@ -347,8 +375,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     impls = [i for i in args.impls.split(",") if i]
     for spec in impls:  # every spec and variant checked before anything long starts
         try:
-            _, overrides = parse_impl(spec)
-            _variant(preset("ts-1m"), overrides, args.loss_impl, args.loss_chunk_rows)
+            impl, overrides = parse_impl(spec)
+            _variant(preset("ts-1m"), overrides, args.loss_impl, args.loss_chunk_rows, impl)
         except UserError as e:
             p.error(str(e))
 
@@ -369,14 +397,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for r in bench_preset(name, impls, args, accel, device):
             print(json.dumps(r), flush=True)
             lines.append(r)
-    ratios = {}
-    for name in {r["preset"] for r in lines}:
-        tps = {r["impl"]: r.get("tokens_per_s") for r in lines if r["preset"] == name}
-        for ours in [i for i in tps if i.startswith("jaxlm")]:
-            for other in IMPLS[1:]:
-                if tps.get(ours) and tps.get(other):
-                    ratio = round(tps[ours] / tps[other], 3)
-                    ratios.setdefault(name, {})[f"{ours}/{other}"] = ratio
+    ratios = like_for_like_ratios(lines)
     summary = {"ratios": ratios, "device": device}
     print(json.dumps(summary), flush=True)
     return lines + [summary]

@@ -6,8 +6,10 @@ hand-written PyTorch GPT with flash attention"; this is that peer, with GPT-Neo'
 so the comparison is like for like: unscaled attention scores, "local" layers that see the last
 `window_size` slots, tanh GELU ("gelu_new"), tied embeddings. Attention is
 `F.scaled_dot_product_attention`: flash for the causal "global" layers, a band mask (memory-
-efficient kernel) for the local ones. It shares the parameter tensors of the transformers model it
-is built from, so its logits are checked against that model's (tests/test_bench_train.py).
+efficient kernel) for the local ones; flash for those too when the window spans the sequence,
+where the band is the causal mask (bench_train.py's `torch-gpt[window_size=512]`). It shares the
+parameter tensors of the transformers model it is built from, so its logits are checked against
+that model's (tests/test_bench_train.py).
 
 Dimension alphabet as in jaxlm/model.py: B batch, T time, D d_model, N heads, H head dim, F mlp.
 """
@@ -40,7 +42,7 @@ class TorchGPTNeo(nn.Module):
         pos_t = torch.arange(T, device=input_ids.device)
         x_btd = tr.wte(input_ids) + tr.wpe(pos_t)
         band_tt = None
-        if "local" in self.kinds:  # query i sees keys i - window + 1 .. i
+        if "local" in self.kinds and T > self.window:  # query i sees keys i - window + 1 .. i
             d_tt = pos_t[:, None] - pos_t[None, :]
             band_tt = (d_tt >= 0) & (d_tt < self.window)
         for kind, block in zip(self.kinds, tr.h, strict=True):
@@ -50,7 +52,7 @@ class TorchGPTNeo(nn.Module):
                 proj(h_btd).view(B, T, self.n_heads, -1).transpose(1, 2)  # [B, N, T, H]
                 for proj in (a.q_proj, a.k_proj, a.v_proj)
             )
-            if kind == "global":
+            if band_tt is None or kind == "global":
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
             else:
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=band_tt, scale=1.0)

@@ -56,6 +56,22 @@ def test_jaxlm_variants_are_typed_and_checked():
     for key, value in bad.items():
         with pytest.raises(UserError, match=key):
             bench._variant(preset("ts-1m"), {key: value}, "fused", 0)
+    # the torch peers take model fields (the same model for both sides), nothing of jaxlm's own
+    impl, overrides = bench.parse_impl("torch-gpt-compile[window_size=512]")
+    cfg, _ = bench._variant(preset("ts-1m"), overrides, "fused", 0, impl)
+    assert (impl, cfg.window_size) == ("torch-gpt-compile", 512)
+    for key in ("loss_impl", "xla_gpu_enable_triton_gemm"):
+        with pytest.raises(UserError, match=key):
+            bench._variant(preset("ts-1m"), {key: "1"}, "fused", 0, "torch-eager")
+    with pytest.raises(UserError, match="choose from"):
+        bench.parse_impl("torch-jit[window_size=8]")
+    # ratios pair a jaxlm impl with the torch impls on the same model only
+    tps = {"jaxlm": 300, "jaxlm[xla_a=1]": 330, "jaxlm[window_size=512]": 400, "torch-eager": 100,
+           "torch-gpt[window_size=512]": 200, "torch-compile": None}  # fmt: skip
+    lines = [{"preset": "p", "impl": i, "tokens_per_s": t} for i, t in tps.items()]
+    assert bench.like_for_like_ratios(lines) == {"p": {
+        "jaxlm/torch-eager": 3.0, "jaxlm[xla_a=1]/torch-eager": 3.3,
+        "jaxlm[window_size=512]/torch-gpt[window_size=512]": 2.0}}  # fmt: skip
 
 
 def test_hand_written_torch_peer_is_gpt_neo():
@@ -69,14 +85,15 @@ def test_hand_written_torch_peer_is_gpt_neo():
     sys.path.insert(0, str(SCRIPT.parent))
     from torch_gpt_neo import TorchGPTNeo
 
-    cfg = preset("ts-1m", vocab_size=128).replace(window_size=4)  # 16 tokens overflow the window
-    hf = random_hf_gpt_neo(cfg, seed=1)
-    with torch.no_grad():
-        for block in hf.transformer.h:
-            block.attn.attention.q_proj.weight.mul_(20)
-            block.attn.attention.k_proj.weight.mul_(20)
-        ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-        want = hf(input_ids=ids).logits
-        got = TorchGPTNeo(hf)(ids)
-    assert want.abs().max() > 0.3
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    for window in (4, 16):  # 16 tokens overflow a window of 4; one of 16 is the causal mask
+        cfg = preset("ts-1m", vocab_size=128).replace(window_size=window)
+        hf = random_hf_gpt_neo(cfg, seed=1)
+        with torch.no_grad():
+            for block in hf.transformer.h:
+                block.attn.attention.q_proj.weight.mul_(20)
+                block.attn.attention.k_proj.weight.mul_(20)
+            ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+            want = hf(input_ids=ids).logits
+            got = TorchGPTNeo(hf)(ids)
+        assert want.abs().max() > 0.3
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
