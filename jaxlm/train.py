@@ -435,9 +435,15 @@ def _restore(mngr, params, opt_state, loader):
 
 
 class _Preemption:
-    """SIGTERM (a TPU preemption notice) sets a flag; the loop saves and exits at the next step."""
+    """SIGTERM (a TPU preemption notice): the loop saves and exits at a step that every host
+    agrees on. One process: our handler sets a flag, read at the next step. Several: the notice
+    reaches hosts at different steps, and a host that saved alone would wait in Orbax's barrier
+    while the others wait in the next step's collectives; JAX's preemption service (the
+    coordination service's own SIGTERM handler, so ours is not installed) propagates the notice
+    and names the first step all hosts can stop at."""
 
-    def __init__(self):
+    def __init__(self, multihost: bool):
+        self.multihost = multihost
         self.requested = False
         self._prev = None
 
@@ -445,11 +451,20 @@ class _Preemption:
         def handler(signum, frame):
             self.requested = True
 
-        try:
-            self._prev = signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread
-            self._prev = None
+        if not self.multihost:
+            try:
+                self._prev = signal.signal(signal.SIGTERM, handler)
+            except ValueError:  # not the main thread
+                self._prev = None
         return self
+
+    def stop_at(self, step: int) -> bool:
+        """Whether to save and exit after `step`; call it once after every step, on every host."""
+        if self.multihost:
+            from jax.experimental import multihost_utils
+
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
     def __exit__(self, *exc):
         if self._prev is not None:
@@ -596,7 +611,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
             t0, t0_step = time.perf_counter(), step
         pending.clear()
 
-    with _Preemption() as preempt, use_mesh(run.mesh, run.rules):
+    with _Preemption(multihost=nproc > 1) as preempt, use_mesh(run.mesh, run.rules):
         step = start
         while step < cfg.steps:
             batch = next(loader)["tokens"]
@@ -611,13 +626,14 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
                 flush(step)
             if val_sources and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
                 mlog.write({"step": step, "eval_loss": evaluate()})
-            if step % cfg.checkpoint.every == 0 or step == cfg.steps or preempt.requested:
+            stop = preempt.stop_at(step)
+            if step % cfg.checkpoint.every == 0 or step == cfg.steps or stop:
                 flush(step)
                 extra = {"loss": final.get("loss"), "tokenizer": run.tokenizer,
                          "config": overlay.to_dict(cfg)}  # fmt: skip
                 _save(mngr, step, params, opt_state, loader, extra)
                 last_good = step
-            if preempt.requested:
+            if stop:
                 mngr.wait_until_finished()
                 mlog.note(f"SIGTERM: saved step {step} to {workdir / 'checkpoints'}; exiting")
                 mlog.close(plot=cfg.log.plot)

@@ -1,9 +1,12 @@
 """Two processes on 127.0.0.1 (jax.distributed, gloo CPU collectives), 4 fake devices each, train
 exactly the steps that one process with 8 devices trains: the multi-host path of a TPU pod."""
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import portpicker
@@ -29,28 +32,23 @@ def _losses(workdir) -> np.ndarray:
     return np.array([r["loss"] for r in rows])
 
 
+def _hosts(cmd: list[str], devices: int, **popen) -> list[subprocess.Popen]:
+    port = portpicker.pick_unused_port()
+    env = dict(JAXLM_COORDINATOR=f"127.0.0.1:{port}", JAXLM_NUM_PROCESSES="2")
+    return [
+        subprocess.Popen(cmd, env=_env(devices, **env, JAXLM_PROCESS_ID=str(i)), text=True, **popen)
+        for i in range(2)
+    ]
+
+
 def test_two_hosts_of_four_devices_equal_one_host_of_eight(tmp_path, demo_data):
     cmd = [sys.executable, "-m", "jaxlm.cli", "train", "--data", str(demo_data["translated"])]
     single = tmp_path / "single"
     subprocess.run([*cmd, "--workdir", str(single), *ARGS], env=_env(8), check=True, timeout=600)
 
     multi = tmp_path / "multi"
-    port = portpicker.pick_unused_port()
-    procs = [
-        subprocess.Popen(
-            [*cmd, "--workdir", str(multi), *ARGS],
-            env=_env(
-                4,
-                JAXLM_COORDINATOR=f"127.0.0.1:{port}",
-                JAXLM_NUM_PROCESSES="2",
-                JAXLM_PROCESS_ID=str(i),
-            ),  # fmt: skip
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    procs = _hosts([*cmd, "--workdir", str(multi), *ARGS], 4, stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE)  # fmt: skip
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
@@ -61,3 +59,23 @@ def test_two_hosts_of_four_devices_equal_one_host_of_eight(tmp_path, demo_data):
         "3",
         "6",
     ]
+
+
+def test_sigterm_to_one_host_saves_on_both_and_exits(tmp_path, demo_data):
+    """A preemption notice reaches one host first: both must save the same step and exit, not
+    wait for each other in the checkpoint barrier and the next step's collectives."""
+    wd = tmp_path / "wd"
+    args = [*ARGS, "--steps", "2000", "--checkpoint-every", "1000"]
+    cmd = [sys.executable, "-m", "jaxlm.cli", "train", "--data", str(demo_data["translated"])]
+    procs = _hosts([*cmd, "--workdir", str(wd), *args], 2, stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE)  # fmt: skip
+    deadline, metrics = time.time() + 300, wd / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and len(_losses(wd)) >= 3):
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert json.loads(outs[0][0].strip().splitlines()[-1])["preempted"] is True
+    saved = [int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and 3 <= saved[0] < 1000
