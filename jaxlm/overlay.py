@@ -57,6 +57,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in pairs)
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is bool and isinstance(value, bool):
@@ -80,7 +85,7 @@ def build(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except TypeError as e:
+    except (TypeError, UserError) as e:  # __post_init__'s checks, named after the file too
         raise UserError(f"{where}: {e}") from None
 
 

@@ -29,8 +29,12 @@ Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 def load_rules(path: str | Path | None = None) -> Rules:
     """Read a rules table (YAML mapping logical name -> mesh axis | [axes] | null)."""
-    text = Path(path or RULES_PATH).read_text()
-    table = yaml.safe_load(text) or {}
+    try:
+        table = yaml.safe_load(Path(path or RULES_PATH).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"{path or RULES_PATH}: cannot read the rules table ({e})") from None
+    if not isinstance(table, dict):
+        raise UserError(f"{path or RULES_PATH}: expected a mapping of logical name to mesh axes")
     rules = []
     for name, axes in table.items():
         if isinstance(axes, list):

@@ -134,6 +134,13 @@ class TrainConfig:
             )
         if self.checkpoint.every < 1 or self.log.every < 1:
             raise UserError("checkpoint.every and log.every must be >= 1")
+        if self.checkpoint.keep < 1:
+            raise UserError(f"checkpoint.keep={self.checkpoint.keep} must be >= 1")
+        if self.eval.batches < 1 or self.eval.every < 0 or self.optim.warmup_steps < 0:
+            raise UserError("eval.batches must be >= 1, eval.every and optim.warmup_steps >= 0")
+        for i, src in enumerate(self.data.sources):
+            if not (math.isfinite(src.weight) and src.weight > 0):
+                raise UserError(f"data.sources[{i}] ({src.path}): weight {src.weight} must be > 0")
 
 
 def load_config(path: str | Path | None, overrides: list[dict] | None = None) -> TrainConfig:
@@ -165,7 +172,7 @@ def make_optimizer(o: OptimSection, steps: int) -> optax.GradientTransformation:
             )
     else:
         lr = optax.warmup_cosine_decay_schedule(
-            0.0, o.lr, max(o.warmup_steps, 1), max(steps, o.warmup_steps + 1), o.lr * o.min_lr_ratio
+            0.0, o.lr, o.warmup_steps, max(steps, o.warmup_steps + 1), o.lr * o.min_lr_ratio
         )
     decay = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
@@ -230,7 +237,9 @@ def make_train_step(
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": grad_norm}
+        # the norm after the update: a non-finite one must stop the run before it is saved
+        metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params)}
+        return params, opt_state, metrics
 
     return step
 
@@ -293,6 +302,7 @@ class _Run:
     seq_len: int
     rules: tuple
     val_sources: list[tuple[str, float]]  # the first source with validation rows, or none
+    tokenizer_sha: str  # sha256 of the data's tokenizer model
 
 
 def _maybe_init_distributed() -> None:
@@ -340,12 +350,43 @@ def _setup(cfg: TrainConfig, workdir: Path) -> _Run:
         raise UserError(
             f"model.vocab_size={model_cfg.vocab_size} < the tokenizer's {tok['vocab_size']}"
         )
+    seq_len = seq_lens.pop()
+    if seq_len > model_cfg.max_positions:  # positions past the table would be clamped silently
+        raise UserError(
+            f"{_data_sources(cfg)[0][0]}: seq_len={seq_len} exceeds model {cfg.model.preset}'s "
+            f"{model_cfg.max_positions} positions; prepare the data with a shorter --seq-len"
+        )
     # Validation: the first source with a validation split (a tiny native set may have none).
     val_sources = [
         src for src, m in zip(_data_sources(cfg), metas, strict=True)
         if m["splits"].get("validation", {}).get("rows", 0) > 0
     ][:1]  # fmt: skip
-    return _Run(cfg, workdir, mesh, model_cfg, tok.get("path"), seq_lens.pop(), rules, val_sources)
+    return _Run(
+        cfg, workdir, mesh, model_cfg, tok.get("path"), seq_len, rules, val_sources, tok["sha256"]
+    )
+
+
+def _architecture(m: ModelConfig) -> ModelConfig:
+    """The config less its compute-only fields (dtype, attention kernel, remat), which a resumed
+    or continued run may change: they leave the parameters as they are."""
+    return m.replace(dtype="float32", attention_impl="auto", remat=False)
+
+
+def _check_same_tokenizer(source: str, tokdir: str | None, data_sha: str) -> None:
+    """Continual pre-training must read the token ids the weights were trained on."""
+    from jaxlm.tokenizer import Tokenizer
+
+    try:
+        sha = Tokenizer.load(tokdir).sha256 if tokdir else None
+    except (UserError, OSError):
+        sha = None
+    if sha is None:
+        log.warning("--init-from %s: its tokenizer is unknown; make sure the data uses it", source)
+    elif sha != data_sha:
+        raise UserError(
+            f"--init-from {source}: its tokenizer ({tokdir}) is not the one the data was "
+            "tokenised with; prepare the data with the model's tokenizer"
+        )
 
 
 def _init_params(run: _Run):
@@ -353,18 +394,12 @@ def _init_params(run: _Run):
     cfg = run.cfg
     if cfg.init_from:
         model, info = load_model(cfg.init_from, mesh=run.mesh, rules=run.rules)
-        if (
-            model.cfg.replace(
-                dtype=run.model_cfg.dtype,
-                attention_impl=run.model_cfg.attention_impl,
-                remat=run.model_cfg.remat,
-            )
-            != run.model_cfg
-        ):
+        if _architecture(model.cfg) != _architecture(run.model_cfg):
             raise UserError(
                 f"--init-from {cfg.init_from}: its architecture differs from model.preset="
                 f"{cfg.model.preset} with vocab_size={run.model_cfg.vocab_size}"
             )
+        _check_same_tokenizer(cfg.init_from, info.tokenizer, run.tokenizer_sha)
         log.info("initialised from %s (%s, step %s)", cfg.init_from, info.source, info.step)
         graphdef, params = nnx.split(model, nnx.Param)
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: GPTNeo(run.model_cfg, rngs=nnx.Rngs(0))))
@@ -390,7 +425,32 @@ def _save(mngr, step, params, opt_state, loader, extra) -> None:
     )
 
 
-def _restore(mngr, params, opt_state, loader):
+def _check_saved_optimizer(mngr, step: int, cfg: TrainConfig, params, opt_state) -> None:
+    """Raise if checkpoint `step` was saved by a config whose optimizer state has another shape
+    than `cfg`'s (clipping turned on or off, say): that checkpoint is fine, the config is not, and
+    setting it aside as unreadable would silently restart the run from step 0."""
+    try:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        saved = load_config(None, [meta["config"]])
+    except Exception:  # no readable config in it: a torn checkpoint, the caller sets it aside
+        return
+    tx, _ = make_optimizer(saved.optim, saved.steps)
+    want = jax.eval_shape(tx.init, params)
+    shape = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), t)  # noqa: E731
+    if jax.tree.structure(want) == jax.tree.structure(opt_state) and shape(want) == shape(
+        opt_state
+    ):
+        return
+    changed = [f"optim.{f.name}" for f in dataclasses.fields(OptimSection)
+               if getattr(saved.optim, f.name) != getattr(cfg.optim, f.name)]  # fmt: skip
+    raise UserError(
+        f"{Path(mngr.directory) / str(step)} was saved with another optimizer ("
+        f"{', '.join(changed) or 'settings'} differ): rerun with its settings, or use a new "
+        f"--workdir (add --init-from {Path(mngr.directory).parent} to keep its weights)"
+    )
+
+
+def _restore(mngr, cfg: TrainConfig, params, opt_state, loader):
     """Newest readable checkpoint into (params, opt_state, loader); falls back on bad ones."""
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
@@ -411,6 +471,7 @@ def _restore(mngr, params, opt_state, loader):
                 ),
             )
         except Exception as e:  # torn or unreadable: set it aside and take the one before
+            _check_saved_optimizer(mngr, step, cfg, params, opt_state)
             bad = (
                 Path(mngr.directory).parent
                 / "checkpoints.unreadable"
@@ -480,21 +541,20 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
     run = _setup(cfg, workdir)
     pid, nproc = jax.process_index(), jax.process_count()
     dp = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
-    if (cfg.batch_size // cfg.grad_accum) % dp or cfg.batch_size % nproc:
+    if (cfg.batch_size // cfg.grad_accum) % dp:
         raise UserError(
             f"batch_size={cfg.batch_size} (per micro-batch {cfg.batch_size // cfg.grad_accum}) "
             f"must divide by the {dp} data-parallel devices of mesh {dict(run.mesh.shape)}; "
             "change batch_size or mesh.shape/mesh.devices"
         )
+    if cfg.batch_size % nproc:
+        raise UserError(f"batch_size={cfg.batch_size} must divide by the {nproc} processes")
+    if (workdir / "jaxlm_model.json").exists():
+        old_cfg, _ = read_meta(workdir)
+        if _architecture(old_cfg) != _architecture(run.model_cfg):
+            raise UserError(f"{workdir} holds a run of another architecture; use a new --workdir")
     if pid == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(overlay.to_dict(cfg), indent=2) + "\n")
-        if (workdir / "jaxlm_model.json").exists():
-            old_cfg, _ = read_meta(workdir)
-            if old_cfg != run.model_cfg:
-                raise UserError(
-                    f"{workdir} holds a run of another architecture; use a new --workdir"
-                )
         write_meta(workdir, run.model_cfg, run.tokenizer, seq_len=run.seq_len)
 
     # data
@@ -522,9 +582,11 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
         max_to_keep=cfg.checkpoint.keep,
         async_save=cfg.checkpoint.async_save,
     )
-    start, params, opt_state = _restore(mngr, params, opt_state, loader)
+    start, params, opt_state = _restore(mngr, cfg, params, opt_state, loader)
     if start:
         log.info("resumed from step %d in %s", start, workdir)
+    if pid == 0:  # after every check: a refused rerun leaves the run's own config in place
+        (workdir / "config.json").write_text(json.dumps(overlay.to_dict(cfg), indent=2) + "\n")
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
     step_fn = _jit_train_step(graphdef, tx, cfg, param_sh, opt_sh, tokens_sharding)
@@ -580,17 +642,24 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
     def flush(step: int) -> None:
         nonlocal t0, t0_step, last_good, final
         for s, m, crc in pending:
-            loss, gnorm = float(m["loss"]), float(m["grad_norm"])
-            if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            loss, gnorm, pnorm = (float(m[k]) for k in ("loss", "grad_norm", "param_norm"))
+            if not all(map(math.isfinite, (loss, gnorm, pnorm))):
                 mngr.wait_until_finished()
+                what = "loss" if not math.isfinite(loss) else "gradient norm"
+                what = what if math.isfinite(pnorm) else "parameter norm after the update"
+                good = (
+                    f"The last good checkpoint is step {last_good} in {workdir / 'checkpoints'}"
+                    if last_good
+                    else "No checkpoint was saved"
+                )
                 raise TrainingDiverged(
-                    f"loss is {loss} at step {s}; stopped. The last good checkpoint is step "
-                    f"{last_good} in {workdir / 'checkpoints'} (try a lower optim.lr)"
+                    f"{what} is not finite at step {s}; stopped. {good} (try a lower optim.lr)"
                 )
             final = {
                 "step": s,
                 "loss": loss,
                 "grad_norm": gnorm,
+                "param_norm": pnorm,
                 "data_crc": crc,
                 "lr": float(lr_schedule(s - 1)),
             }
@@ -600,7 +669,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
             final.update(
                 tokens_per_s=tps,
                 perplexity=math.exp(min(final["loss"], 50.0)),
-                mfu=(tps * fpt / (peak * jax.device_count())) if peak else None,
+                mfu=(tps * fpt / (peak * run.mesh.size)) if peak else None,
             )
             mlog.write(
                 final,

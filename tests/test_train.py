@@ -111,11 +111,14 @@ def test_sharded_run_matches_one_device(tmp_path, demo_data):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, demo_data):
     wd, data = tmp_path / "wd", demo_data["translated"]
     subprocess.run(_cmd(wd, data, 4, "--checkpoint-every", "2"), check=True, timeout=600)
-    r = subprocess.run(_cmd(wd, data, 8, "--checkpoint-every", "2", "--set", "optim.lr=.nan"),
+    # a NaN learning rate: step 5's loss is still finite, the parameters after its update are
+    # not, and checkpointing every step must not save them as good
+    r = subprocess.run(_cmd(wd, data, 8, "--checkpoint-every", "1", "--set", "optim.lr=.nan"),
                        capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()[-1]
-    assert "loss is nan at step" in err and "last good checkpoint is step 4" in err
+    assert "parameter norm after the update is not finite at step 5" in err, err
+    assert "last good checkpoint is step 4" in err
     _, step = _params(wd)
     assert step == 4 and all(np.isfinite(v).all() for v in _params(wd)[0].values())
 
@@ -171,6 +174,44 @@ def test_continual_pretraining_from_a_workdir(tmp_path, demo_data, capsys):
     assert not np.array_equal(
         base_params["transformer.wte.weight"], cpt_params["transformer.wte.weight"]
     )
+    # data tokenised with another tokenizer would give the weights other token ids
+    other = tmp_path / "other_tok"
+    shutil.copytree(demo_data["native"], other)
+    meta = json.loads((other / "metadata.json").read_text())
+    meta["tokenizer"]["sha256"] = "0" * 64
+    (other / "metadata.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["train", "--workdir", str(tmp_path / "cpt2"), "--init-from", str(base), "--data",
+                 str(other), "--steps", "1", *TINY]) == 2  # fmt: skip
+    assert "is not the one the data was tokenised with" in capsys.readouterr().err
+
+
+def test_resume_refusals_keep_the_run(tmp_path, demo_data, capsys):
+    """A rerun whose config cannot resume the run says why and changes nothing: the checkpoints
+    stay (not set aside as unreadable) and so does the run's config.json."""
+    wd, data = tmp_path / "wd", str(demo_data["translated"])
+    assert main(["train", "--workdir", str(wd), "--data", data, "--steps", "2", *TINY]) == 0
+    config = (wd / "config.json").read_text()
+    capsys.readouterr()
+    assert main(["train", "--workdir", str(wd), "--data", data, "--steps", "4", *TINY,
+                 "--set", "optim.clip_norm=0"]) == 2  # fmt: skip
+    assert "another optimizer (optim.clip_norm differ" in capsys.readouterr().err
+    assert main(["train", "--workdir", str(wd), "--data", data, "--steps", "4", *TINY,
+                 "--preset", "ts-3m"]) == 2  # fmt: skip
+    assert "another architecture" in capsys.readouterr().err
+    assert not (wd / "checkpoints.unreadable").exists()
+    assert (wd / "config.json").read_text() == config
+    # compute-only settings may change on resume; the lr as YAML reads 1e-4 (a string) too
+    assert main(["train", "--workdir", str(wd), "--data", data, "--steps", "3", *TINY,
+                 "--set", "model.remat=true", "--set", "optim.lr=1e-4"]) == 0  # fmt: skip
+    assert _params(wd)[1] == 3
+    # rows longer than the position table would be clamped onto its last entry, silently
+    long = tmp_path / "long"
+    shutil.copytree(data, long)
+    meta = json.loads((long / "metadata.json").read_text())
+    (long / "metadata.json").write_text(json.dumps({**meta, "seq_len": 4096}))
+    assert main(["train", "--workdir", str(tmp_path / "wd2"), "--data", str(long), *TINY]) == 2
+    assert "seq_len=4096 exceeds model ts-1m's 2048 positions" in capsys.readouterr().err
 
 
 def test_config_errors_are_one_line(tmp_path, demo_data):
@@ -182,6 +223,19 @@ def test_config_errors_are_one_line(tmp_path, demo_data):
         load_config(None, [{"batch_size": 8, "grad_accum": 3}])
     with pytest.raises(UserError, match="'sgd' is not one of 'constant', 'cosine'"):
         load_config(None, [{"optim": {"schedule": "sgd"}}])
+    cfg.write_text("checkpoint:\n  keep: 0\n")
+    with pytest.raises(UserError, match=r"c.yaml: checkpoint.keep=0 must be >= 1"):
+        load_config(cfg)
+    with pytest.raises(UserError, match=r"data.sources\[1\] \(b\): weight 0.0 must be > 0"):
+        load_config(None, [{"data": {"sources": [{"path": "a"}, {"path": "b", "weight": 0}]}}])
+    with pytest.raises(UserError, match="eval.batches must be >= 1"):
+        load_config(None, [{"eval": {"batches": 0}}])
+    assert load_config(None, [{"optim": {"lr": "1e-4"}}]).optim.lr == 1e-4
+    with pytest.raises(UserError, match="optim.lr: expected float, got 'fast'"):
+        load_config(None, [{"optim": {"lr": "fast"}}])
+    # a cosine schedule without warmup starts at the peak, not at 0
+    _, lr = make_optimizer(OptimSection(schedule="cosine"), 10)
+    assert float(lr(0)) == pytest.approx(5e-4)
 
 
 def test_every_yaml_in_configs_parses():

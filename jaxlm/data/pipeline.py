@@ -29,7 +29,12 @@ def read_metadata(datadir: str | os.PathLike) -> dict:
     path = Path(datadir) / "metadata.json"
     if not path.is_file():
         raise UserError(f"{datadir} is not a prepared DATADIR (no metadata.json)")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+        meta["tokenizer"]["sha256"], meta["seq_len"], meta["splits"]  # noqa: B018
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a metadata.json of `jaxlm data prepare` ({e!r})") from None
+    return meta
 
 
 class _ReadBatch:
