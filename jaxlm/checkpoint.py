@@ -88,11 +88,13 @@ def merge_params(graphdef, state, restored: dict) -> GPTNeo:
     return nnx.merge(graphdef, state)
 
 
-def save_model(out_dir: str | Path, model: GPTNeo, *, tokenizer: str | None = None) -> Path:
+def save_model(
+    out_dir: str | Path, model: GPTNeo, *, tokenizer: str | None = None, **extra: Any
+) -> Path:
     out = Path(out_dir).resolve()
     if (out / "params").exists():
         raise UserError(f"{out}/params already exists; choose a new --out or remove it")
-    write_meta(out, model.cfg, tokenizer)
+    write_meta(out, model.cfg, tokenizer, **extra)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(out / "params", params_tree(model))
         ckptr.wait_until_finished()

@@ -71,13 +71,19 @@ def _tokenizer(path: str | None):
 
 
 def cmd_export(args) -> int:
-    from jaxlm.checkpoint import load_model
+    from jaxlm import hf
+    from jaxlm.checkpoint import load_model, read_meta
     from jaxlm.hf import save_hf
 
     model, info = load_model(args.checkpoint)
     tok_dir = args.tokenizer or info.tokenizer
     tok = _tokenizer(tok_dir)
-    ids = {} if tok is None else {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id}
+    if tok is not None:
+        ids = {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id}
+    elif info.source == "hf":
+        ids = hf.token_ids(info.path)
+    else:  # an imported checkpoint keeps its source's ids (cmd_import)
+        ids = read_meta(info.path)[1].get("hf_token_ids", {})
     out = save_hf(model, args.out, **ids)
     if tok is not None:
         from jaxlm.tokenizer import export_hf
@@ -91,12 +97,12 @@ def cmd_export(args) -> int:
 
 def cmd_import(args) -> int:
     from jaxlm.checkpoint import save_model
-    from jaxlm.hf import load_hf
+    from jaxlm.hf import load_hf, token_ids
 
     d = Path(args.hf)
     model = load_hf(d)
     tok = str(d / "jaxlm_tokenizer") if (d / "jaxlm_tokenizer").is_dir() else None
-    out = save_model(args.out, model, tokenizer=tok)
+    out = save_model(args.out, model, tokenizer=tok, hf_token_ids=token_ids(d))
     print(f"imported {d} to {out}")
     return 0
 

@@ -107,6 +107,8 @@ def generate(
     """New tokens for each prompt, stopping after `eos_id` (which is kept, as transformers does)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens={max_new_tokens} must be >= 1")
     longest = max(len(p) for p in prompts)
     P = -(-longest // bucket) * bucket if bucket else longest
     if longest + max_new_tokens > model.cfg.max_positions:

@@ -50,10 +50,15 @@ def hf_config(
         "tie_word_embeddings": True,
         "torch_dtype": "float32",
     }
-    for key, val in (("bos_token_id", bos_id), ("eos_token_id", eos_id), ("pad_token_id", pad_id)):
-        if val is not None:
-            d[key] = val
+    # Always written, null when unknown: left out, transformers would fill in GPT-2's 50256.
+    d.update(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
     return d
+
+
+def token_ids(hf_dir: str | Path) -> dict[str, int | None]:
+    """The bos/eos/pad ids of a Hugging Face config.json, as save_hf's keywords."""
+    d = json.loads((Path(hf_dir) / "config.json").read_text())
+    return {f"{k}_id": d.get(f"{k}_token_id") for k in ("bos", "eos", "pad")}
 
 
 def config_from_hf(d: dict[str, Any], *, where: str = "config.json") -> ModelConfig:

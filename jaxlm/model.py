@@ -313,6 +313,9 @@ class GPTNeo(nnx.Module):
         if capture_mlp and cache is not None:
             raise ValueError("capture_mlp works without a KV cache only")
         B, T = tokens_bt.shape
+        if cache is None and positions_bt is None and T > cfg.max_positions:
+            # jnp indexing would clamp the positions past the table onto its last row, silently
+            raise ValueError(f"{T} tokens exceed the model's {cfg.max_positions} positions")
         start = jnp.int32(0) if cache is None else cache.index
         q_slot_t = start + jnp.arange(T, dtype=jnp.int32)
         if positions_bt is None:

@@ -57,8 +57,18 @@ def test_init_generate_export_import_roundtrip(tmp_path, capsys):
         )
     assert out[0, 4:].tolist() == first["token_ids"]
 
+    # no tokenizer: the ids are null, not transformers' default (GPT-2's 50256)
+    assert (ref.config.bos_token_id, ref.config.eos_token_id) == (None, None)
+    hf_config = json.loads((hf / "config.json").read_text())
+    hf_config.update(bos_token_id=3, eos_token_id=3)  # a checkpoint from elsewhere, with ids
+    (hf / "config.json").write_text(json.dumps(hf_config))
+
     back = tmp_path / "back"
     assert main(["import-hf", "--hf", str(hf), "--out", str(back)]) == 0
+    again = tmp_path / "again"
+    assert main(["export-hf", "--checkpoint", str(back), "--out", str(again)]) == 0
+    again_config = json.loads((again / "config.json").read_text())
+    assert (again_config["bos_token_id"], again_config["eos_token_id"]) == (3, 3)
     capsys.readouterr()
     assert (
         main(
@@ -119,3 +129,7 @@ def test_user_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "no such checkpoint directory" in r.stderr
     np.testing.assert_equal(r.stdout, "")
+    m = tmp_path / "m"
+    run_cli("init", "--preset", "ts-1m", "--vocab-size", "64", "--out", str(m))
+    r = run_cli("generate", "--checkpoint", str(m), "--prompt-ids", "1", "--max-new-tokens", "0")
+    assert r.returncode == 2 and "max_new_tokens=0 must be >= 1" in r.stderr

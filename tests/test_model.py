@@ -68,6 +68,8 @@ def test_local_window_sees_itself_and_previous_255():
     assert diff[:10].max() == 0  # causal
     assert diff[10:266].min() > 0  # slot 10 is visible from slots 10 .. 10 + 255
     assert diff[266:].max() == 0  # and from nowhere later
+    with pytest.raises(ValueError, match="301 tokens exceed the model's 300 positions"):
+        init_model(cfg.replace(max_positions=300), 0)(jnp.zeros((1, 301), jnp.int32))
 
 
 def test_kv_cache_decoding_equals_full_forward():
