@@ -367,7 +367,7 @@ def train(cfg: SAETrainConfig, out: str | Path) -> dict:
     # the loop
     mlog = MetricsLog(out, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
                       total=cfg.steps, initial=start)  # fmt: skip
-    final: dict = {}
+    final: dict = dict(meta.get("metrics") or {}) if start else {}  # a rerun keeps the last ones
     pending: list[tuple[int, dict]] = []
     t0, t0_step = time.perf_counter(), start
 
@@ -400,14 +400,15 @@ def train(cfg: SAETrainConfig, out: str | Path) -> dict:
                 flush(step)
             if step % cfg.checkpoint.every == 0 or step == cfg.steps:
                 flush(step)
-                _save(mngr, step, state, store, {"scaling_factor": scale})
+                _save(mngr, step, state, store, {"scaling_factor": scale, "metrics": final})
     mngr.wait_until_finished()
     mngr.close()
     mlog.close(plot=cfg.log.plot)
 
     # the final SAE, for inference on raw activations, in SAELens's layout
     params, buffers, _, stats = state
-    trained = nnx.merge(graphdef, jax.device_get(params), jax.device_get(buffers))
+    writable = lambda t: jax.tree.map(np.array, jax.device_get(t))  # noqa: E731  (for the fold)
+    trained = nnx.merge(graphdef, writable(params), writable(buffers))
     if scale != 1.0:
         trained.fold_activation_scale(scale)
     freq_s = np.asarray(stats["act_freq_s"]) / max(float(stats["n_rows"]), 1.0)

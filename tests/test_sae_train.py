@@ -2,6 +2,7 @@
 a CLI pulse, one-line errors, loss and L0 that respond, interrupted == uninterrupted bitwise, and
 8 devices == 1 device."""
 
+import dataclasses
 import json
 
 import jax
@@ -151,6 +152,32 @@ def test_interrupted_run_resumes_bitwise(model_dir, demo_data, tmp_path, monkeyp
     b = load_file(str(tmp_path / "run" / "sae_weights.safetensors"))
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
     assert _losses(tmp_path / "ref") == _losses(tmp_path / "run")
+
+
+def test_normalised_training_folds_the_scale_and_a_rerun_changes_nothing(
+    model_dir, demo_data, tmp_path
+):
+    """expected_average_only_in: trained on activations * scale, saved to take raw ones (the
+    scale folded into the weights); the same command again returns the same final metrics."""
+    from sae.io import load_sae
+
+    out = tmp_path / "sae"
+    cfg = _cfg(model_dir, demo_data["translated"], 64 * 4,
+               sae={"normalize_activations": "expected_average_only_in"})  # fmt: skip
+    data = dataclasses.replace(cfg.data, n_batches_for_norm_estimate=2)
+    cfg = dataclasses.replace(cfg, data=data)
+    first = train(cfg, out)
+    saved = json.loads((out / "cfg.json").read_text())
+    scale = saved["jaxlm"]["scaling_factor"]
+    assert scale != 1.0 and saved["normalize_activations"] == "none"
+    store, _ = _store(model_dir, demo_data["translated"])
+    x = np.asarray(next(store))
+    (sae, _), (ref, _) = load_sae(out), load_sae(out)
+    ref.fold_activation_scale(1 / scale)  # back to the SAE as trained, on scaled inputs
+    got, want = sae.decode(sae.encode(x)), ref.decode(ref.encode(x * scale)) / scale
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-4)
+    assert first and train(cfg, out) == first
+    assert json.loads((out / "cfg.json").read_text())["jaxlm"]["final_metrics"]
 
 
 def test_eight_devices_equal_one(model_dir, demo_data, tmp_path):
