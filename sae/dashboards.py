@@ -75,10 +75,15 @@ def _encode(x_bf, W_enc_fs, b_enc_s, b_dec_f, threshold_s, k):
 def sae_layer(cfg: dict, where: str = "cfg.json") -> int:
     """The model layer an SAE reads: `jaxlm.layer`, `hook_layer`, or N in a hook name like
     `blocks.N.mlp.hook_post` (top level as in SAELens 4.x, or under `metadata` as in 6.x)."""
+    hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name") or ""
+    if re.search(r"(?:blocks|h|layers)\.\d+\.", str(hook)) and not re.search(
+        r"\.mlp\.(?:hook_post|act)$", str(hook)
+    ):  # hook_pre has the same width; fed post-GELU activations it would read them wrongly
+        raise UserError(f"{where}: the SAE reads {hook}; these analyses feed it the MLP's "
+                        "post-activation (blocks.N.mlp.hook_post)")  # fmt: skip
     for layer in ((cfg.get("jaxlm") or {}).get("layer"), cfg.get("hook_layer")):
         if isinstance(layer, int):
             return layer
-    hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name") or ""
     m = re.search(r"(?:blocks|h|layers)\.(\d+)\.", str(hook))
     if m is None:
         raise UserError(

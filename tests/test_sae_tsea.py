@@ -399,6 +399,8 @@ def test_sae_dir_layouts_and_encoders(tmp_path):
     assert db._architecture(cfg4, tmp_path) == ("topk", 3)
     with pytest.raises(UserError, match="names no layer"):
         db.sae_layer({"hook_name": "embed"})
+    with pytest.raises(UserError, match="reads blocks.2.mlp.hook_pre"):
+        db.sae_layer({"hook_layer": 2, "hook_name": "blocks.2.mlp.hook_pre"})
     (tmp_path / "k/cfg.json").write_text(json.dumps({"architecture": "topk"}))
     with pytest.raises(UserError, match="needs an integer k"):
         db.load_sae_dir(tmp_path / "k")
