@@ -136,4 +136,6 @@ def test_failure_leaves_nothing(inputs, tok, tmp_path):
 def test_metadata_is_json(datadir):
     meta = json.loads((datadir / "metadata.json").read_text())
     assert meta["row_len"] == SEQ + 1 and meta["dtype"] == "int32"
-    assert "removed_duplicate" in meta["cleaning_stats"]
+    stats = meta["cleaning_stats"]
+    assert "removed_duplicate" in stats and stats["kept"] == meta["stories"]
+    assert stats["seen"] == stats["kept"] + sum(v for k, v in stats.items() if "removed" in k)

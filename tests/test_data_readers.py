@@ -42,6 +42,8 @@ def test_parquet(tmp_path):
     assert _read(p) == ["قصة", "two", "three"]
     with pytest.raises(UserError, match=r"a\.parquet: missing column 'story'"):
         _read(p, field="story")
+    with pytest.raises(UserError, match=r"a\.parquet: column 'id' is int64, not text"):
+        _read(p, field="id")
 
 
 def test_csv_multiline(tmp_path):
@@ -92,9 +94,19 @@ def test_undecodable_bytes(tmp_path):
         with pytest.raises(UserError, match=rf"{name}:2: undecodable bytes"):
             _read(p)
     p = tmp_path / "a.csv"
-    p.write_bytes(b"text\nok\nbad \xff\n")
-    with pytest.raises(UserError, match=r"a\.csv: undecodable bytes"):
+    p.write_bytes(b"text\n" + b"ok\n" * 3000 + b"bad \xff\n")  # past the first read buffer
+    with pytest.raises(UserError, match=r"a\.csv:3002: undecodable bytes"):
         _read(p)
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    bom = "\ufeff"
+    for name, text, want in (("a.txt", "one\n\ntwo\n", ["one\n", "two\n"]),
+                             ("a.jsonl", '{"text": "one"}\n', ["one"]),
+                             ("a.csv", "text,x\none,1\n", ["one"])):  # fmt: skip
+        p = tmp_path / name
+        p.write_text(bom + text, encoding="utf-8")
+        assert _read(p) == want, name
 
 
 def test_missing_field_or_column(tmp_path):

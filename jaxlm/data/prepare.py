@@ -103,6 +103,7 @@ def _run(inputs, tmp, tok, seq_len, fmt, read_options, clean_cfg, val_fraction,
         bar.update(chunk_stats["seen"])
     bar.close()
     stats["removed_duplicate"] = duplicates
+    stats["kept"] -= duplicates  # the workers counted them kept: de-dup happens here, after
     splits = {s: w.close() for s, w in writers.items()}
     total = sum(v["stories"] for v in splits.values())
     if total == 0:

@@ -78,11 +78,12 @@ def read(path: str, fmt: str = "auto", options: ReadOptions | None = None) -> It
 
 
 def _lines(path: str) -> Iterator[tuple[int, str]]:
-    """(line number, decoded line) with a one-line error on undecodable bytes."""
+    """(line number, decoded line) with a one-line error on undecodable bytes; a leading byte
+    order mark (Windows editors write one) is dropped, not read as text."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                yield lineno, raw.decode("utf-8")
+                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise UserError(
                     f"{path}:{lineno}: undecodable bytes at column {e.start + 1} (not UTF-8)"
@@ -143,34 +144,31 @@ def read_csv(path: str, options: ReadOptions) -> Iterator[str]:
     """CSV with a header row (e.g. AraStories `,Prompt,Story`): the `options.field` column."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # stories are long and multi-line
     delimiter = "\t" if path.lower().endswith(".tsv") else ","
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = csv.reader(f, delimiter=delimiter)
-        try:
-            header = next(rows, None)
-            if header is None:
-                return
-            if options.field not in header:
-                raise UserError(
-                    f"{path}: missing column {options.field!r} (have {header}; use --field)"
-                )
-            col = header.index(options.field)
-            for row in rows:
-                if not row:
-                    continue
-                if col >= len(row):
-                    raise UserError(f"{path}:{rows.line_num}: row has no {options.field!r} value")
-                yield row[col]
-        except UnicodeDecodeError as e:
+    # decoded a line at a time (_lines), so an undecodable byte's error names its line
+    rows = csv.reader((line for _, line in _lines(path)), delimiter=delimiter)
+    try:
+        header = next(rows, None)
+        if header is None:
+            return
+        if options.field not in header:
             raise UserError(
-                f"{path}: undecodable bytes near record {rows.line_num + 1} (not UTF-8)"
-            ) from e
-        except csv.Error as e:
-            raise UserError(f"{path}:{rows.line_num}: bad CSV ({e})") from None
+                f"{path}: missing column {options.field!r} (have {header}; use --field)"
+            )
+        col = header.index(options.field)
+        for row in rows:
+            if not row:
+                continue
+            if col >= len(row):
+                raise UserError(f"{path}:{rows.line_num}: row has no {options.field!r} value")
+            yield row[col]
+    except csv.Error as e:
+        raise UserError(f"{path}:{rows.line_num}: bad CSV ({e})") from None
 
 
 @register("parquet", ".parquet", ".pq")
 def read_parquet(path: str, options: ReadOptions) -> Iterator[str]:
     """Parquet: the `options.field` column, read one record batch at a time."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -181,6 +179,9 @@ def read_parquet(path: str, options: ReadOptions) -> Iterator[str]:
         raise UserError(
             f"{path}: missing column {options.field!r} (have {pf.schema_arrow.names}; use --field)"
         )
+    kind = pf.schema_arrow.field(options.field).type
+    if kind not in (pa.string(), pa.large_string()):
+        raise UserError(f"{path}: column {options.field!r} is {kind}, not text (use --field)")
     for batch in pf.iter_batches(batch_size=4096, columns=[options.field]):
         for value in batch.column(0).to_pylist():
             yield "" if value is None else value
@@ -205,6 +206,8 @@ def read_hf(name: str, options: ReadOptions) -> Iterator[str]:
     for i, ex in enumerate(ds):
         if options.field not in ex:
             raise UserError(f"{name}[{options.split}] record {i}: missing field {options.field!r}")
+        if not isinstance(ex[options.field], str):
+            raise UserError(f"{name}[{options.split}] record {i}: {options.field!r} is not text")
         yield ex[options.field]
 
 
