@@ -105,13 +105,17 @@ _LABELS = {
     "consistency": r"consistency|الاتساق|الانسجام|التماسك",
     "age_group": r"age[ _]?group|age|الفئة العمرية|العمر",
 }
+# A score is a whole number, optionally "/10" or "out of 10"; "4/5" or "7-8" is not one (the judge
+# is asked again). An age group is one capital letter, not "a 6-7 year old" nor "A or B".
+_NUMBER = r"(\d+(?:\.\d+)?)(?![\d.])\s*(?:(?:/|out of)\s*10\b)?(?!\s*(?:/|-|–|out of)\s*\d)"
+_LETTER = r"\(?((?-i:[A-F]))\)?(?!\w)(?!\s*(?:or|/|أو)\s*\(?[A-Fa-f]\b)"
 _SCORE_LINE = {
-    k: re.compile(rf"(?im)^[\s*#>\-]*(?:{v})\**\s*[:=\-–]\s*\**\s*(\d+(?:\.\d+)?)\s*(?:/\s*10)?")
+    k: re.compile(rf"(?im)^[\s*#>\-]*(?:{v})\**\s*[:=\-–]\s*\**\s*{_NUMBER}")
     for k, v in _LABELS.items()
     if k != "age_group"
 }
 _AGE_LINE = re.compile(
-    rf"(?im)^[\s*#>\-]*(?:{_LABELS['age_group']})\**\s*[:=\-–]\s*\**\s*\(?([A-F])\b"
+    rf"(?im)^[\s*#>\-]*(?:{_LABELS['age_group']})\**\s*[:=\-–]\s*\**\s*{_LETTER}"
 )
 
 
@@ -121,7 +125,9 @@ def _score(value, key: str) -> int:
         if not m:
             raise MalformedGrade(f"{key}={value!r} is not a score out of 10")
         value = float(m.group(1))
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise MalformedGrade(f"{key}={value!r} is not an integer score")
+    if not math.isfinite(value) or value != int(value):  # JSON allows NaN and Infinity
         raise MalformedGrade(f"{key}={value!r} is not an integer score")
     if not 1 <= int(value) <= 10:
         raise MalformedGrade(f"{key}={value} is outside 1..10")
@@ -129,7 +135,8 @@ def _score(value, key: str) -> int:
 
 
 def _age(value) -> str:
-    m = re.match(r"\s*\(?([A-Fa-f])\b", str(value))
+    text = str(value).strip()
+    m = re.match(_LETTER, text.upper() if len(text) == 1 else text)
     if not m:
         raise MalformedGrade(f"age_group={value!r} is not one of A..F")
     return m.group(1).upper()

@@ -84,8 +84,8 @@ _FINAL["malformed"] = MalformedResponse
 
 
 def _redact(text: str, secret: str | None) -> str:
-    text = str(text)[:500]
-    return text.replace(secret, "***") if secret else text
+    text = str(text)  # replaced before it is cut: a key across the cut would keep its prefix
+    return (text.replace(secret, "***") if secret else text)[:500]
 
 
 def parse_retry_after(value: str | None) -> float | None:

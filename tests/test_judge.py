@@ -110,6 +110,12 @@ def test_parse_score_lines_english_and_arabic():
         '{"grammar": 8, "creativity": 6, "consistency": 7, "age_group": "G"}',
         '{"grammar": true, "creativity": 6, "consistency": 7, "age_group": "C"}',
         "Grammar: 8/10\nCreativity: 6/10",
+        '{"grammar": NaN, "creativity": 6, "consistency": 7, "age_group": "C"}',
+        '{"grammar": Infinity, "creativity": 6, "consistency": 7, "age_group": "C"}',
+        '{"grammar": 8, "creativity": 6, "consistency": 7, "age_group": "A or B"}',
+        "Grammar: 4/5\nCreativity: 3/5\nConsistency: 5/5\nAge group: C",  # not out of 10
+        "Grammar: 7-8\nCreativity: 6/10\nConsistency: 8/10\nAge group: C",
+        "Grammar: 7/10\nCreativity: 6/10\nConsistency: 8/10\nAge group: a 6-7 year old",
     ],
 )
 def test_parse_malformed_raises(text):

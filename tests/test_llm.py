@@ -87,6 +87,13 @@ def test_bad_key_is_not_retried_nor_leaked():
     assert client.stats["calls"] == 1 and KEY not in str(info.value)
 
 
+def test_a_key_across_the_message_cut_is_redacted():
+    from jaxlm.llm import _redact
+
+    text = "x" * 480 + f" header {KEY}"  # the key starts at 488 and crosses the cut at 500
+    assert KEY[:8] not in _redact(text, KEY) and len(_redact(text, KEY)) <= 500
+
+
 def test_backoff_and_retry_after_parsing(monkeypatch):
     policy = RetryPolicy(base_delay=1, max_delay=8)
     client = make_client("openai", "m", "http://127.0.0.1:9", api_key=KEY, retry=policy)
