@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from jaxlm.errors import UserError
+from jaxlm.train_cli import PREEMPTED_EXIT
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -89,6 +90,8 @@ class Demo:
             else:
                 cmd = [sys.executable, "-m", "sae.cli", *args]
                 code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        if code == PREEMPTED_EXIT:  # the stage is not done; a rerun resumes it
+            raise UserError(f"{prog} {args[0]} stopped by SIGTERM after saving; rerun to resume")
         if code != 0:
             last = log_path.read_text().strip().splitlines()[-1:] or ["(no output)"]
             raise UserError(f"{prog} {' '.join(args[:2])} failed: {last[0]} (log: {log_path})")

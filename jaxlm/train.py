@@ -537,6 +537,8 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
     from jaxlm.data.pipeline import make_loader
     from jaxlm.metrics_log import MetricsLog
 
+    if "://" in str(workdir):  # Path() would make gs://B/x a local folder gs:/B/x
+        raise UserError(f"--workdir {workdir}: a file-system path, e.g. a gcsfuse mount")
     workdir = Path(workdir).resolve()
     run = _setup(cfg, workdir)
     pid, nproc = jax.process_index(), jax.process_count()

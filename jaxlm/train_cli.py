@@ -8,6 +8,8 @@ import logging
 
 from jaxlm.errors import UserError
 
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: SIGTERM stopped the run after saving; rerun to resume
+
 
 def _data_arg(text: str) -> dict:
     path, _, weight = text.rpartition(":") if ":" in text else (text, "", "")
@@ -20,7 +22,12 @@ def _data_arg(text: str) -> dict:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="pretrain or continue pre-training (resumes in --workdir)")
+    p = sub.add_parser(
+        "train",
+        help="pretrain or continue pre-training (resumes in --workdir)",
+        epilog=f"Exit status: 0 done, 2 bad input, {PREEMPTED_EXIT} stopped by SIGTERM after "
+        "saving (rerun to resume).",
+    )
     p.add_argument("--config", help="YAML overlay on the TrainConfig defaults")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics and plots go here")
     p.add_argument(
@@ -68,4 +75,6 @@ def cmd_train(args) -> int:
     if not result:
         raise UserError("training produced no result")
     print(json.dumps({k: v for k, v in result.items() if k != "data_crc"}))
-    return 0
+    # stopped by SIGTERM after a clean save: not finished, so wrappers (tpu/babysit.py, the demo)
+    # run the same command again, which resumes
+    return PREEMPTED_EXIT if result.get("preempted") else 0

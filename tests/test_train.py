@@ -134,7 +134,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, demo_data):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0
+    assert proc.returncode == 75  # saved, not finished: wrappers rerun the command
     assert json.loads(out.strip().splitlines()[-1])["preempted"] is True
     _, step = _params(wd)
     assert 3 <= step < 2000
@@ -205,6 +205,8 @@ def test_resume_refusals_keep_the_run(tmp_path, demo_data, capsys):
     assert main(["train", "--workdir", str(wd), "--data", data, "--steps", "3", *TINY,
                  "--set", "model.remat=true", "--set", "optim.lr=1e-4"]) == 0  # fmt: skip
     assert _params(wd)[1] == 3
+    assert main(["train", "--workdir", "gs://bucket/run", "--data", data, *TINY]) == 2
+    assert "a file-system path" in capsys.readouterr().err
     # rows longer than the position table would be clamped onto its last entry, silently
     long = tmp_path / "long"
     shutil.copytree(data, long)

@@ -1,6 +1,7 @@
 """Compile a train step ahead of time for a named TPU topology; print one JSON report.
 
-    python tpu/aot_check.py --topology v5e-8 --config configs/ts-33m.yaml --global-batch 512
+    python tpu/aot_check.py --topology v5e-8 --config configs/pretrain/ts-33m.yaml \\
+        --global-batch 512
 
 Needs libtpu (`pip install "jax[tpu]"`), not a TPU; runs fine with JAX_PLATFORMS=cpu. Exits 1
 when the step does not fit in one chip's HBM, 2 on a usage error (including a batch that does

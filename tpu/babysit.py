@@ -1,15 +1,18 @@
 """Keep a training run going on a preemptible slice: recreate, set up and resume after preemption.
 
     python tpu/babysit.py jaxlm-v5e --zone us-west4-a --accelerator-type v5litepod-8 --spot \\
-        --repo https://github.com/ORG/jaxlm.git --commit 0123abc --log-dir gs://BUCKET/logs -- \\
-        jaxlm train --config configs/ts-33m.yaml --workdir gs://BUCKET/runs/ts-33m
+        --repo https://github.com/ORG/jaxlm.git --commit 0123abc --log-dir gs://BUCKET/logs \\
+        --runs gs://BUCKET/runs -- \\
+        jaxlm train --config configs/pretrain/ts-33m.yaml --workdir /tmp/jaxlm-runs/ts-33m
 
 The loop: `describe`; if the slice is PREEMPTED, SUSPENDED, TERMINATED or missing, delete it,
 create it, wait for READY/ACTIVE and run setup; then run the same train command on all workers.
-The command resumes from the last checkpoint in its gs:// workdir, so a rerun is a resume. It
-stops when the command succeeds, or after --max-restarts reruns. Dry runs play simulated
-`describe` answers: `--simulate-state READY --simulate-state PREEMPTED` prints setup and run,
-then (the run "fails" while states are left) describe, delete, create, setup and the rerun.
+The command resumes from the last checkpoint in its workdir (on the gcsfuse mount of gs:// that
+setup makes with --runs), so a rerun is a resume; a run stopped by a preemption notice exits 75
+(EX_TEMPFAIL) after saving, and is rerun too. It stops when the command succeeds, or after
+--max-restarts reruns. Dry runs play simulated `describe` answers: `--simulate-state READY
+--simulate-state PREEMPTED` prints setup and run, then (the run "fails" while states are left)
+describe, delete, create, setup and the rerun.
 """
 
 from __future__ import annotations

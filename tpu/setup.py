@@ -9,7 +9,7 @@ clone or fetch the repo into --dir, check out --commit, make a Python 3.11 venv 
 TPU images ship Python 3.10), `pip install -e ".[tpu]"`, and make the data shards readable:
 `--data-mode copy` syncs them to local disk with `gcloud storage rsync --recursive` (the
 re-runnable form of `gcloud storage cp -r`), `gcsfuse` mounts the bucket prefix read-only.
-Checkpoints need neither: Orbax writes to gs:// directly.
+Workdirs need neither: --runs mounts gs:// read-write at /tmp/jaxlm-runs (gcsfuse).
 """
 
 from __future__ import annotations
