@@ -71,9 +71,8 @@ def _tokenizer(path: str | None):
 
 
 def cmd_export(args) -> int:
-    from jaxlm import hf
     from jaxlm.checkpoint import load_model, read_meta
-    from jaxlm.hf import save_hf
+    from jaxlm.hf import save_hf, token_ids
 
     model, info = load_model(args.checkpoint)
     tok_dir = args.tokenizer or info.tokenizer
@@ -81,7 +80,7 @@ def cmd_export(args) -> int:
     if tok is not None:
         ids = {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id}
     elif info.source == "hf":
-        ids = hf.token_ids(info.path)
+        ids = token_ids(info.path)
     else:  # an imported checkpoint keeps its source's ids (cmd_import)
         ids = read_meta(info.path)[1].get("hf_token_ids", {})
     out = save_hf(model, args.out, **ids)
