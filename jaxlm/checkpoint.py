@@ -37,6 +37,7 @@ class ModelInfo:
     path: str
     tokenizer: str | None = None  # a tokenizer directory, when one is known
     step: int | None = None  # training step, for workdirs
+    hf_token_ids: dict | None = None  # a Hugging Face source's bos/eos/pad ids, as save_hf takes
 
 
 def write_meta(
@@ -161,7 +162,8 @@ def load_model(
         return model, ModelInfo("workdir", str(d), meta.get("tokenizer"), step)
     if (d / META).is_file() and (d / "params").is_dir():
         _, meta = read_meta(d)
-        return _load_model_dir(d, mesh, rules), ModelInfo("model", str(d), meta.get("tokenizer"))
+        info = ModelInfo("model", str(d), meta.get("tokenizer"), None, meta.get("hf_token_ids"))
+        return _load_model_dir(d, mesh, rules), info
     if hf.is_hf_dir(d):
         model = hf.load_hf(d)
         if mesh is not None:
@@ -169,7 +171,7 @@ def load_model(
 
             model = shard_model(model, mesh, rules)
         tok = str(d / "jaxlm_tokenizer") if (d / "jaxlm_tokenizer").is_dir() else None
-        return model, ModelInfo("hf", str(d), tok)
+        return model, ModelInfo("hf", str(d), tok, None, hf.token_ids(d))
     raise UserError(
         f"{d}: not a jaxlm model directory ({META} + params/), a training workdir "
         f"({META} + checkpoints/), or a Hugging Face GPT-Neo directory (config.json)"

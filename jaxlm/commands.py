@@ -71,18 +71,16 @@ def _tokenizer(path: str | None):
 
 
 def cmd_export(args) -> int:
-    from jaxlm.checkpoint import load_model, read_meta
-    from jaxlm.hf import save_hf, token_ids
+    from jaxlm.checkpoint import load_model
+    from jaxlm.hf import save_hf
 
     model, info = load_model(args.checkpoint)
     tok_dir = args.tokenizer or info.tokenizer
     tok = _tokenizer(tok_dir)
     if tok is not None:
         ids = {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id}
-    elif info.source == "hf":
-        ids = token_ids(info.path)
-    else:  # an imported checkpoint keeps its source's ids (cmd_import)
-        ids = read_meta(info.path)[1].get("hf_token_ids", {})
+    else:  # a Hugging Face source's ids, kept by `import-hf` too
+        ids = info.hf_token_ids or {}
     out = save_hf(model, args.out, **ids)
     if tok is not None:
         from jaxlm.tokenizer import export_hf

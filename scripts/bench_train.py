@@ -98,10 +98,14 @@ def parse_impl(spec: str) -> tuple[str, dict[str, str]]:
     return m[1], overrides
 
 
+def _kind(key: str) -> str:
+    """What an impl[...] key sets: an XLA option, jaxlm's loss, or (else) a model field."""
+    return "xla" if key.startswith("xla_") else "loss" if key in LOSS_KEYS else "model"
+
+
 def _model_overrides(spec: str) -> dict[str, str]:
     """The overrides of an impl spec that change the model (not jaxlm's loss or XLA options)."""
-    return {k: v for k, v in parse_impl(spec)[1].items()
-            if not k.startswith("xla_") and k not in LOSS_KEYS}  # fmt: skip
+    return {k: v for k, v in parse_impl(spec)[1].items() if _kind(k) == "model"}
 
 
 def _variant(
@@ -114,13 +118,10 @@ def _variant(
     kw = {"loss_impl": loss_impl, "loss_chunk_rows": loss_chunk_rows, "xla_options": {}}
     model = {}
     for key, value in overrides.items():
-        value = yaml.safe_load(value)
-        if impl != "jaxlm" and (key.startswith("xla_") or key in LOSS_KEYS):
+        value, kind = yaml.safe_load(value), _kind(key)
+        if impl != "jaxlm" and kind != "model":
             raise UserError(f"{impl}[{key}=...]: the torch impls take ModelConfig fields only")
-        if key.startswith("xla_"):
-            kw["xla_options"][key] = value
-        else:
-            (kw if key in LOSS_KEYS else model)[key] = value
+        {"xla": kw["xla_options"], "loss": kw, "model": model}[kind][key] = value
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     for key in set(model) - set(fields):
         raise UserError(f"jaxlm[{key}=...]: not a ModelConfig field, xla_ option nor {LOSS_KEYS}")

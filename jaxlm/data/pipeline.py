@@ -31,9 +31,11 @@ def read_metadata(datadir: str | os.PathLike) -> dict:
         raise UserError(f"{datadir} is not a prepared DATADIR (no metadata.json)")
     try:
         meta = json.loads(path.read_text())
-        meta["tokenizer"]["sha256"], meta["seq_len"], meta["splits"]  # noqa: B018
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: not a metadata.json of `jaxlm data prepare` ({e!r})") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+    missing = [k for k in ("tokenizer", "seq_len", "splits") if k not in meta]
+    if missing or "sha256" not in meta["tokenizer"]:
+        raise UserError(f"{path}: not a metadata.json of `jaxlm data prepare` (no {missing})")
     return meta
 
 
