@@ -12,6 +12,7 @@ in stories sampled from both models, the measurable claim of Boughorbel et al. (
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import time
@@ -60,7 +61,43 @@ class Demo:
         self.log(f"[{name}] {_brief(result)}")
         return result
 
+    def settings(self) -> dict:
+        """The settings the stages' results depend on; a config file counts by its contents, so
+        an edited YAML is a change and the same YAML in another checkout is not."""
+        s = dataclasses.asdict(self.cfg)
+        for k in [k for k in s if k.endswith("_config")]:
+            try:
+                s[k] = "sha256:" + hashlib.sha256(Path(s[k]).read_bytes()).hexdigest()
+            except OSError as e:
+                raise UserError(f"{k.replace('_', '-')}: cannot read {s[k]}: {e.strerror}") from e
+        return s
+
+    def check_settings(self) -> None:
+        """Finished stages are skipped, so a rerun with other settings would report the old
+        results as its own: refuse it, naming what changed, and leave the workdir as it is."""
+        path = self.w / ".stages" / "settings.json"
+        now = self.settings()
+        if path.exists():
+            try:
+                was = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise UserError(
+                    f"{path}: unreadable ({e}); delete it to accept this run's settings"
+                ) from e
+            changed = [k for k in now if k in was and was[k] != now[k]]
+            if changed:
+                what = ", ".join(
+                    f"{k} (the file's contents)" if k.endswith("_config") else
+                    f"{k} {was[k]!r} -> {now[k]!r}" for k in changed
+                )  # fmt: skip
+                raise UserError(f"{self.w} was made with other settings: {what} (recorded in "
+                                f"{path}); run it as before, or use another --workdir")  # fmt: skip
+            if set(now) <= set(was):
+                return
+        path.write_text(json.dumps(now, indent=2) + "\n")
+
     def run(self) -> dict:
+        self.check_settings()
         stages = [
             ("corpus", self.corpus), ("tokenizer", self.tokenizer), ("shards", self.shards),
             ("pretrain", self.pretrain), ("cpt", self.cpt), ("samples", self.samples),

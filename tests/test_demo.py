@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from jaxlm.demo import artifact_stats
+from jaxlm.demo import Demo, DemoConfig, artifact_stats
+from jaxlm.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,3 +59,24 @@ def test_artifact_stats_counts_names_and_dialogue_style():
     assert native["english_name_share"] == 0.0 and translated["english_name_share"] == 1.0
     assert native["english_dialogue_share"] == 0.0
     assert translated["english_dialogue_share"] == pytest.approx(1.0)
+
+
+def test_rerun_with_other_settings_is_refused_and_changes_nothing(tmp_path):
+    """Finished stages are skipped, so other settings on a rerun would report the old results."""
+    cfg_file = tmp_path / "pre.yaml"
+    cfg_file.write_text("model: {preset: ts-1m}\n")
+    cfg = DemoConfig(n_translated=100, pretrain_config=str(cfg_file))
+    Demo(tmp_path / "w", cfg).check_settings()
+    recorded = (tmp_path / "w/.stages/settings.json").read_text()
+    Demo(tmp_path / "w", cfg).check_settings()  # the same settings: fine
+
+    with pytest.raises(UserError, match=r"n_translated 100 -> 200.*another --workdir"):
+        Demo(
+            tmp_path / "w", DemoConfig(n_translated=200, pretrain_config=str(cfg_file))
+        ).check_settings()
+    cfg_file.write_text("model: {preset: ts-3m}\n")  # an edited config file is a change too
+    with pytest.raises(UserError, match=r"pretrain_config \(the file's contents\)"):
+        Demo(tmp_path / "w", cfg).check_settings()
+    assert (tmp_path / "w/.stages/settings.json").read_text() == recorded
+    with pytest.raises(UserError, match=r"pretrain-config: cannot read .*missing.yaml"):
+        Demo(tmp_path / "v", DemoConfig(pretrain_config=str(tmp_path / "missing.yaml"))).settings()
