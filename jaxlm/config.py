@@ -43,6 +43,7 @@ class ModelConfig:
     dtype: DType = "float32"  # compute dtype; parameters always stay float32 (master weights)
     attention_impl: AttentionImpl = "xla"  # xla: exact einsum path; cudnn: fused flash attention
     remat: bool = False  # recompute each block in the backward pass (saves activation memory)
+    residual_float32: bool = False  # in a 16-bit dtype, keep the residual stream float32
 
     def __post_init__(self) -> None:
         if not self.attention_layers:

@@ -13,8 +13,10 @@ GPT-Neo's quirks, all kept on purpose because the TinyStories checkpoints depend
   * input and output embeddings are tied; the activation is gelu_new (tanh approximation).
 
 Parameters are float32 master weights; `cfg.dtype` is the compute dtype (bfloat16 on accelerators).
-In bfloat16 the residual stream is bfloat16 too (torch autocast keeps it float32): half the
-activation bytes. LayerNorm, attention scores and the softmax stay float32.
+In bfloat16 the residual stream is bfloat16 too by default: half the activation bytes. With
+`residual_float32` it stays float32 as under torch autocast (the PyTorch peers' numerics): the
+embeddings' sum and every residual add in float32, LayerNorm's output rounded to the compute dtype
+for the next matmul. LayerNorm, attention scores and the softmax are float32 either way.
 Every parameter names its logical axes in `out_sharding`; configs/sharding.yaml maps them to the
 (data, fsdp, tensor) mesh. Dropout is absent: the TinyStories models were trained without it.
 """
@@ -66,9 +68,10 @@ class KVCache(NamedTuple):
         )
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm(x_btd: Array, scale_d: Array, bias_d: Array, eps: float) -> Array:
-    """LayerNorm over the last axis in float32 (as torch autocast runs it), in x's dtype.
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(x_btd: Array, scale_d: Array, bias_d: Array, eps: float, out_dtype=None) -> Array:
+    """LayerNorm over the last axis in float32 (as torch autocast runs it), returned in
+    `out_dtype` (None: x's dtype).
 
     The backward pass is written out because XLA's own recomputed the mean and variance inside
     each backward fusion that needs them; keeping mean and 1/std ([B, T, 1] each, float32) made
@@ -78,19 +81,19 @@ def layer_norm(x_btd: Array, scale_d: Array, bias_d: Array, eps: float) -> Array
     gradient's product x_hat * dy ([B, T, D], float32) out for a separate column sum (H200,
     ts-33m bf16, with the GPU defaults: 25.52 -> 24.62 ms per step).
     """
-    return _layer_norm_fwd(x_btd, scale_d, bias_d, eps)[0]
+    return _layer_norm_fwd(x_btd, scale_d, bias_d, eps, out_dtype)[0]
 
 
-def _layer_norm_fwd(x_btd, scale_d, bias_d, eps):
+def _layer_norm_fwd(x_btd, scale_d, bias_d, eps, out_dtype):
     x = x_btd.astype(jnp.float32)
     mean_bt1 = x.mean(-1, keepdims=True)
     rstd_bt1 = jax.lax.rsqrt(jnp.square(x - mean_bt1).mean(-1, keepdims=True) + eps)
     mean_bt1, rstd_bt1 = jax.lax.optimization_barrier((mean_bt1, rstd_bt1))
     y = (x - mean_bt1) * rstd_bt1 * scale_d + bias_d
-    return y.astype(x_btd.dtype), (x_btd, mean_bt1, rstd_bt1, scale_d)
+    return y.astype(out_dtype or x_btd.dtype), (x_btd, mean_bt1, rstd_bt1, scale_d)
 
 
-def _layer_norm_bwd(eps, res, dy_btd):
+def _layer_norm_bwd(eps, out_dtype, res, dy_btd):
     x_btd, mean_bt1, rstd_bt1, scale_d = res
     xhat = (x_btd.astype(jnp.float32) - mean_bt1) * rstd_bt1
     dy = dy_btd.astype(jnp.float32)
@@ -108,11 +111,12 @@ class LayerNorm(nnx.Module):
 
     def __init__(self, cfg: ModelConfig):
         self.eps = cfg.layer_norm_eps
+        self.out_dtype = cfg.dtype
         self.scale_d = _const((cfg.d_model,), ("norm",), 1.0)
         self.bias_d = _const((cfg.d_model,), ("norm",), 0.0)
 
     def __call__(self, x_btd: Array) -> Array:
-        return layer_norm(x_btd, self.scale_d[...], self.bias_d[...], self.eps)
+        return layer_norm(x_btd, self.scale_d[...], self.bias_d[...], self.eps, self.out_dtype)
 
 
 class Attention(nnx.Module):
@@ -321,7 +325,8 @@ class GPTNeo(nnx.Module):
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(q_slot_t, (B, T))
         dt = jnp.dtype(cfg.dtype)
-        x_btd = (self.wte_vd[...][tokens_bt] + self.wpe_pd[...][positions_bt]).astype(dt)
+        res_dt = jnp.float32 if cfg.residual_float32 else dt  # the residual stream's dtype
+        x_btd = (self.wte_vd[...][tokens_bt] + self.wpe_pd[...][positions_bt]).astype(res_dt)
         x_btd = constrain(x_btd, ("batch", "length", "act_embed"))
 
         valid_bs = None

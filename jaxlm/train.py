@@ -50,6 +50,7 @@ class ModelSection:
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; weights stay float32
     attention_impl: Literal["xla", "cudnn", "auto"] = "auto"  # auto: cuDNN flash on GPUs in bf16
     remat: bool = False  # recompute blocks in the backward pass to save memory
+    residual_float32: bool = False  # bf16: residual stream in float32, as torch autocast
     loss_impl: Literal["fused", "plain"] = "fused"  # fused: output projection + CE in chunks
     loss_chunk_rows: int = 0  # (b, t) rows per fused-loss chunk; 0: default_loss_chunk_rows()
 
@@ -160,6 +161,7 @@ def model_config(cfg: TrainConfig, vocab_size: int | None) -> ModelConfig:
         dtype=cfg.model.dtype,
         attention_impl=cfg.model.attention_impl,
         remat=cfg.model.remat,
+        residual_float32=cfg.model.residual_float32,
     )
 
 
@@ -367,9 +369,9 @@ def _setup(cfg: TrainConfig, workdir: Path) -> _Run:
 
 
 def _architecture(m: ModelConfig) -> ModelConfig:
-    """The config less its compute-only fields (dtype, attention kernel, remat), which a resumed
-    or continued run may change: they leave the parameters as they are."""
-    return m.replace(dtype="float32", attention_impl="auto", remat=False)
+    """The config less its compute-only fields (dtype, residual dtype, attention kernel, remat),
+    which a resumed or continued run may change: they leave the parameters as they are."""
+    return m.replace(dtype="float32", attention_impl="auto", remat=False, residual_float32=False)
 
 
 def _check_same_tokenizer(source: str, tokdir: str | None, data_sha: str) -> None:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of issue 4 in one short run (one H100 or H200, about 5 minutes):
-#   $OUT/bench.jsonl  bench_train.py lines: ts-33m (jaxlm; with XLA's Triton GEMMs back on, which
+#   $OUT/bench.jsonl  bench_train.py lines: ts-33m (jaxlm; with a float32 residual stream, as the
+#                     torch peers run under autocast; with XLA's Triton GEMMs back on, which
 #                     jaxlm turns off by default (jaxlm/xla_options.py); other loss settings;
 #                     transformers' GPT-Neo eager and compiled; the hand-written GPT-Neo of
 #                     scripts/torch_gpt_neo.py compiled), ts-8m, ts-33m with every layer global
@@ -21,13 +22,13 @@ python3 -c 'import jax, flax, optax, torch, transformers as t; print(jax.__versi
 
 XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step" \
   timeout 300 $B --presets ts-33m --compile-timeout 120 --profile /tmp/prof \
-  --impls 'jaxlm,jaxlm[xla_gpu_enable_triton_gemm=true],jaxlm[loss_chunk_rows=8192],jaxlm[loss_impl=plain],torch-eager,torch-compile,torch-gpt-compile' \
+  --impls 'jaxlm,jaxlm[residual_float32=true],jaxlm[xla_gpu_enable_triton_gemm=true],jaxlm[loss_chunk_rows=8192],jaxlm[loss_impl=plain],torch-eager,torch-compile,torch-gpt-compile' \
   | tee "$OUT/bench.jsonl"
 timeout 60 $B --presets ts-8m --impls 'jaxlm,torch-eager' | tee -a "$OUT/bench.jsonl"
 # the issue's 1.40M peer, "a hand-written PyTorch GPT with flash attention", likely ran flash on
 # every layer: this model, with a window that spans the 512 tokens (every layer global), in both
 timeout 150 $B --presets ts-33m --compile-timeout 120 \
-  --impls 'jaxlm[window_size=512],torch-gpt-compile[window_size=512]' | tee -a "$OUT/bench.jsonl"
+  --impls 'jaxlm[window_size=512],jaxlm[window_size=512+residual_float32=true],torch-gpt-compile[window_size=512]' | tee -a "$OUT/bench.jsonl"
 # candidates for the next default: no q/k/v dot merging (no slices), cuDNN LayerNorm and GEMM
 # fusions, the fusion autotuner
 timeout 150 $B --presets ts-33m --impls 'jaxlm,jaxlm[xla_gpu_dot_merger_threshold_mb=0],jaxlm[xla_gpu_enable_cudnn_layer_norm=true],jaxlm[xla_gpu_cudnn_gemm_fusion_level=2],jaxlm[xla_gpu_experimental_enable_fusion_autotuner=true]' \

@@ -82,6 +82,9 @@ def _batches(vocab: int, batch: int, seq_len: int, n: int = 4) -> np.ndarray:
 
 
 LOSS_KEYS = ("loss_impl", "loss_chunk_rows")
+# ModelConfig fields that change how jaxlm computes, not the model (train._architecture): the
+# ratios pair them with the plain torch impls, and the torch impls refuse them.
+NUMERICS_FIELDS = ("attention_impl", "remat", "residual_float32")
 
 
 def parse_impl(spec: str) -> tuple[str, dict[str, str]]:
@@ -99,12 +102,15 @@ def parse_impl(spec: str) -> tuple[str, dict[str, str]]:
 
 
 def _kind(key: str) -> str:
-    """What an impl[...] key sets: an XLA option, jaxlm's loss, or (else) a model field."""
-    return "xla" if key.startswith("xla_") else "loss" if key in LOSS_KEYS else "model"
+    """What an impl[...] key sets: an XLA option, jaxlm's loss, jaxlm's numerics (a ModelConfig
+    field that leaves the model as it is), or (else) a model field."""
+    if key.startswith("xla_"):
+        return "xla"
+    return "loss" if key in LOSS_KEYS else "numerics" if key in NUMERICS_FIELDS else "model"
 
 
 def _model_overrides(spec: str) -> dict[str, str]:
-    """The overrides of an impl spec that change the model (not jaxlm's loss or XLA options)."""
+    """The overrides of an impl spec that change the model (not jaxlm's loss, numerics or XLA)."""
     return {k: v for k, v in parse_impl(spec)[1].items() if _kind(k) == "model"}
 
 
@@ -120,8 +126,8 @@ def _variant(
     for key, value in overrides.items():
         value, kind = yaml.safe_load(value), _kind(key)
         if impl != "jaxlm" and kind != "model":
-            raise UserError(f"{impl}[{key}=...]: the torch impls take ModelConfig fields only")
-        {"xla": kw["xla_options"], "loss": kw, "model": model}[kind][key] = value
+            raise UserError(f"{impl}[{key}=...]: the torch impls take the model's fields only")
+        {"xla": kw["xla_options"], "loss": kw, "model": model, "numerics": model}[kind][key] = value
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     for key in set(model) - set(fields):
         raise UserError(f"jaxlm[{key}=...]: not a ModelConfig field, xla_ option nor {LOSS_KEYS}")

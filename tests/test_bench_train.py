@@ -60,18 +60,21 @@ def test_jaxlm_variants_are_typed_and_checked():
     impl, overrides = bench.parse_impl("torch-gpt-compile[window_size=512]")
     cfg, _ = bench._variant(preset("ts-1m"), overrides, "fused", 0, impl)
     assert (impl, cfg.window_size) == ("torch-gpt-compile", 512)
-    for key in ("loss_impl", "xla_gpu_enable_triton_gemm"):
+    for key in ("loss_impl", "xla_gpu_enable_triton_gemm", "residual_float32", "remat"):
         with pytest.raises(UserError, match=key):
             bench._variant(preset("ts-1m"), {key: "1"}, "fused", 0, "torch-eager")
     with pytest.raises(UserError, match="choose from"):
         bench.parse_impl("torch-jit[window_size=8]")
     # ratios pair a jaxlm impl with the torch impls on the same model only
+    # (jaxlm's numerics, e.g. a float32 residual stream, leave the model as it is)
     tps = {"jaxlm": 300, "jaxlm[xla_a=1]": 330, "jaxlm[window_size=512]": 400, "torch-eager": 100,
-           "torch-gpt[window_size=512]": 200, "torch-compile": None}  # fmt: skip
+           "torch-gpt[window_size=512]": 200, "torch-compile": None,
+           "jaxlm[residual_float32=true]": 250}  # fmt: skip
     lines = [{"preset": "p", "impl": i, "tokens_per_s": t} for i, t in tps.items()]
     assert bench.like_for_like_ratios(lines) == {"p": {
         "jaxlm/torch-eager": 3.0, "jaxlm[xla_a=1]/torch-eager": 3.3,
-        "jaxlm[window_size=512]/torch-gpt[window_size=512]": 2.0}}  # fmt: skip
+        "jaxlm[window_size=512]/torch-gpt[window_size=512]": 2.0,
+        "jaxlm[residual_float32=true]/torch-eager": 2.5}}  # fmt: skip
 
 
 def test_hand_written_torch_peer_is_gpt_neo():

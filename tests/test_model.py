@@ -261,3 +261,27 @@ def test_layer_norm_gradients_match_torch():
     for g, t in zip(grads, (tx, ts, tb), strict=True):
         ref = t.grad.numpy()
         np.testing.assert_allclose(g, ref, atol=1e-5 * float(np.abs(ref).max()), rtol=0)
+
+
+def test_float32_residual_stream_in_bfloat16_is_closer_to_float32():
+    """`residual_float32` keeps the residual adds in float32 as torch autocast does: the bf16
+    logits move closer to the float32 model's, and the loss's gradients are finite."""
+    cfg = preset("ts-8m", vocab_size=512)
+    params = nnx.state(init_model(cfg, 0), nnx.Param)
+    tokens = jax.random.randint(jax.random.key(1), (2, 128), 0, 512)
+
+    def run(**kw):
+        c = cfg.replace(**kw)
+        return nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: GPTNeo(c, rngs=nnx.Rngs(0)))), params)
+
+    ref = run()(tokens)
+    assert jnp.array_equal(run(residual_float32=True)(tokens), ref)  # float32: nothing changes
+    err = {
+        rf: float(jnp.abs(run(dtype="bfloat16", residual_float32=rf)(tokens) - ref).mean())
+        for rf in (False, True)
+    }
+    assert err[True] < 0.85 * err[False], err  # measured 0.0019 against 0.0025
+
+    model = run(dtype="bfloat16", residual_float32=True)
+    grads = nnx.grad(lambda m: jax.nn.logsumexp(m(tokens), -1).mean())(model)
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
