@@ -39,6 +39,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from jaxlm.data.readers import text_lines
 from jaxlm.errors import UserError
 from jaxlm.llm import AuthError, LLMClient, LLMError, RequestError, RetryPolicy, make_client
 from jaxlm.mt.store import JsonlStore, read_jsonl, write_jsonl_atomic
@@ -213,29 +214,28 @@ def read_inputs(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"{path}: no such inputs file")
     items, seen = [], set()
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not a JSON line ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{where}: expected an object with id, prompt, completion")
-            for key in ("id", "prompt", "completion"):
-                if key not in obj:
-                    raise UserError(f"{where}: missing field {key!r}")
-            if not isinstance(obj["id"], str | int) or isinstance(obj["id"], bool):
-                raise UserError(f"{where}: field 'id' must be a string or an integer")
-            for key in ("prompt", "completion"):
-                if not isinstance(obj[key], str):
-                    raise UserError(f"{where}: field {key!r} must be a string")
-            if obj["id"] in seen:
-                raise UserError(f"{where}: duplicate id {obj['id']!r}")
-            seen.add(obj["id"])
-            items.append(obj)
+    for lineno, line in text_lines(path):  # a byte order mark is dropped
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not a JSON line ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{where}: expected an object with id, prompt, completion")
+        for key in ("id", "prompt", "completion"):
+            if key not in obj:
+                raise UserError(f"{where}: missing field {key!r}")
+        if not isinstance(obj["id"], str | int) or isinstance(obj["id"], bool):
+            raise UserError(f"{where}: field 'id' must be a string or an integer")
+        for key in ("prompt", "completion"):
+            if not isinstance(obj[key], str):
+                raise UserError(f"{where}: field {key!r} must be a string")
+        if obj["id"] in seen:
+            raise UserError(f"{where}: duplicate id {obj['id']!r}")
+        seen.add(obj["id"])
+        items.append(obj)
     if not items:
         raise UserError(f"{path}: no inputs")
     return items

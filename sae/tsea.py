@@ -107,7 +107,7 @@ def load_word_list(path: str | Path, column: str | None = None) -> list[str]:
     """
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_bytes().decode("utf-8-sig")  # a byte order mark is not a word
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{p}: cannot read word list ({e})") from None
     if p.suffix.lower() not in (".tsv", ".csv"):

@@ -141,6 +141,12 @@ def test_bad_input_lines_name_file_and_line(tmp_path):
         p.write_text('{"id": 0, "prompt": "a", "completion": "b"}\n' + line + "\n")
         with pytest.raises(UserError, match=rf"in.jsonl:2: .*{msg}"):
             read_inputs(p)
+    # a byte order mark (Windows editors write one) is dropped; bad bytes name their line
+    p.write_bytes(b'\xef\xbb\xbf{"id": 0, "prompt": "a", "completion": "b"}\n\xff\n')
+    with pytest.raises(UserError, match=r"in.jsonl:2: undecodable"):
+        read_inputs(p)
+    p.write_bytes(b'\xef\xbb\xbf{"id": 0, "prompt": "a", "completion": "b"}\n')
+    assert read_inputs(p) == [{"id": 0, "prompt": "a", "completion": "b"}]
 
 
 # ---------------------------------------------------------------------------- grading

@@ -295,6 +295,10 @@ def test_token_sets_from_shared_name_lists(tok2000, shared_data, tmp_path):
     assert {texts[i].strip() for i in sets["english"]} <= set(en)
     with pytest.raises(UserError, match="no column 'arab'.*english, arabic"):
         tsea.load_word_list(names / "english_first_names_arabic_script.tsv", "arab")
+    # a byte order mark (Windows editors write one) is not part of the header's first name
+    bom = tmp_path / "bom.tsv"
+    bom.write_bytes(b"\xef\xbb\xbfenglish\tarabic\nJames\t" + "جيمس".encode() + b"\n")
+    assert tsea.load_word_list(bom, "english") == ["James"]
     empty = tmp_path / "empty.txt"
     empty.write_text("\n# nothing\n")
     with pytest.raises(UserError, match="empty.txt: no words"):

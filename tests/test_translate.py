@@ -125,6 +125,18 @@ def test_read_stories_ids(tmp_path):
     with pytest.raises(UserError, match="text"):
         (tmp_path / "d.jsonl").write_text('{"body": "x"}\n')
         read_stories([tmp_path / "d.jsonl"])
+    # a byte order mark (Windows editors write one) is not text; bad bytes name their line
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "e.jsonl").write_bytes(bom + b'{"id": 7, "text": "x"}\n')
+    (tmp_path / "e.txt").write_bytes(bom + b"One.\n\nTwo.\n")
+    assert [s.text for s in read_stories([tmp_path / "e.jsonl", tmp_path / "e.txt"])] == [
+        "x",
+        "One.",
+        "Two.",
+    ]
+    (tmp_path / "f.jsonl").write_bytes(b'{"text": "x"}\n{"text": "\xff"}\n')
+    with pytest.raises(UserError, match=r"f.jsonl:2: undecodable"):
+        read_stories([tmp_path / "f.jsonl"])
 
 
 def test_shards_are_disjoint_and_cover():

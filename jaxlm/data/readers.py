@@ -77,7 +77,7 @@ def read(path: str, fmt: str = "auto", options: ReadOptions | None = None) -> It
         raise UserError(f"{path}: empty input (no records found)")
 
 
-def _lines(path: str) -> Iterator[tuple[int, str]]:
+def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """(line number, decoded line) with a one-line error on undecodable bytes; a leading byte
     order mark (Windows editors write one) is dropped, not read as text."""
     with open(path, "rb") as f:
@@ -104,7 +104,7 @@ def read_text(path: str, options: ReadOptions) -> Iterator[str]:
     if sep not in ("eot", "blank"):
         raise UserError(f"unknown text separator {sep!r}: choose auto, eot or blank")
     buf: list[str] = []
-    for _, line in _lines(path):
+    for _, line in text_lines(path):
         if sep == "eot" and EOT in line:
             head, *rest = line.split(EOT)
             buf.append(head)
@@ -124,7 +124,7 @@ def read_text(path: str, options: ReadOptions) -> Iterator[str]:
 @register("jsonl", ".jsonl", ".json", ".ndjson")
 def read_jsonl(path: str, options: ReadOptions) -> Iterator[str]:
     """JSON Lines: the story is the `options.field` string of each object."""
-    for lineno, line in _lines(path):
+    for lineno, line in text_lines(path):
         if not line.strip():
             continue
         try:
@@ -144,8 +144,8 @@ def read_csv(path: str, options: ReadOptions) -> Iterator[str]:
     """CSV with a header row (e.g. AraStories `,Prompt,Story`): the `options.field` column."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # stories are long and multi-line
     delimiter = "\t" if path.lower().endswith(".tsv") else ","
-    # decoded a line at a time (_lines), so an undecodable byte's error names its line
-    rows = csv.reader((line for _, line in _lines(path)), delimiter=delimiter)
+    # decoded a line at a time (text_lines), so an undecodable byte's error names its line
+    rows = csv.reader((line for _, line in text_lines(path)), delimiter=delimiter)
     try:
         header = next(rows, None)
         if header is None:

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from jaxlm.data.readers import text_lines
 from jaxlm.errors import UserError
 
 _EOT = "<|endoftext|>"
@@ -42,18 +43,17 @@ def _split_text(raw: str) -> list[str]:
 
 def _jsonl_rows(path: Path, text_field: str, id_field: str) -> list[tuple[str | None, str]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not JSON ({e.msg})") from e
-            if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                raise UserError(f"{path}:{lineno}: no string field {text_field!r} (--text-field)")
-            given = obj.get(id_field)
-            rows.append((None if given is None else str(given), obj[text_field].strip()))
+    for lineno, line in text_lines(path):  # a byte order mark is dropped
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not JSON ({e.msg})") from e
+        if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+            raise UserError(f"{path}:{lineno}: no string field {text_field!r} (--text-field)")
+        given = obj.get(id_field)
+        rows.append((None if given is None else str(given), obj[text_field].strip()))
     return rows
 
 
@@ -69,7 +69,7 @@ def read_stories(
             rows += _jsonl_rows(p, text_field, id_field)
         else:
             try:
-                raw = p.read_text(encoding="utf-8")
+                raw = p.read_bytes().decode("utf-8-sig")  # a byte order mark is not text
             except UnicodeDecodeError as e:
                 raise UserError(f"{p}: not UTF-8 text (byte {e.start})") from e
             rows += [(None, t) for t in _split_text(raw)]
