@@ -39,7 +39,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from jaxlm.data.readers import text_lines
+from jaxlm.data.readers import json_lines
 from jaxlm.errors import UserError
 from jaxlm.llm import AuthError, LLMClient, LLMError, RequestError, RetryPolicy, make_client
 from jaxlm.mt.store import JsonlStore, read_jsonl, write_jsonl_atomic
@@ -214,14 +214,7 @@ def read_inputs(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"{path}: no such inputs file")
     items, seen = [], set()
-    for lineno, line in text_lines(path):  # a byte order mark is dropped
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not a JSON line ({e.msg})") from None
+    for where, obj in json_lines(path):  # a byte order mark is dropped
         if not isinstance(obj, dict):
             raise UserError(f"{where}: expected an object with id, prompt, completion")
         for key in ("id", "prompt", "completion"):

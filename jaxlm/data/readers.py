@@ -90,6 +90,17 @@ def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
                 ) from None
 
 
+def json_lines(path: str | Path) -> Iterator[tuple[str, object]]:
+    """("path:line", parsed value) for each non-blank line of a JSON Lines file, through
+    `text_lines`; a line that is not JSON is a one-line error naming it."""
+    for lineno, line in text_lines(path):
+        if line.strip():
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not a JSON line ({e.msg})") from None
+
+
 def _sniff_eot(path: str, limit: int = 1 << 20) -> bool:
     with open(path, "rb") as f:
         return EOT.encode() in f.read(limit)
@@ -124,18 +135,12 @@ def read_text(path: str, options: ReadOptions) -> Iterator[str]:
 @register("jsonl", ".jsonl", ".json", ".ndjson")
 def read_jsonl(path: str, options: ReadOptions) -> Iterator[str]:
     """JSON Lines: the story is the `options.field` string of each object."""
-    for lineno, line in text_lines(path):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    for where, obj in json_lines(path):
         if not isinstance(obj, dict) or options.field not in obj:
-            raise UserError(f"{path}:{lineno}: missing field {options.field!r} (use --field)")
+            raise UserError(f"{where}: missing field {options.field!r} (use --field)")
         value = obj[options.field]
         if not isinstance(value, str):
-            raise UserError(f"{path}:{lineno}: field {options.field!r} is not a string")
+            raise UserError(f"{where}: field {options.field!r} is not a string")
         yield value
 
 

@@ -13,12 +13,11 @@ text (a repeated text gets `-2`, `-3`, ... in file order). A story belongs to sh
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from jaxlm.data.readers import text_lines
+from jaxlm.data.readers import json_lines
 from jaxlm.errors import UserError
 
 _EOT = "<|endoftext|>"
@@ -43,15 +42,9 @@ def _split_text(raw: str) -> list[str]:
 
 def _jsonl_rows(path: Path, text_field: str, id_field: str) -> list[tuple[str | None, str]]:
     rows = []
-    for lineno, line in text_lines(path):  # a byte order mark is dropped
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: not JSON ({e.msg})") from e
+    for where, obj in json_lines(path):  # a byte order mark is dropped
         if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-            raise UserError(f"{path}:{lineno}: no string field {text_field!r} (--text-field)")
+            raise UserError(f"{where}: no string field {text_field!r} (--text-field)")
         given = obj.get(id_field)
         rows.append((None if given is None else str(given), obj[text_field].strip()))
     return rows
