@@ -3,10 +3,31 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (the demo redirects it per stage)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def log_to_stderr() -> None:
+    """INFO and up to stderr, for the command-line tools ("resumed from step N", fallbacks).
+
+    A plain `logging.basicConfig` does nothing once the root logger has a handler, and an
+    imported library's `logging.warning` call installs one at WARNING: the INFO lines were lost.
+    """
+    handler = _Stderr()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 
 class MetricsLog:

@@ -674,6 +674,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
                 tokens_per_s=tps,
                 perplexity=math.exp(min(final["loss"], 50.0)),
                 mfu=(tps * fpt / (peak * run.mesh.size)) if peak else None,
+                devices=run.mesh.size,
             )
             mlog.write(
                 final,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
 from jaxlm.errors import UserError
 
@@ -53,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_train(args) -> int:
     from jaxlm import overlay
+    from jaxlm.metrics_log import log_to_stderr
     from jaxlm.train import load_config, train
 
     over: list[dict] = [overlay.parse_override(s) for s in args.set]
@@ -70,7 +70,7 @@ def cmd_train(args) -> int:
     if args.init_from:
         flags["init_from"] = args.init_from
     cfg = load_config(args.config, [flags, *over])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    log_to_stderr()
     result = train(cfg, args.workdir)
     if not result:
         raise UserError("training produced no result")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
 
 def data_arg(text: str) -> dict:
@@ -35,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_train(args) -> int:
     from jaxlm import overlay
+    from jaxlm.metrics_log import log_to_stderr
     from sae.train import load_config, train
 
     flags: dict = {}
@@ -51,7 +51,7 @@ def cmd_train(args) -> int:
     if args.checkpoint_every is not None:
         flags["checkpoint"] = {"every": args.checkpoint_every}
     cfg = load_config(args.config, [flags, *(overlay.parse_override(s) for s in args.set)])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    log_to_stderr()
     result = train(cfg, args.out)
     print(json.dumps({"out": args.out, **result}))
     return 0

@@ -47,6 +47,12 @@ def _crcs(workdir):
             if "data_crc" in r}  # fmt: skip
 
 
+def _saved_steps(workdir):
+    """Steps of the finished checkpoints (Orbax renames a save's temporary folder when done)."""
+    d = Path(workdir) / "checkpoints"
+    return [int(p.name) for p in d.iterdir() if p.name.isdigit()] if d.is_dir() else []
+
+
 def test_train_has_a_pulse(tmp_path, demo_data, capsys):
     wd = tmp_path / "wd"
     assert main(["train", "--workdir", str(wd), "--data", str(demo_data["translated"]),
@@ -75,13 +81,16 @@ def test_kill_9_then_rerun_is_bitwise_equal(tmp_path, demo_data):
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         done = max(_crcs(wd), default=0) if (wd / "metrics.jsonl").exists() else 0
-        if done >= kill_at:
+        if done >= kill_at and _saved_steps(wd):  # past kill_at, with something to resume from
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.05)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    subprocess.run(_cmd(wd, data, steps, "--checkpoint-every", "3"), check=True, timeout=600)
+    saved = max(_saved_steps(wd))
+    rerun = subprocess.run(_cmd(wd, data, steps, "--checkpoint-every", "3"), check=True,
+                           timeout=600, capture_output=True, text=True)  # fmt: skip
+    assert f"resumed from step {saved} " in rerun.stderr  # resumed, not trained again from 0
 
     (a, step_a), (b, step_b) = _params(ref), _params(wd)
     assert step_a == step_b == steps
@@ -99,10 +108,12 @@ def test_sharded_run_matches_one_device(tmp_path, demo_data):
              "eval": {"batches": 1}}, *sets])  # fmt: skip
         train(cfg, wd)
         rows = read_metrics(wd / "metrics.jsonl")
-        return np.array([r["loss"] for r in rows if "data_crc" in r])
+        used = {r["devices"] for r in rows if "tokens_per_s" in r}
+        return np.array([r["loss"] for r in rows if "data_crc" in r]), used
 
-    one = losses(tmp_path / "one", {"mesh": {"shape": [1, 1, 1], "devices": 1}})
-    eight = losses(tmp_path / "eight", {"mesh": {"shape": [2, 2, 2]}})
+    one, used_one = losses(tmp_path / "one", {"mesh": {"shape": [1, 1, 1], "devices": 1}})
+    eight, used_eight = losses(tmp_path / "eight", {"mesh": {"shape": [2, 2, 2]}})
+    assert used_one == {1} and used_eight == {8}  # each run trained on the mesh it was given
     assert len(one) == len(eight) == 10
     np.testing.assert_allclose(eight, one, atol=1e-5, rtol=0)
     assert one[-1] < one[0]
