@@ -559,7 +559,6 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
             raise UserError(f"{workdir} holds a run of another architecture; use a new --workdir")
     if pid == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        write_meta(workdir, run.model_cfg, run.tokenizer, seq_len=run.seq_len)
 
     # data
     loader = make_loader(
@@ -589,7 +588,8 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
     start, params, opt_state = _restore(mngr, cfg, params, opt_state, loader)
     if start:
         log.info("resumed from step %d in %s", start, workdir)
-    if pid == 0:  # after every check: a refused rerun leaves the run's own config in place
+    if pid == 0:  # after every check: a refused run leaves the workdir's own model and config
+        write_meta(workdir, run.model_cfg, run.tokenizer, seq_len=run.seq_len)
         (workdir / "config.json").write_text(json.dumps(overlay.to_dict(cfg), indent=2) + "\n")
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)

@@ -195,6 +195,12 @@ def test_continual_pretraining_from_a_workdir(tmp_path, demo_data, capsys):
     assert main(["train", "--workdir", str(tmp_path / "cpt2"), "--init-from", str(base), "--data",
                  str(other), "--steps", "1", *TINY]) == 2  # fmt: skip
     assert "is not the one the data was tokenised with" in capsys.readouterr().err
+    # a refused start leaves nothing behind: the corrected command then runs in the same workdir
+    cpt3 = ["train", "--workdir", str(tmp_path / "cpt3"), "--init-from", str(base), "--data",
+            str(demo_data["native"]), "--steps", "1", *TINY]  # fmt: skip
+    assert main([*cpt3, "--preset", "ts-3m"]) == 2
+    assert "its architecture differs from model.preset=ts-3m" in capsys.readouterr().err
+    assert main(cpt3) == 0
 
 
 def test_resume_refusals_keep_the_run(tmp_path, demo_data, capsys):
