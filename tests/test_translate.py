@@ -186,6 +186,17 @@ def test_m2m100_language_codes():
         resolve_lang(m2m, "xyz_Zzzz")
 
 
+def test_a_model_that_cannot_load_is_one_line(tmp_path):
+    """A mistyped path fails at once (no hub retries); a folder that holds no model says so."""
+    from jaxlm.mt.backends import BackendConfig, load_backend
+
+    for name in ("./nope", str(tmp_path / "nope"), "a/b/c"):
+        with pytest.raises(UserError, match=rf"--model {re.escape(name)}: no such directory$"):
+            load_backend(BackendConfig(model=name))
+    with pytest.raises(UserError, match=r"--model .*: cannot load it \(.+\)$"):
+        load_backend(BackendConfig(model=str(tmp_path)))
+
+
 # --- translate.py end to end on a tiny random model ----------------------------------------
 
 

@@ -224,6 +224,16 @@ BACKENDS = {"transformers": TransformersBackend, "ctranslate2": CTranslate2Backe
 def load_backend(cfg: BackendConfig):
     if cfg.kind not in BACKENDS:
         raise UserError(f"--backend {cfg.kind!r}: choose from {', '.join(BACKENDS)}")
-    if not Path(cfg.model).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise UserError(f"--model {cfg.model}: no such directory, and the hub is offline")
-    return BACKENDS[cfg.kind](cfg)
+    if not Path(cfg.model).exists():
+        # a hub id is "name" or "owner/name"; anything else can only be a local directory
+        if cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1:
+            raise UserError(f"--model {cfg.model}: no such directory")
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise UserError(f"--model {cfg.model}: no such directory, and the hub is offline")
+    try:
+        return BACKENDS[cfg.kind](cfg)
+    except UserError:
+        raise
+    except (OSError, ValueError) as e:  # not a model folder, not a hub id, no network, ...
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise UserError(f"--model {cfg.model}: cannot load it ({why})") from None
