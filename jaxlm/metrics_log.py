@@ -20,14 +20,17 @@ class _Stderr(logging.StreamHandler):
 
 
 def log_to_stderr() -> None:
-    """INFO and up to stderr, for the command-line tools ("resumed from step N", fallbacks).
+    """jaxlm's and sae's INFO lines ("resumed from step N", fallbacks) and every library's
+    warnings to stderr, for the command-line tools.
 
     A plain `logging.basicConfig` does nothing once the root logger has a handler, and an
-    imported library's `logging.warning` call installs one at WARNING: the INFO lines were lost.
+    imported library's `logging.warning` call installs one: the INFO lines were lost.
     """
     handler = _Stderr()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    for name in ("jaxlm", "sae"):
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 class MetricsLog:

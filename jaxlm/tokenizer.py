@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 from collections.abc import Iterable, Sequence
@@ -28,6 +29,24 @@ _CACHE_SIZE = 1 << 19  # words per cache: bounds a worker's memory (~100 MB)
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 MODEL_FILE = "spm.model"
+
+
+def check_data_tokenizer(what: str, tokdir: str | None, data_sha: str) -> None:
+    """A model (`what`, e.g. "--init-from DIR") must read data tokenised with its own tokenizer:
+    other ids would be trained on, or decoded, silently wrong. An unknown tokenizer warns."""
+    try:
+        sha = Tokenizer.load(tokdir).sha256 if tokdir else None
+    except (UserError, OSError):
+        sha = None
+    if sha is None:
+        logging.getLogger("jaxlm").warning(
+            "%s: its tokenizer is unknown; make sure the data uses it", what
+        )
+    elif sha != data_sha:
+        raise UserError(
+            f"{what}: its tokenizer ({tokdir}) is not the one the data was tokenised with; "
+            "prepare the data with the model's tokenizer"
+        )
 
 
 def train(

@@ -35,6 +35,7 @@ from jaxlm.errors import UserError
 from jaxlm.loss import linear_cross_entropy
 from jaxlm.model import GPTNeo, init_model
 from jaxlm.sharding import DEFAULT_RULES, batch_sharding, load_rules, make_mesh, use_mesh
+from jaxlm.tokenizer import check_data_tokenizer
 from jaxlm.xla_options import compiler_options
 
 log = logging.getLogger("jaxlm.train")
@@ -374,23 +375,6 @@ def _architecture(m: ModelConfig) -> ModelConfig:
     return m.replace(dtype="float32", attention_impl="auto", remat=False, residual_float32=False)
 
 
-def _check_same_tokenizer(source: str, tokdir: str | None, data_sha: str) -> None:
-    """Continual pre-training must read the token ids the weights were trained on."""
-    from jaxlm.tokenizer import Tokenizer
-
-    try:
-        sha = Tokenizer.load(tokdir).sha256 if tokdir else None
-    except (UserError, OSError):
-        sha = None
-    if sha is None:
-        log.warning("--init-from %s: its tokenizer is unknown; make sure the data uses it", source)
-    elif sha != data_sha:
-        raise UserError(
-            f"--init-from {source}: its tokenizer ({tokdir}) is not the one the data was "
-            "tokenised with; prepare the data with the model's tokenizer"
-        )
-
-
 def _init_params(run: _Run):
     """Fresh parameters, or (continual pre-training) the weights of `init_from`, sharded."""
     cfg = run.cfg
@@ -401,7 +385,7 @@ def _init_params(run: _Run):
                 f"--init-from {cfg.init_from}: its architecture differs from model.preset="
                 f"{cfg.model.preset} with vocab_size={run.model_cfg.vocab_size}"
             )
-        _check_same_tokenizer(cfg.init_from, info.tokenizer, run.tokenizer_sha)
+        check_data_tokenizer(f"--init-from {cfg.init_from}", info.tokenizer, run.tokenizer_sha)
         log.info("initialised from %s (%s, step %s)", cfg.init_from, info.source, info.step)
         graphdef, params = nnx.split(model, nnx.Param)
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: GPTNeo(run.model_cfg, rngs=nnx.Rngs(0))))

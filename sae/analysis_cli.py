@@ -181,12 +181,18 @@ def cmd_compare(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
+    from jaxlm.data.pipeline import read_metadata
+    from jaxlm.tokenizer import check_data_tokenizer
     from sae import dashboards as db
     from sae.tsea import display_texts
 
-    model, sae, layer, tok, _ = _load(args.model, args.sae, args.tokenizer, args.layer)
+    model, sae, layer, tok, tokdir = _load(args.model, args.sae, args.tokenizer, args.layer)
     if args.rows < 1 or args.k < 1 or args.batch_size < 1:
         raise UserError("--rows, --k and --batch-size must be >= 1")
+    # the examples are decoded with `tok`: data of another tokenizer would show other text
+    check_data_tokenizer(
+        f"--model {args.model}", tokdir, read_metadata(args.data)["tokenizer"]["sha256"]
+    )
     features = db.parse_features(args.features, sae.W_dec.shape[0])
     batches = db.read_rows(
         args.data, split=args.split, max_rows=args.rows, batch_size=args.batch_size

@@ -301,6 +301,24 @@ def _data_sources(cfg: SAETrainConfig) -> list[tuple[str, float]]:
     return [(s.path, s.weight) for s in cfg.data.sources]
 
 
+def _check_data_fits(what: str, vocab: int, tokdir: str | None, sources) -> None:
+    """The data must be tokenised with the model's tokenizer (activations of other ids would
+    train the SAE on nonsense, silently)."""
+    from jaxlm.data.pipeline import read_metadata
+    from jaxlm.tokenizer import check_data_tokenizer
+
+    toks = {
+        (m["tokenizer"]["sha256"], m["tokenizer"]["vocab_size"])
+        for m in map(read_metadata, (p for p, _ in sources))
+    }
+    if len(toks) > 1:
+        raise UserError("the data sources were tokenised with different tokenizers")
+    sha, data_vocab = toks.pop()
+    if data_vocab > vocab:
+        raise UserError(f"{what}: vocab_size {vocab}, but the data's tokenizer has {data_vocab}")
+    check_data_tokenizer(what, tokdir, sha)
+
+
 def train(cfg: SAETrainConfig, out: str | Path) -> dict:
     """Train (or resume) an SAE into `out`; returns the final metrics."""
     from jaxlm.checkpoint import load_model
@@ -316,7 +334,8 @@ def train(cfg: SAETrainConfig, out: str | Path) -> dict:
     mesh = make_mesh(cfg.mesh.shape, devices)
 
     # model and activation store
-    model, _ = load_model(cfg.model.path, mesh=mesh, rules=SAE_RULES)
+    model, info = load_model(cfg.model.path, mesh=mesh, rules=SAE_RULES)
+    _check_data_fits(f"--model {cfg.model.path}", model.cfg.vocab_size, info.tokenizer, sources)
     d = cfg.data
     store = ActivationStore(
         model,

@@ -4,6 +4,7 @@ a CLI pulse, one-line errors, loss and L0 that respond, interrupted == uninterru
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -26,7 +27,8 @@ FAST = ["--set", "log.progress=false", "--set", "log.plot=false"]
 @pytest.fixture(scope="module")
 def model_dir(demo_data, tmp_path_factory):
     d = tmp_path_factory.mktemp("sae_model") / "m"
-    assert jaxlm_main(["init", "--preset", "ts-1m", "--vocab-size", "400", "--out", str(d)]) == 0
+    assert jaxlm_main(["init", "--preset", "ts-1m", "--vocab-size", "400", "--tokenizer",
+                       str(demo_data["tok"]), "--out", str(d)]) == 0  # fmt: skip
     return d
 
 
@@ -115,6 +117,21 @@ def test_bad_input_is_one_line(model_dir, demo_data, tmp_path, capsys, flags, ne
     assert main(argv + flags) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+def test_data_of_another_tokenizer_is_refused(model_dir, demo_data, tmp_path, capsys):
+    """Activations of other token ids would train the SAE on nonsense, silently."""
+    other = tmp_path / "other_tok"
+    shutil.copytree(demo_data["native"], other)
+    meta = json.loads((other / "metadata.json").read_text())
+    meta["tokenizer"]["sha256"] = "0" * 64
+    (other / "metadata.json").write_text(json.dumps(meta))
+    argv = ["train", "--model", str(model_dir), "--layer", str(LAYER), "--out", str(tmp_path / "o"),
+            "--config", "configs/sae/tiny.yaml", *FAST]  # fmt: skip
+    assert main([*argv, "--data", str(other)]) == 2
+    assert "is not the one the data was tokenised with" in capsys.readouterr().err
+    assert main([*argv, "--data", str(demo_data["native"]), "--data", str(other)]) == 2
+    assert "different tokenizers" in capsys.readouterr().err
 
 
 def test_loss_falls_and_l1_lowers_l0(model_dir, demo_data, tmp_path):
