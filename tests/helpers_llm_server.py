@@ -2,9 +2,11 @@
 
 It writes a plausible Arabic story that uses the three quoted words of the prompt (in inflected
 forms), made of random pseudo-words so stories are not near-duplicates of each other, and fails a
-chosen share of calls: HTTP 429 (with Retry-After: 0), HTTP 500, a malformed body, a timeout (it
-sleeps past the client's timeout), a story that breaks the rules (English), or a duplicate of the
-previous story. Failure draws come from a seeded RNG, so runs are repeatable.
+chosen share of calls: HTTP 429 (with Retry-After, 0 s unless told), HTTP 500, a malformed body,
+a timeout (it sleeps past the client's timeout), a story that breaks the rules (English), or a
+duplicate of the previous story. Failure draws come from a seeded RNG, so runs are repeatable.
+The 429 and 500 bodies echo the request's API key, as a careless proxy might: the client must not
+repeat it.
 """
 
 from __future__ import annotations
@@ -35,9 +37,14 @@ class FakeLLMServer:
     """`with FakeLLMServer(fail={"429": 0.1, ...}) as srv:` then use `srv.url`."""
 
     def __init__(
-        self, fail: dict | None = None, seed: int = 0, delay: float = 0.0, hang: float = 2.0
+        self,
+        fail: dict | None = None,
+        seed: int = 0,
+        delay: float = 0.0,
+        hang: float = 2.0,
+        retry_after: str = "0",
     ):
-        self.fail, self.delay, self.hang = fail or {}, delay, hang
+        self.fail, self.delay, self.hang, self.retry_after = fail or {}, delay, hang, retry_after
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.counts: Counter = Counter()
@@ -109,15 +116,18 @@ class FakeLLMServer:
                     return self._send(404, b"{}")
                 mode, story = srv.answer(prompt)
                 try:
-                    self._reply(mode, story, gemini)
+                    self._reply(mode, story, gemini, key)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-            def _reply(self, mode: str, story: str, gemini: bool):
+            def _reply(self, mode: str, story: str, gemini: bool, key: str):
+                echo = json.dumps(f"request with {key}")
                 if mode == "429":
-                    return self._send(429, b'{"error": {"code": 429}}', {"Retry-After": "0"})
+                    body = f'{{"error": {{"code": 429, "message": {echo}}}}}'.encode()
+                    return self._send(429, body, {"Retry-After": srv.retry_after})
                 if mode == "500":
-                    return self._send(500, b'{"error": {"code": 500, "message": "boom"}}')
+                    body = f'{{"error": {{"code": 500, "message": {echo}}}}}'.encode()
+                    return self._send(500, body)
                 if mode == "malformed":
                     return self._send(200, b'{"choices": [], "candidates": "nope"')
                 if mode == "timeout":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from helpers_llm_server import FakeLLMServer
 
@@ -22,10 +24,10 @@ FAST = RetryPolicy(
 PROMPT = 'اكتب قصة فيها الفعل "لعب" والاسم "كرة" والصفة "كبير".'
 
 
-def _client(srv, provider="openai", key=KEY, sleeps=None):
+def _client(srv, provider="openai", key=KEY, sleeps=None, retry=FAST):
     url = srv.url + "/v1" if provider == "openai" else srv.url
     sleep = sleeps.append if sleeps is not None else (lambda s: None)
-    return make_client(provider, "m", url, api_key=key, retry=FAST, sleep=sleep)
+    return make_client(provider, "m", url, api_key=key, retry=retry, sleep=sleep)
 
 
 @pytest.mark.parametrize("provider", ["openai", "gemini"])
@@ -40,17 +42,21 @@ def test_complete_ok(provider):
     ("mode", "error", "calls"),
     [("429", RateLimitError, 4), ("500", ServerError, 4), ("malformed", MalformedResponse, 2)],
 )
-def test_gives_up_with_typed_error(provider, mode, error, calls):
+def test_gives_up_with_typed_error(provider, mode, error, calls, caplog):
     sleeps = []
-    with FakeLLMServer(fail={mode: 1.0}) as srv:
-        client = _client(srv, provider, sleeps=sleeps)
+    with FakeLLMServer(fail={mode: 1.0}, retry_after="2") as srv, caplog.at_level("INFO"):
+        # the sleeps are recorded, not slept; exponential backoff would stay under max_delay=5
+        retry = dataclasses.replace(FAST, base_delay=0.01, max_delay=5)
+        client = _client(srv, provider, sleeps=sleeps, retry=retry)
         with pytest.raises(error) as info:
             client.complete(PROMPT)
-    assert KEY not in str(info.value) and KEY not in repr(client)
+    # the server echoed the key in its 429/500 bodies: neither the error nor a log line repeats it
+    assert KEY not in str(info.value) and KEY not in repr(client) and KEY not in caplog.text
+    assert mode == "malformed" or "***" in str(info.value)
     assert info.value.__cause__ is None and info.value.__suppress_context__
     assert client.stats["calls"] == calls
-    if mode == "429":  # Retry-After: 0 is honoured instead of the exponential backoff
-        assert all(s < 0.2 for s in sleeps) and len(sleeps) == calls - 1
+    if mode == "429":  # Retry-After: 2 is honoured instead of the exponential backoff
+        assert all(2.0 <= s <= 2.1 for s in sleeps) and len(sleeps) == calls - 1
 
 
 def test_timeouts_are_retried():
