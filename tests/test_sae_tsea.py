@@ -139,7 +139,10 @@ def test_null_baseline_discounts_sets_that_cluster_in_embedding_space():
     summary = res.set_summary("names")
     assert summary["n_significant"] > 60  # p-values: about 45% of random features "enriched"
     above = summary["n_promoting_above_null"] + summary["n_suppressing_above_null"]
-    assert above <= 10  # the null: about 1% of them, as for any random direction
+    assert 1 <= above <= 10  # the null: about 1% of them, as for any random direction (2 here)
+    # the threshold is the 0.99 quantile of the 512 random directions, not a stricter one
+    np.testing.assert_allclose(res.null_thresholds, np.quantile(res.null_scores, 0.99, axis=1))
+    assert np.mean(res.null_scores > res.null_thresholds[:, None]) == pytest.approx(0.01, abs=0.003)
 
 
 # --- projection ---------------------------------------------------------------------------------
