@@ -400,7 +400,7 @@ def train(cfg: SAETrainConfig, out: str | Path) -> dict:
             raise UserError(f"SAE loss is {rows[-1]['loss']} at step {step}; try a lower optim.lr")
         dt = time.perf_counter() - t0
         tps = d.train_batch_size_tokens * (step - t0_step) / max(dt, 1e-9)
-        final = {**rows[-1], "lr": float(lr(step - 1)), "tokens_per_s": tps}
+        final = {**rows[-1], "lr": float(lr(step - 1)), "tokens_per_s": tps, "devices": mesh.size}
         mlog.write(final, step_rows=rows)
         t0, t0_step = time.perf_counter(), step
 

@@ -207,6 +207,7 @@ def test_eight_devices_equal_one(model_dir, demo_data, tmp_path):
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=1e-5, err_msg=k)
     np.testing.assert_allclose(one["loss"], eight["loss"], atol=1e-5, rtol=1e-5)
+    assert (one["devices"], eight["devices"]) == (1, 8)  # each trained on the mesh it was given
 
 
 def test_configs_parse_and_default_yaml_is_the_defaults():
