@@ -294,6 +294,8 @@ def test_translate_kill_and_resume(tmp_path, tiny_model):
     ids = _ids(out)
     print(f"killed after {len(first)}/{len(target)} stories; after rerun {len(ids)} ids")
     assert len(ids) == len(set(ids)) and set(ids) == target and ids[: len(first)] == first
+    stats = json.loads(r.stdout.strip().splitlines()[-1])
+    assert stats["todo"] == len(target) - len(first)  # only what was missing, not all again
 
 
 def test_filters_side_file_and_shard_merge(tmp_path, tiny_model):
