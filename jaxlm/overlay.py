@@ -104,8 +104,10 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def parse_override(text: str) -> dict:
-    """`section.key=value` -> {"section": {"key": value}}, the value parsed as YAML."""
+def parse_override(text: str, cls: type | None = None) -> dict:
+    """`section.key=value` -> {"section": {"key": value}}, the value parsed as YAML. With `cls`
+    (the config dataclass) the keys are checked here, so a typo's error names the --set, not the
+    YAML file it is later merged into."""
     if "=" not in text:
         raise UserError(f"--set {text!r}: expected section.key=value")
     path, raw = text.split("=", 1)
@@ -113,8 +115,16 @@ def parse_override(text: str) -> dict:
     out: dict = {}
     cur = out
     keys = path.strip().split(".")
-    for k in keys[:-1]:
-        cur = cur.setdefault(k, {})
+    for i, k in enumerate(keys):
+        if cls is not None:
+            names = {f.name for f in dataclasses.fields(cls) if f.init}
+            if k not in names:
+                where, known = ".".join(keys[:i]) or "the config", ", ".join(sorted(names))
+                raise UserError(f"--set {text}: {where} has no key {k!r}; known keys: {known}")
+            tp = typing.get_type_hints(cls)[k]
+            cls = tp if dataclasses.is_dataclass(tp) and i < len(keys) - 1 else None
+        if i < len(keys) - 1:
+            cur = cur.setdefault(k, {})
     cur[keys[-1]] = value
     return out
 

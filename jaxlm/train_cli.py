@@ -53,9 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args) -> int:
     from jaxlm import overlay
     from jaxlm.metrics_log import log_to_stderr
-    from jaxlm.train import load_config, train
+    from jaxlm.train import TrainConfig, load_config, train
 
-    over: list[dict] = [overlay.parse_override(s) for s in args.set]
+    over: list[dict] = [overlay.parse_override(s, TrainConfig) for s in args.set]
     flags = {}
     if args.data:
         flags["data"] = {"sources": [_data_arg(d) for d in args.data]}

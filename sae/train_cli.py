@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args) -> int:
     from jaxlm import overlay
     from jaxlm.metrics_log import log_to_stderr
-    from sae.train import load_config, train
+    from sae.train import SAETrainConfig, load_config, train
 
     flags: dict = {}
     if args.model is not None:
@@ -50,7 +50,9 @@ def cmd_train(args) -> int:
         flags.setdefault("data", {})["training_tokens"] = args.training_tokens
     if args.checkpoint_every is not None:
         flags["checkpoint"] = {"every": args.checkpoint_every}
-    cfg = load_config(args.config, [flags, *(overlay.parse_override(s) for s in args.set)])
+    cfg = load_config(
+        args.config, [flags, *(overlay.parse_override(s, SAETrainConfig) for s in args.set)]
+    )
     log_to_stderr()
     result = train(cfg, args.out)
     print(json.dumps({"out": args.out, **result}))

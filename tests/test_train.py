@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxlm import overlay
 from jaxlm.checkpoint import load_model
 from jaxlm.cli import main
 from jaxlm.config import preset
@@ -23,7 +24,14 @@ from jaxlm.errors import UserError
 from jaxlm.hf import to_hf_tensors
 from jaxlm.metrics_log import read_metrics
 from jaxlm.model import init_model
-from jaxlm.train import OptimSection, load_config, make_optimizer, make_train_step, train
+from jaxlm.train import (
+    OptimSection,
+    TrainConfig,
+    load_config,
+    make_optimizer,
+    make_train_step,
+    train,
+)
 
 TINY = [
     "--preset", "ts-1m", "--batch-size", "8",
@@ -238,6 +246,12 @@ def test_config_errors_are_one_line(tmp_path, demo_data):
     cfg.write_text("optim:\n  lrr: 0.1\n")
     with pytest.raises(UserError, match=r"c.yaml.optim: unknown key 'lrr'"):
         load_config(cfg)
+    # a --set typo is named as the --set, not as the YAML file it would be merged into
+    with pytest.raises(UserError, match=r"^--set optim.lrr=1: optim has no key 'lrr'; known"):
+        overlay.parse_override("optim.lrr=1", TrainConfig)
+    with pytest.raises(UserError, match=r"^--set optimm.lr=1: the config has no key 'optimm'"):
+        overlay.parse_override("optimm.lr=1", TrainConfig)
+    assert overlay.parse_override("data.sources=[]", TrainConfig) == {"data": {"sources": []}}
     with pytest.raises(UserError, match="must be a positive multiple of grad_accum=3"):
         load_config(None, [{"batch_size": 8, "grad_accum": 3}])
     with pytest.raises(UserError, match="'sgd' is not one of 'constant', 'cosine'"):
