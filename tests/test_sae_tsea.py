@@ -553,7 +553,7 @@ def test_cli_pulse_and_bad_input(tok2000, demo_data, shared_data, tmp_path, caps
             [
                 "dashboard",
                 "--model",
-                m,
+                str(tmp_path / "m400"),
                 "--sae",
                 s,
                 "--data",
@@ -564,6 +564,11 @@ def test_cli_pulse_and_bad_input(tok2000, demo_data, shared_data, tmp_path, caps
                 "o",
             ],
             "--features '0-99': the SAE has features 0..23",
+        ),
+        (  # the 2000-piece model's tokenizer would decode the 400-piece data's ids as other text
+            ["dashboard", "--model", m, "--sae", s, "--data", str(demo_data["translated"])]
+            + ["--features", "0", "--out", "o"],
+            "is not the one the data was tokenised with",
         ),
     ]
     for argv, msg in bad:
