@@ -24,6 +24,11 @@ def _alternating(n: int) -> tuple[str, ...]:
     return tuple("global" if i % 2 == 0 else "local" for i in range(n))
 
 
+# ModelConfig fields that change how the model computes, not what it is: a resumed or continued
+# run may change them, and the benchmark pairs them with the torch peers' plain model.
+COMPUTE_FIELDS = ("dtype", "attention_impl", "remat", "residual_float32")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A GPT-Neo causal LM. Field names follow jaxlm's dimension alphabet (see model.py)."""

@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxlm import overlay
 from jaxlm.checkpoint import checkpoint_manager, load_model, read_meta, write_meta
-from jaxlm.config import ModelConfig, preset
+from jaxlm.config import COMPUTE_FIELDS, ModelConfig, preset
 from jaxlm.errors import UserError
 from jaxlm.loss import linear_cross_entropy
 from jaxlm.model import GPTNeo, init_model
@@ -333,7 +333,7 @@ def _data_sources(cfg: TrainConfig) -> list[tuple[str, float]]:
 
 
 def _setup(cfg: TrainConfig, workdir: Path) -> _Run:
-    from jaxlm.data.pipeline import read_metadata
+    from jaxlm.data.pipeline import common_tokenizer, read_metadata
 
     _maybe_init_distributed()
     rules = load_rules(cfg.mesh.rules) if cfg.mesh.rules else DEFAULT_RULES
@@ -341,13 +341,10 @@ def _setup(cfg: TrainConfig, workdir: Path) -> _Run:
         cfg.mesh.shape, jax.devices()[: cfg.mesh.devices] if cfg.mesh.devices else None
     )
     metas = [read_metadata(p) for p, _ in _data_sources(cfg)]
-    toks = {m["tokenizer"]["sha256"] for m in metas}
-    if len(toks) > 1:
-        raise UserError("the data sources were tokenised with different tokenizers")
+    tok = common_tokenizer(metas)
     seq_lens = {m["seq_len"] for m in metas}
     if len(seq_lens) > 1:
         raise UserError(f"the data sources have different seq_len: {sorted(seq_lens)}")
-    tok = metas[0]["tokenizer"]
     model_cfg = model_config(cfg, tok["vocab_size"])
     if model_cfg.vocab_size < tok["vocab_size"]:
         raise UserError(
@@ -370,9 +367,11 @@ def _setup(cfg: TrainConfig, workdir: Path) -> _Run:
 
 
 def _architecture(m: ModelConfig) -> ModelConfig:
-    """The config less its compute-only fields (dtype, residual dtype, attention kernel, remat),
-    which a resumed or continued run may change: they leave the parameters as they are."""
-    return m.replace(dtype="float32", attention_impl="auto", remat=False, residual_float32=False)
+    """The config less its COMPUTE_FIELDS, which a resumed or continued run may change: they
+    leave the parameters as they are."""
+    return m.replace(
+        **{f.name: f.default for f in dataclasses.fields(m) if f.name in COMPUTE_FIELDS}
+    )
 
 
 def _init_params(run: _Run):

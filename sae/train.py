@@ -304,19 +304,15 @@ def _data_sources(cfg: SAETrainConfig) -> list[tuple[str, float]]:
 def _check_data_fits(what: str, vocab: int, tokdir: str | None, sources) -> None:
     """The data must be tokenised with the model's tokenizer (activations of other ids would
     train the SAE on nonsense, silently)."""
-    from jaxlm.data.pipeline import read_metadata
+    from jaxlm.data.pipeline import common_tokenizer, read_metadata
     from jaxlm.tokenizer import check_data_tokenizer
 
-    toks = {
-        (m["tokenizer"]["sha256"], m["tokenizer"]["vocab_size"])
-        for m in map(read_metadata, (p for p, _ in sources))
-    }
-    if len(toks) > 1:
-        raise UserError("the data sources were tokenised with different tokenizers")
-    sha, data_vocab = toks.pop()
-    if data_vocab > vocab:
-        raise UserError(f"{what}: vocab_size {vocab}, but the data's tokenizer has {data_vocab}")
-    check_data_tokenizer(what, tokdir, sha)
+    tok = common_tokenizer([read_metadata(p) for p, _ in sources])
+    if tok["vocab_size"] > vocab:
+        raise UserError(
+            f"{what}: vocab_size {vocab}, but the data's tokenizer has {tok['vocab_size']}"
+        )
+    check_data_tokenizer(what, tokdir, tok["sha256"])
 
 
 def train(cfg: SAETrainConfig, out: str | Path) -> dict:

@@ -45,7 +45,7 @@ import numpy as np
 import yaml
 
 from jaxlm import overlay
-from jaxlm.config import preset
+from jaxlm.config import COMPUTE_FIELDS, preset
 from jaxlm.errors import UserError
 from jaxlm.train import OptimSection, flops_per_token, make_optimizer, make_train_step, peak_flops
 from jaxlm.xla_options import compiler_options
@@ -82,9 +82,9 @@ def _batches(vocab: int, batch: int, seq_len: int, n: int = 4) -> np.ndarray:
 
 
 LOSS_KEYS = ("loss_impl", "loss_chunk_rows")
-# ModelConfig fields that change how jaxlm computes, not the model (train._architecture): the
-# ratios pair them with the plain torch impls, and the torch impls refuse them.
-NUMERICS_FIELDS = ("attention_impl", "remat", "residual_float32")
+# How jaxlm computes, not the model (the bench sets dtype per device): the ratios pair these with
+# the plain torch impls, and the torch impls refuse them.
+NUMERICS_FIELDS = tuple(f for f in COMPUTE_FIELDS if f != "dtype")
 
 
 def parse_impl(spec: str) -> tuple[str, dict[str, str]]:

@@ -39,6 +39,14 @@ def read_metadata(datadir: str | os.PathLike) -> dict:
     return meta
 
 
+def common_tokenizer(metas: list[dict]) -> dict:
+    """The `tokenizer` entry that every DATADIR's metadata shares: sources mixed in one run must
+    hold the same token ids."""
+    if len({m["tokenizer"]["sha256"] for m in metas}) > 1:
+        raise UserError("the data sources were tokenised with different tokenizers")
+    return metas[0]["tokenizer"]
+
+
 class _ReadBatch:
     """Index codes [B] -> {"tokens": int32[B, T+1]}; opens the ArrayRecord files lazily."""
 
