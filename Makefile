@@ -6,7 +6,7 @@ BASE := $(VENV)/.installed-base
 DEV := $(VENV)/.installed-dev
 PIP := $(BIN)/python -m pip install -q
 
-.PHONY: demo test check lint format install clean
+.PHONY: demo test check lint format install clean chromium
 
 $(BASE): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,9 +27,17 @@ $(DEV): $(BASE)
 install: $(DEV)
 
 demo: $(BASE)
-	$(BIN)/python scripts/pipeline.py --workdir runs/demo
+	$(BIN)/jaxlm pipeline --config configs/pipeline/demo.yaml --workdir runs/demo
 
-test: $(DEV)
+# The report's browser test renders pages in Debian's chromium: installed here when missing (as
+# root, or with passwordless sudo); where it cannot be, that test skips as "environment: ...".
+CHROMIUM_INSTALL = $$([ "$$(id -u)" = 0 ] || echo sudo -n) env DEBIAN_FRONTEND=noninteractive
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { $(CHROMIUM_INSTALL) apt-get update -qq && \
+		$(CHROMIUM_INSTALL) apt-get install -y -qq chromium; } || \
+		echo "chromium could not be installed: the report's browser test will be skipped"
+
+test: $(DEV) chromium
 	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n 2 -q tests
 
 lint: $(DEV)

@@ -9,38 +9,38 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 
-from jaxlm.errors import UserError
+from jaxlm.errors import exit_code
 
-_COMMAND_MODULES = (
-    "jaxlm.commands",  # init, export-hf, import-hf, generate
-    "jaxlm.train_cli",  # train
-    "jaxlm.data.cli",  # tokenizer train, data prepare, data demo-corpus
+_COMMAND_MODULES = (  # in the order of the method
+    "jaxlm.mt.cli",  # 1. translate, translate-merge
+    "jaxlm.data.cli",  # 2. data demo-corpus, tokenizer train, data prepare
+    "jaxlm.train.cli",  # 2b, 3b. train (pretraining and continual pre-training)
+    "jaxlm.synth.cli",  # 3a. synthesize
+    "jaxlm.judge.cli",  # 4. judge complete | grade | compare
+    "jaxlm.eval.cli",  # eval artifacts
+    "sae.cli",  # 5. sae train | tsea | tsea-compare | dashboard
+    "jaxlm.commands",  # models: init, export-hf, import-hf, generate
+    "jaxlm.pipeline.cli",  # the whole method: pipeline
 )
 
 
 def build_parser(
     prog: str = "jaxlm", modules: tuple[str, ...] = _COMMAND_MODULES, description: str = ""
 ) -> argparse.ArgumentParser:
-    """A parser with every subcommand of `modules`; a module that is not installed is skipped."""
+    """A parser with every subcommand of `modules`."""
     parser = argparse.ArgumentParser(prog=prog, description=description or __doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in modules:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name).register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 
 def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     """Parse, run the subcommand, and turn a user's mistake into one line and exit code 2."""
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return exit_code(f"{parser.prog} {args.command}", lambda: args.func(args))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.errors import UserError
-from jaxlm.model import GPTNeo, KVCache
+from jaxlm.model import GPTNeo, KVCache, MLPEdit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +65,15 @@ def sample_logits(logits_bv: jax.Array, key: jax.Array, s: SamplingConfig) -> ja
 
 @partial(nnx.jit, static_argnames=("max_new_tokens", "sampling"))
 def _generate(
-    model, tokens_bp, valid_bp, key, eos_id, *, max_new_tokens: int, sampling: SamplingConfig
-):
+    model, edit, tokens_bp, valid_bp, key, eos_id, *, max_new_tokens: int,
+    sampling: SamplingConfig,
+):  # fmt: skip
     B, P = tokens_bp.shape
     positions_bp = jnp.maximum(jnp.cumsum(valid_bp, axis=-1) - 1, 0).astype(jnp.int32)
     cache = KVCache.init(model.cfg, B, P + max_new_tokens)
-    logits_bpv, cache = model(tokens_bp, positions_bt=positions_bp, valid_bt=valid_bp, cache=cache)
+    logits_bpv, cache = model.decode(
+        tokens_bp, cache, positions_bt=positions_bp, valid_bt=valid_bp, edit=edit
+    )
     next_pos_b = positions_bp[:, -1] + 1
     out_bn = jnp.zeros((B, max_new_tokens), jnp.int32)
 
@@ -85,7 +88,9 @@ def _generate(
         tok_b = jnp.where(done_b, eos_id, tok_b)
         out_bn = out_bn.at[:, i].set(tok_b)
         done_b = done_b | (tok_b == eos_id)
-        logits_b1v, cache = model(tok_b[:, None], positions_bt=pos_b[:, None], cache=cache)
+        logits_b1v, cache = model.decode(
+            tok_b[:, None], cache, positions_bt=pos_b[:, None], edit=edit
+        )
         return i + 1, logits_b1v[:, -1], cache, done_b, pos_b + 1, out_bn, key
 
     init = (jnp.int32(0), logits_bpv[:, -1], cache, jnp.zeros((B,), bool), next_pos_b, out_bn, key)
@@ -103,8 +108,12 @@ def generate(
     eos_id: int | None = None,
     pad_id: int = 0,
     bucket: int = 64,
+    edit: MLPEdit | None = None,
 ) -> list[list[int]]:
-    """New tokens for each prompt, stopping after `eos_id` (which is kept, as transformers does)."""
+    """New tokens for each prompt, stopping after `eos_id` (which is kept, as transformers does).
+
+    `edit` changes one layer's MLP hidden state at every step (e.g. SAE features ablated); it is
+    an `nnx.Module` so that its arrays are traced, not baked into the compiled program."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token")
     if max_new_tokens < 1:
@@ -127,6 +136,7 @@ def generate(
     eos = -1 if eos_id is None else eos_id
     out, n = _generate(
         model,
+        edit,
         jnp.asarray(tokens),
         jnp.asarray(valid),
         jax.random.key(seed),

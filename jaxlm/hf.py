@@ -57,11 +57,33 @@ def hf_config(
 
 def token_ids(hf_dir: str | Path) -> dict[str, int | None]:
     """The bos/eos/pad ids of a Hugging Face config.json, as save_hf's keywords."""
-    d = json.loads((Path(hf_dir) / "config.json").read_text())
+    d = read_config(hf_dir)
     return {f"{k}_id": d.get(f"{k}_token_id") for k in ("bos", "eos", "pad")}
 
 
+def read_config(hf_dir: str | Path) -> dict[str, Any]:
+    """A Hugging Face directory's config.json as a dict; one line when it is unreadable."""
+    p = Path(hf_dir) / "config.json"
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{p}: cannot read ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{p}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
 def config_from_hf(d: dict[str, Any], *, where: str = "config.json") -> ModelConfig:
+    try:
+        return _config_from_hf(d, where)
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
+        what = f"no {e}" if isinstance(e, KeyError) else str(e)
+        raise UserError(f"{where}: not a GPT-Neo config ({what})") from None
+
+
+def _config_from_hf(d: dict[str, Any], where: str) -> ModelConfig:
     if d.get("model_type") != "gpt_neo":
         raise UserError(f"{where}: model_type is {d.get('model_type')!r}, expected 'gpt_neo'")
     if "attention_types" in d:
@@ -198,18 +220,19 @@ def is_hf_dir(path: str | Path) -> bool:
 def load_hf(hf_dir: str | Path) -> GPTNeo:
     """Any GPT-Neo checkpoint directory written by transformers' save_pretrained."""
     d = Path(hf_dir)
-    cfg_path = d / "config.json"
-    try:
-        cfg = config_from_hf(json.loads(cfg_path.read_text()), where=str(cfg_path))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{cfg_path}: cannot read ({e})") from None
+    cfg = config_from_hf(read_config(d), where=str(d / "config.json"))
     tensors: dict[str, np.ndarray] = {}
     shards = sorted(d.glob("*.safetensors"))
     if shards:
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
         for f in shards:
-            tensors.update(load_file(str(f)))
+            try:
+                tensors.update(load_file(str(f)))
+            except (SafetensorError, OSError) as e:  # truncated or not safetensors at all
+                msg = (str(e).splitlines() or [type(e).__name__])[0]
+                raise UserError(f"{f}: cannot read ({msg})") from None
     elif (d / "pytorch_model.bin").is_file():
         try:
             import torch

@@ -3,29 +3,39 @@
 `make_client(provider, model, base_url=None)` returns an `LLMClient` whose
 `complete(prompt, *, system=None, temperature, max_tokens) -> str` retries what is worth retrying:
 
-* HTTP 429, 5xx, timeouts and dropped connections: exponential backoff with full jitter
+* HTTP 429, 5xx, timeouts and transport faults (a refused, reset or dropped connection, a body
+  shorter than its Content-Length, a garbled response: `OSError`, `http.client.HTTPException`,
+  the SDK's httpx/httpx2 `TransportError`): exponential backoff with full jitter
   (`base_delay * 2**attempt`, capped at `max_delay`), or the server's `Retry-After` when it sends
   one, up to `max_attempts` calls;
 * malformed answers (not JSON, no text, empty text, blocked): re-asked up to `malformed_attempts`;
-* anything else (401/403, other 4xx) fails at once.
+* anything else (401/403, other 4xx, a malformed base URL) fails at once.
 
 Failures raise typed errors (`AuthError`, `RateLimitError`, `ServerError`, `LLMTimeout`,
-`MalformedResponse`, `RequestError`, all `LLMError`). Keys come from the environment
-(`GEMINI_API_KEY` or `GOOGLE_API_KEY`; `OPENAI_API_KEY`) or the `api_key` argument; they are never
-put in a message, log line or repr: every error text passes through `_redact`, and errors are
-raised `from None` so no underlying exception (which might quote a request) is chained.
+`TransportError`, `MalformedResponse`, `RequestError`, all `LLMError`); no other exception leaves
+`complete()`. Keys come from the environment (`GEMINI_API_KEY` or `GOOGLE_API_KEY`;
+`OPENAI_API_KEY`) or the `api_key` argument; they are never put in a message, log line or repr:
+every text taken from a server or an exception passes through `_redact` before it is cut or
+logged (the key, in the forms a server may echo it, is replaced in the whole text; then the text is
+cut; then any 8+ character piece of the key left, from a server that cut or masked the key itself,
+is replaced too), and errors are raised `from None` so no underlying exception (which might quote
+a request) is chained.
 """
 
 from __future__ import annotations
 
 import email.utils
+import http.client
+import importlib
 import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
@@ -51,7 +61,11 @@ class ServerError(LLMError):
 
 
 class LLMTimeout(LLMError):
-    """Still timing out (or dropping the connection) after all retries."""
+    """Still timing out after all retries."""
+
+
+class TransportError(LLMError):
+    """Still losing the connection after all retries (reset, closed early, a short body)."""
 
 
 class MalformedResponse(LLMError):
@@ -66,7 +80,7 @@ class RequestError(LLMError):
 class RetryPolicy:
     """How hard to try."""
 
-    max_attempts: int = 6  # calls per complete() for 429 / 5xx / timeouts
+    max_attempts: int = 6  # calls per complete() for 429 / 5xx / timeouts / transport faults
     malformed_attempts: int = 3  # calls per complete() for malformed answers
     base_delay: float = 1.0  # seconds; doubled per retry, full jitter
     max_delay: float = 60.0  # cap on one wait, Retry-After included
@@ -80,12 +94,68 @@ class _Retryable(Exception):
 
 
 _FINAL = {"rate_limit": RateLimitError, "server": ServerError, "timeout": LLMTimeout}
-_FINAL["malformed"] = MalformedResponse
+_FINAL |= {"transport": TransportError, "malformed": MalformedResponse}
+
+_BODY_LIMIT = 1 << 20  # bytes of a body read for a message: far past any cut, so no key crosses it
+_FRAGMENT = 8  # shortest piece of a key that counts as a leak
 
 
-def _redact(text: str, secret: str | None) -> str:
-    text = str(text)  # replaced before it is cut: a key across the cut would keep its prefix
-    return (text.replace(secret, "***") if secret else text)[:500]
+def _key_forms(secret: str) -> list[str]:
+    """The key as a server may echo it: raw, URL-encoded, JSON-escaped (with or without `\\/`)."""
+    js = json.dumps(secret)[1:-1]
+    forms = {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret), js}
+    forms.add(js.replace("/", "\\/"))
+    return sorted(forms, key=len, reverse=True)
+
+
+def _drop_fragments(text: str, secret: str) -> str:
+    """`text` with each run of `_FRAGMENT`+ characters that also occurs in `secret` replaced."""
+    out, i = [], 0
+    while i < len(text):
+        n = _FRAGMENT
+        if i + n <= len(text) and text[i : i + n] in secret:
+            while i + n < len(text) and text[i : i + n + 1] in secret:
+                n += 1
+            out.append("***")
+            i += n
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def _redact(text: object, secret: str | None, limit: int = 500) -> str:
+    """`text` without `secret`, cut to `limit` characters.
+
+    The key is replaced in the whole text first (a key across the cut would otherwise keep its
+    prefix), in every form `_key_forms` knows (case-insensitively, for `%2f` against `%2F`); the
+    cut comes next; last, any piece of the key of `_FRAGMENT`+ characters still there (a server
+    that cut or masked the key itself) goes too.
+    """
+    text = str(text)
+    if not secret:
+        return text[:limit]
+    pattern = "|".join(re.escape(f) for f in _key_forms(secret))
+    text = re.sub(pattern, "***", text, flags=re.IGNORECASE)[:limit]
+    return _drop_fragments(text, secret)
+
+
+def _transport_kind(e: BaseException) -> str | None:
+    """'timeout' or 'transport' for a failure of the connection (worth retrying); None otherwise.
+
+    `http.client.HTTPException` covers a body shorter than its Content-Length (`IncompleteRead`),
+    `RemoteDisconnected` and garbled status lines; `OSError` covers resets, refusals and
+    `urllib.error.URLError` (whose `reason` says whether it was a timeout).
+    """
+    if isinstance(e, urllib.error.URLError):
+        if not isinstance(e.reason, BaseException):  # "unknown url type": a mistake, not a fault
+            return None
+        e = e.reason
+    if isinstance(e, TimeoutError):
+        return "timeout"
+    if isinstance(e, OSError | http.client.HTTPException):
+        return "transport"
+    return None
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -198,24 +268,40 @@ class OpenAIClient(LLMClient):
         headers = {"Content-Type": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
-        req = urllib.request.Request(
-            f"{self.base_url}/chat/completions", json.dumps(body).encode(), headers, method="POST"
-        )
         try:
+            req = urllib.request.Request(
+                f"{self.base_url}/chat/completions", json.dumps(body).encode(), headers, "POST"
+            )
             with urllib.request.urlopen(req, timeout=self.retry.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
-            text = e.read()[:300].decode("utf-8", "replace")
+            text = _redact(self._error_body(e), self._key, 300)
             raise _status_error(e.code, text, e.headers.get("Retry-After")) from None
-        except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as e:
-            raise _Retryable("timeout", f"{type(e).__name__}: {e}") from None
+        except (ValueError, http.client.InvalidURL) as e:  # a bad base URL or header: not retried
+            raise RequestError(f"bad request ({type(e).__name__}: {e})") from None
+        except Exception as e:
+            if kind := _transport_kind(e):
+                raise _Retryable(kind, f"{type(e).__name__}: {e}") from None
+            if isinstance(e, urllib.error.URLError):
+                raise RequestError(f"bad request ({e})") from None
+            raise LLMError(f"openai {self.model}: {type(e).__name__}: {e}") from None
         try:
             text = json.loads(raw)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
-            raise _Retryable("malformed", f"unexpected answer {raw[:120]!r}") from None
+            shown = _redact(raw.decode("utf-8", "replace"), self._key, 120)
+            raise _Retryable("malformed", f"unexpected answer {shown!r}") from None
         if not isinstance(text, str):
             raise _Retryable("malformed", "answer content is not text")
         return text
+
+    @staticmethod
+    def _error_body(e: urllib.error.HTTPError) -> str:
+        """The error's body (up to `_BODY_LIMIT` bytes); a body lost in transit is only noted:
+        the status code, not the body, decides what happens next."""
+        try:
+            return e.read(_BODY_LIMIT).decode("utf-8", "replace")
+        except (OSError, http.client.HTTPException) as err:
+            return f"(body lost: {type(err).__name__})"
 
 
 class GeminiClient(LLMClient):
@@ -253,17 +339,48 @@ class GeminiClient(LLMClient):
             raise _status_error(
                 int(e.code or 500), str(e.message or e.status), headers.get("retry-after")
             ) from None
-        except Exception as e:  # the SDK's transport errors (httpx / aiohttp)
-            name = type(e).__name__
-            if "Timeout" in name or "Connect" in name or isinstance(e, OSError):
-                raise _Retryable("timeout", name) from None
-            if isinstance(e, ValueError | KeyError | TypeError):  # unparsable answer
-                raise _Retryable("malformed", name) from None
-            raise LLMError(f"gemini {self.model}: {name}: {_redact(e, self._key)}") from None
+        except Exception as e:
+            raise _sdk_error(e) from None
         try:
             return resp.text or ""
         except (ValueError, AttributeError):
             return ""
+
+
+def _httpx_errors() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(timeouts, other transport faults, mistakes in the request) of the httpx the SDK runs on.
+
+    google-genai uses `httpx`, or its fork `httpx2` (same classes, another module) when that is
+    the one installed; both are covered. A wrong URL scheme or an unsendable header is the user's
+    to fix, so it is not retried even though httpx files it under `TransportError`.
+    """
+    timeouts, transport, refused = [], [], []
+    for name in ("httpx", "httpx2"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        timeouts.append(mod.TimeoutException)
+        transport += [mod.TransportError, mod.DecodingError]
+        refused += [mod.UnsupportedProtocol, mod.LocalProtocolError, mod.InvalidURL]
+    return tuple(timeouts), tuple(transport), tuple(refused)
+
+
+def _sdk_error(e: Exception) -> Exception:
+    """The exception for a non-HTTP failure inside the google-genai SDK."""
+    timeouts, transport, refused = _httpx_errors()
+    name = type(e).__name__
+    if isinstance(e, refused):
+        return RequestError(f"bad request ({name}: {e})")
+    if isinstance(e, timeouts):
+        return _Retryable("timeout", f"{name}: {e}")
+    if isinstance(e, transport):
+        return _Retryable("transport", f"{name}: {e}")
+    if kind := _transport_kind(e):
+        return _Retryable(kind, f"{name}: {e}")
+    if isinstance(e, ValueError | KeyError | TypeError):  # an unparsable answer
+        return _Retryable("malformed", name)
+    return LLMError(f"gemini: {name}: {e}")
 
 
 def make_client(

@@ -17,14 +17,15 @@ In bfloat16 the residual stream is bfloat16 too by default: half the activation 
 `residual_float32` it stays float32 as under torch autocast (the PyTorch peers' numerics): the
 embeddings' sum and every residual add in float32, LayerNorm's output rounded to the compute dtype
 for the next matmul. LayerNorm, attention scores and the softmax are float32 either way.
-Every parameter names its logical axes in `out_sharding`; configs/sharding.yaml maps them to the
+Every parameter names its logical axes in `out_sharding`; jaxlm/sharding.yaml maps them to the
 (data, fsdp, tensor) mesh. Dropout is absent: the TinyStories models were trained without it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +67,15 @@ class KVCache(NamedTuple):
             jnp.zeros((batch, length), bool),
             jnp.int32(0),
         )
+
+
+class MLPEdit(Protocol):
+    """Changes layer `layer`'s MLP hidden state [B, T, F] (after the activation) before the
+    output projection: an SAE's reconstruction spliced in, or chosen features ablated."""
+
+    layer: int
+
+    def __call__(self, h_btf: Array) -> Array: ...
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -252,8 +262,10 @@ class MLP(nnx.Module):
         ].astype(dt)
         return constrain(jax.nn.gelu(h_btf, approximate=True), ("batch", "length", "act_mlp"))
 
-    def __call__(self, x_btd: Array) -> tuple[Array, Array]:
+    def __call__(self, x_btd: Array, edit: MLPEdit | None = None) -> tuple[Array, Array]:
         h_btf = self.hidden(x_btd)
+        if edit is not None:  # e.g. an SAE's reconstruction spliced in, or features ablated
+            h_btf = edit(h_btf).astype(h_btf.dtype)
         dt = x_btd.dtype
         out_btd = jnp.einsum("btf,fd->btd", h_btf, self.w_down_fd[...].astype(dt))
         return out_btd + self.b_down_d[...].astype(dt), h_btf
@@ -266,18 +278,27 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(cfg)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_btd, *, q_slot_t, valid_bs, kv, write):
+    def __call__(self, x_btd, *, q_slot_t, valid_bs, kv, write, edit=None):
         a_btd, new_kv = self.attn(
             self.ln_1(x_btd), q_slot_t=q_slot_t, valid_bs=valid_bs, kv=kv, write=write
         )
         x_btd = constrain(x_btd + a_btd, ("batch", "length", "act_embed"))
-        m_btd, h_btf = self.mlp(self.ln_2(x_btd))
+        m_btd, h_btf = self.mlp(self.ln_2(x_btd), edit)
         x_btd = constrain(x_btd + m_btd, ("batch", "length", "act_embed"))
         return x_btd, new_kv, h_btf
 
 
 class GPTNeo(nnx.Module):
-    """GPT-Neo causal LM. `model(tokens)` gives float32 logits [B, T, V]."""
+    """GPT-Neo causal LM, with one method per use and one return type each:
+
+    `model(tokens)` float32 logits [B, T, V]; `model.hidden(tokens)` the final hidden state
+    [B, T, D] (after ln_f, for a loss that fuses the output projection), `model.residual(tokens)`
+    the same before ln_f; `model.mlp_activations(
+    tokens, layers)` {layer: MLP hidden [B, T, F]}, stopping after the last layer asked for (what
+    an SAE reads); `model.decode(tokens, cache)` (logits, cache) for sampling with a KV cache.
+    `edit` (an `MLPEdit`) changes one layer's MLP hidden state on its way out: an SAE's
+    reconstruction spliced in, or some of its features ablated.
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -288,83 +309,107 @@ class GPTNeo(nnx.Module):
         self.blocks = nnx.List([Block(cfg, kind, rngs) for kind in cfg.attention_layers])
         self.ln_f = LayerNorm(cfg)
 
-    def __call__(
+    def __call__(self, tokens_bt: Array, *, edit: MLPEdit | None = None) -> Array:
+        """Float32 logits [B, T, V]."""
+        return self.unembed(self.hidden(tokens_bt, edit=edit))
+
+    def hidden(self, tokens_bt: Array, *, edit: MLPEdit | None = None) -> Array:
+        """The final hidden state [B, T, D], after ln_f."""
+        return self.ln_f(self.residual(tokens_bt, edit=edit))
+
+    def residual(self, tokens_bt: Array, *, edit: MLPEdit | None = None) -> Array:
+        """The residual stream [B, T, D] after the last block, before ln_f (direct logit
+        attribution needs ln_f's 1/std, which cannot be read back from its output)."""
+        x_btd, _ = self._run(tokens_bt, edit=edit)
+        return x_btd
+
+    def unembed(self, x_btd: Array) -> Array:
+        """Float32 logits [B, T, V] of a final hidden state (the tied output projection)."""
+        dt = jnp.dtype(self.cfg.dtype)
+        logits_btv = jnp.einsum(
+            "btd,vd->btv", x_btd, self.wte_vd[...].astype(dt), preferred_element_type=jnp.float32
+        )
+        return constrain(logits_btv, ("batch", "length", "act_vocab"))
+
+    def mlp_activations(self, tokens_bt: Array, layers: Sequence[int]) -> dict[int, Array]:
+        """{layer: MLP hidden state after the activation [B, T, F]} (TransformerLens'
+        `blocks.N.mlp.hook_post`), computing no block past the last layer asked for."""
+        layers = tuple(sorted(set(layers)))
+        bad = [i for i in layers if not 0 <= i < self.cfg.n_layers]
+        if bad or not layers:
+            raise ValueError(f"layers={layers}: the model has layers 0..{self.cfg.n_layers - 1}")
+        _, captured = self._run(tokens_bt, capture=layers)
+        return captured
+
+    def decode(
         self,
         tokens_bt: Array,
+        cache: KVCache,
         *,
         positions_bt: Array | None = None,
         valid_bt: Array | None = None,
-        cache: KVCache | None = None,
-        capture_mlp: tuple[int, ...] = (),
-        capture_only: bool = False,
-        head: bool = True,
-    ) -> tuple[Array, KVCache | None] | Array | tuple[Array, dict[int, Array]] | dict[int, Array]:
-        """Logits for `tokens_bt`.
-
-        Without a cache: returns logits [B, T, V] (plus {layer: MLP hidden [B, T, F]} when
-        `capture_mlp` names layers). `capture_only=True` returns just the captured activations and
-        stops after the last captured layer: what an SAE's activation store needs, without paying
-        for the later layers and the [B, T, V] logits. `head=False` returns the final hidden state
-        [B, T, D] (after ln_f) instead of logits, for a loss that fuses the output projection.
-        With a cache: writes this step into slots
-        [cache.index, cache.index + T) and returns (logits, new cache). `valid_bt` marks real
-        tokens (False for left padding); `positions_bt` defaults to the slot numbers.
-        """
-        cfg = self.cfg
-        bad = [i for i in capture_mlp if not 0 <= i < cfg.n_layers]
-        if bad or (capture_only and not capture_mlp):
-            raise ValueError(f"capture_mlp={capture_mlp}: layers are 0..{cfg.n_layers - 1}")
-        if capture_mlp and cache is not None:
-            raise ValueError("capture_mlp works without a KV cache only")
+        edit: MLPEdit | None = None,
+    ) -> tuple[Array, KVCache]:
+        """Logits [B, T, V] of `tokens_bt` written into cache slots [cache.index, cache.index +
+        T), and the new cache. `valid_bt` marks real tokens (False for left padding);
+        `positions_bt` defaults to the slot numbers."""
         B, T = tokens_bt.shape
-        if cache is None and positions_bt is None and T > cfg.max_positions:
+        start = cache.index
+        valid_new = jnp.ones((B, T), bool) if valid_bt is None else valid_bt.astype(bool)
+        valid_bs = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, valid_new, start, 1)
+        x_btd, new_cache = self._run(
+            tokens_bt, cache=cache, positions_bt=positions_bt, valid_bs=valid_bs, edit=edit
+        )
+        return self.unembed(self.ln_f(x_btd)), new_cache
+
+    def _run(
+        self,
+        tokens_bt: Array,
+        *,
+        cache: KVCache | None = None,
+        positions_bt: Array | None = None,
+        valid_bs: Array | None = None,
+        capture: tuple[int, ...] = (),
+        edit: MLPEdit | None = None,
+    ):
+        """The blocks: (residual stream [B, T, D] before ln_f, new cache) or, with `capture`,
+        (None, {layer: MLP hidden}) after the last captured layer."""
+        cfg = self.cfg
+        B, T = tokens_bt.shape
+        if cache is None and T > cfg.max_positions:
             # jnp indexing would clamp the positions past the table onto its last row, silently
             raise ValueError(f"{T} tokens exceed the model's {cfg.max_positions} positions")
+        if edit is not None and not 0 <= edit.layer < cfg.n_layers:
+            raise ValueError(f"edit.layer={edit.layer}: layers are 0..{cfg.n_layers - 1}")
         start = jnp.int32(0) if cache is None else cache.index
         q_slot_t = start + jnp.arange(T, dtype=jnp.int32)
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(q_slot_t, (B, T))
-        dt = jnp.dtype(cfg.dtype)
-        res_dt = jnp.float32 if cfg.residual_float32 else dt  # the residual stream's dtype
+        res_dt = jnp.float32 if cfg.residual_float32 else jnp.dtype(cfg.dtype)
         x_btd = (self.wte_vd[...][tokens_bt] + self.wpe_pd[...][positions_bt]).astype(res_dt)
         x_btd = constrain(x_btd, ("batch", "length", "act_embed"))
-
-        valid_bs = None
-        if cache is not None:
-            valid_new = jnp.ones((B, T), bool) if valid_bt is None else valid_bt.astype(bool)
-            valid_bs = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, valid_new, start, 1)
-        elif valid_bt is not None:
-            valid_bs = valid_bt.astype(bool)
 
         new_k, new_v, captured = [], [], {}
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else (cache.k_lbsnh[i], cache.v_lbsnh[i])
-            if cfg.remat and cache is None:  # remat takes positional arguments only
+            layer_edit = edit if edit is not None and edit.layer == i else None
+            if cfg.remat and cache is None and layer_edit is None:  # positional arguments only
                 x_btd, (k_bsnh, v_bsnh), h_btf = _remat_block(block, x_btd, q_slot_t, valid_bs)
             else:
                 x_btd, (k_bsnh, v_bsnh), h_btf = block(
-                    x_btd, q_slot_t=q_slot_t, valid_bs=valid_bs, kv=kv, write=(start, T)
-                )
-            if i in capture_mlp:
+                    x_btd, q_slot_t=q_slot_t, valid_bs=valid_bs, kv=kv, write=(start, T),
+                    edit=layer_edit,
+                )  # fmt: skip
+            if i in capture:
                 captured[i] = h_btf
-                if capture_only and len(captured) == len(set(capture_mlp)):
-                    return captured
+                if len(captured) == len(capture):
+                    return None, captured
             if cache is not None:
                 new_k.append(k_bsnh)
                 new_v.append(v_bsnh)
-        x_btd = self.ln_f(x_btd)
-        if not head and cache is None and not capture_mlp:
-            return x_btd
-        logits_btv = jnp.einsum(
-            "btd,vd->btv", x_btd, self.wte_vd[...].astype(dt), preferred_element_type=jnp.float32
-        )
-        logits_btv = constrain(logits_btv, ("batch", "length", "act_vocab"))
-        if cache is not None:
-            new_cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), valid_bs, start + T)
-            return logits_btv, new_cache
-        if capture_mlp:
-            return logits_btv, captured
-        return logits_btv
+        if cache is None:
+            return x_btd, None
+        return x_btd, KVCache(jnp.stack(new_k), jnp.stack(new_v), valid_bs, start + T)
 
 
 @nnx.remat

@@ -1,7 +1,7 @@
 """Meshes, the logical-axis rules table, and the one helper that constrains activations.
 
 Parameters and activations name their axes logically ("embed", "mlp", "batch", ...); the table in
-configs/sharding.yaml maps each name to mesh axes of a (data, fsdp, tensor) mesh. The model code
+jaxlm/sharding.yaml maps each name to mesh axes of a (data, fsdp, tensor) mesh. The model code
 never names a mesh axis, so the same code runs on one CPU, 8 fake CPU devices, a GPU or a TPU pod.
 """
 
@@ -22,7 +22,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxlm.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
-RULES_PATH = Path(__file__).resolve().parent.parent / "configs" / "sharding.yaml"
+RULES_PATH = Path(__file__).resolve().parent / "sharding.yaml"  # shipped as package data
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 

@@ -9,13 +9,15 @@ decode(encode(x)) != x. Here normalisation is the cleaning step's job, so the tr
 for any cleaned story. The HF export (`tokenizer.json`, a `tokenizers` BPE with byte fallback built
 from the same pieces and merge order) gives the same ids and the same decoded text.
 
-A TOKDIR holds `spm.model` (the source of truth), `tokenizer.json`, `tokenizer_config.json`,
+A TOKDIR holds `spm.model` (the source of truth; the same sample and settings give the same bytes,
+wherever it is trained), `tokenizer.json`, `tokenizer_config.json`,
 `special_tokens_map.json` (so `AutoTokenizer.from_pretrained(TOKDIR)` works) and `jaxlm.json`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -83,11 +85,15 @@ def train(
 
 
 def _train_spm(sample: list[str], out: Path, vocab_size: int, max_chars: int) -> None:
+    """Writes `out/spm.model`. The model goes through a buffer, not a `model_prefix`: a prefix is
+    recorded inside the model, so the same training in another folder (or the temporary folder of
+    an atomic output) would give other bytes and another sha256."""
     import sentencepiece as spm
 
+    buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sample),
-        model_prefix=str(out / "spm"),
+        model_writer=buf,
         model_type="bpe",
         vocab_size=vocab_size,
         hard_vocab_limit=False,  # a small sample may not support the full vocabulary
@@ -109,6 +115,7 @@ def _train_spm(sample: list[str], out: Path, vocab_size: int, max_chars: int) ->
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
+    (out / MODEL_FILE).write_bytes(buf.getvalue())
 
 
 def reservoir_sample(items: Iterable[str], k: int, seed: int) -> list[str]:
@@ -125,6 +132,63 @@ def reservoir_sample(items: Iterable[str], k: int, seed: int) -> list[str]:
     return sample
 
 
+def model_file(tokdir: str | os.PathLike) -> Path:
+    """The SentencePiece model of TOKDIR (its `spm.model`), or TOKDIR itself when it is a file;
+    one line when there is none."""
+    path = Path(tokdir)
+    path = path / MODEL_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise UserError(f"no tokenizer at {tokdir} (expected {path}); run `jaxlm tokenizer train`")
+    return path
+
+
+def tokenizer_sha256(tokdir: str | os.PathLike) -> str:
+    """The content hash of TOKDIR's model file: what ties data and models to a tokenizer."""
+    return hashlib.sha256(model_file(tokdir).read_bytes()).hexdigest()
+
+
+def load_recorded(
+    info, tokdir: str | os.PathLike | None = None, *, vocab_size: int | None = None,
+    required: bool = False,
+) -> Tokenizer | None:  # fmt: skip
+    """The tokenizer to read and write a model's ids with: `tokdir` (a `--tokenizer` flag) or
+    the one the model records (`info`: a `jaxlm.checkpoint.ModelInfo`), checked by content.
+
+    A model records its tokenizer's sha256 when it is saved; a tokenizer whose model file has
+    another hash (retrained into the same folder, or another one passed) would turn the model's
+    ids into wrong text, or index past its pieces: refused in one line. So is one with more
+    pieces than the model's `vocab_size`. A model saved before hashes were recorded is read with
+    a warning. None when there is no tokenizer (`required`: one line asking for --tokenizer).
+    """
+    path = tokdir or info.tokenizer
+    if path is None:
+        if required:
+            raise UserError(f"{info.path} records no tokenizer; pass --tokenizer")
+        return None
+    if tokdir is None and not Path(path).exists():
+        raise UserError(f"{info.path} records the tokenizer {path}, which is gone (moved?); "
+                        "pass --tokenizer with the model's own")  # fmt: skip
+    tok = Tokenizer.load(path)
+    want = info.tokenizer_sha256
+    if want and tok.sha256 != want:
+        change = f"sha256 {want[:12]}... recorded, {tok.sha256[:12]}... now"
+        if tokdir is None or Path(tokdir).resolve() == Path(info.tokenizer or "").resolve():
+            raise UserError(f"{path}: this tokenizer changed since {info.path} recorded it "
+                            f"({change}): the model's ids would decode wrongly; restore it, or "
+                            "pass --tokenizer with the model's own")  # fmt: skip
+        raise UserError(f"--tokenizer {tokdir} is not the tokenizer {info.path} was trained with "
+                        f"({change}): the model's ids would decode wrongly")  # fmt: skip
+    if want is None and info.source != "hf":
+        logging.getLogger("jaxlm").warning(
+            "%s records no tokenizer hash (saved by an older jaxlm): %s is not checked", info.path,
+            path,
+        )  # fmt: skip
+    if vocab_size is not None and tok.vocab_size > vocab_size:
+        raise UserError(f"{path}: {tok.vocab_size} pieces, but {info.path} has vocab_size "
+                        f"{vocab_size}: not this model's tokenizer")  # fmt: skip
+    return tok
+
+
 class Tokenizer:
     """A trained SentencePiece model; `encode` adds no bos/eos."""
 
@@ -132,20 +196,18 @@ class Tokenizer:
         import sentencepiece as spm
 
         self.path = Path(model_path)
-        self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError) as e:  # not a model file, or a damaged one
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            raise UserError(f"{self.path}: not a SentencePiece model ({msg})") from None
         self._cache_first: dict[str, list[int]] = {}  # a text's first word
         self._cache_rest: dict[str, list[int]] = {}  # later words, keyed without their space
 
     @classmethod
     def load(cls, tokdir: str | os.PathLike) -> Tokenizer:
         """Loads TOKDIR (a directory written by `train`) or a `.model` file."""
-        path = Path(tokdir)
-        path = path / MODEL_FILE if path.is_dir() else path
-        if not path.is_file():
-            raise UserError(
-                f"no tokenizer at {tokdir} (expected {path}); run `jaxlm tokenizer train`"
-            )
-        return cls(path)
+        return cls(model_file(tokdir))
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)

@@ -6,16 +6,32 @@ The SAELens idea (`sae_lens/training/activations_store.py`, `mixing_buffer.py`):
 
 Rows of a DATADIR are seq_len + 1 tokens; the first seq_len are cut into seq_len // context_size
 contexts of `context_size` tokens (a tail shorter than that is dropped), and each context is run
-through a jit'd `model(tokens, capture_mlp=(layer,), capture_only=True)`, which stops after that
-layer. One difference from SAELens: each buffer is shuffled and served whole (SAELens keeps half
-for mixing with the next fill). That makes the store's state small and exact: the loader's state at
+through a jit'd `model.mlp_activations(tokens, layers)`, which stops after the last layer asked
+for. Several layers come from that one forward (EleutherAI sparsify's way of training every layer's
+SAE in one pass; SAELens reads one hook per run): the store then serves [L, N, F] batches, every
+layer's buffer permuted by the same permutation, so layer l's rows are exactly the batches a store
+of layer l alone (same seed) serves.
+
+One difference from SAELens: each buffer is shuffled and served whole (SAELens keeps half for
+mixing with the next fill). That makes the store's state small and exact: the loader's state at
 the start of the current fill, the fill's number and how many batches of it were served. Resuming
 re-runs that fill (the same rows, the same permutation from `fold_in(seed, fill)`) and skips the
 served batches, so a resumed run sees bitwise the batches an uninterrupted one would (on CPU).
+
+Read-ahead (`prefetch`): while a fill is served, the next fill's forwards are read and dispatched a
+few at a time (all of them by the fill's last batch), so the call that starts a fill dispatches
+only the shuffle: the host never stops for a whole fill's loader reads and dispatches while an
+accelerator's queue runs dry. The next fill's rows are still the next n loader batches, whenever
+they are read, so the state above (and resuming) is unchanged. By default on accelerators only:
+on CPU the "device" is the host's own cores, so there is nothing to overlap (measured with
+scripts/bench_sae_layers.py: the same loop time with and without, and a CPU program whose inputs
+are ready runs in the dispatching call, so the read-ahead only moves forwards into earlier calls).
+Never on several CPU devices, where a fill's programs must run alone (`_serial`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from functools import partial
 
@@ -31,50 +47,62 @@ from jaxlm.sharding import batch_sharding, logical_to_pspec, use_mesh
 from sae.base import SAE_RULES
 
 
-def capture_fn(model: GPTNeo, layer: int):
-    """A jit'd (params, tokens [B, T]) -> float32 MLP hidden [B * T, F] of `layer`."""
+def capture_fn(model: GPTNeo, layer: int | Sequence[int]):
+    """A jit'd (params, tokens [B, T]) -> float32 MLP hidden [B * T, F] of `layer`; with a
+    sequence of layers, [L, B * T, F] of each (in that order) from one forward."""
     graphdef, params = nnx.split(model, nnx.Param)
-    if not 0 <= layer < model.cfg.n_layers:
-        raise UserError(f"model.layer={layer}: the model has layers 0..{model.cfg.n_layers - 1}")
+    layers = (layer,) if isinstance(layer, int) else tuple(layer)
+    what = "model.layer" if isinstance(layer, int) else "model.layers"
+    for i in layers:
+        if not 0 <= i < model.cfg.n_layers:
+            raise UserError(f"{what}={i}: the model has layers 0..{model.cfg.n_layers - 1}")
 
     @jax.jit
     def run(params, tokens_bt):
-        h_btf = nnx.merge(graphdef, params)(tokens_bt, capture_mlp=(layer,), capture_only=True)
-        h_btf = h_btf[layer]
-        return h_btf.reshape(-1, h_btf.shape[-1]).astype(jnp.float32)  # [B * T, F]
+        h = nnx.merge(graphdef, params).mlp_activations(tokens_bt, layers)  # {l: [B, T, F]}
+        h_lnf = jnp.stack([h[i].reshape(-1, h[i].shape[-1]) for i in layers])  # [L, B * T, F]
+        h_lnf = h_lnf.astype(jnp.float32)
+        return h_lnf[0] if isinstance(layer, int) else h_lnf
 
     return partial(run, params)
 
 
 @partial(jax.jit, static_argnums=(2,))
-def _shuffle(buffer_mf: jax.Array, key: jax.Array, batch: int) -> jax.Array:
-    """The buffer permuted and cut into whole batches: [M // batch, batch, F]."""
-    m = buffer_mf.shape[0] // batch * batch
-    perm = jax.random.permutation(key, buffer_mf.shape[0])[:m]
-    return buffer_mf[perm].reshape(-1, batch, buffer_mf.shape[-1])
+def _shuffle(acts: list[jax.Array], key: jax.Array, batch: int) -> jax.Array:
+    """A fill's forwards [L, B * T, F] pooled [L, M, F], permuted along M (one permutation for
+    every layer) and cut into whole batches: [L, M // batch, batch, F]."""
+    buffer_lmf = jnp.concatenate(acts, axis=1)
+    L, M, F = buffer_lmf.shape
+    perm = jax.random.permutation(key, M)[: M // batch * batch]
+    return buffer_lmf[:, perm].reshape(L, -1, batch, F)
 
 
-@partial(jax.jit, static_argnums=(2,))
-def _take(batches_kbf: jax.Array, i: jax.Array, sharding) -> jax.Array:
-    """Batch i of a fill, each device slicing its own rows: no collective. (Eager `batches[i]`
-    compiled a gather with an all-gather; on fake CPU devices it could run beside the SAE step's
-    collectives and deadlock XLA's in-process rendezvous.)"""
-    out = jax.lax.dynamic_index_in_dim(batches_kbf, i, 0, keepdims=False)
+@partial(jax.jit, static_argnums=(2, 3))
+def _take(batches_lkbf: jax.Array, i: jax.Array, sharding, stacked: bool) -> jax.Array:
+    """Batch i of a fill, [L, batch, F] (or [batch, F] for one layer, not `stacked`), each device
+    slicing its own rows: no collective. (Eager `batches[i]` compiled a gather with an
+    all-gather; on fake CPU devices it could run beside the SAE step's collectives and deadlock
+    XLA's in-process rendezvous.)"""
+    out = jax.lax.dynamic_index_in_dim(batches_lkbf, i, 1, keepdims=False)
+    out = out if stacked else out[0]
     return out if sharding is None else jax.lax.with_sharding_constraint(out, sharding)
 
 
 class ActivationStore:
-    """Iterator of float32 [train_batch_size_tokens, F] activation batches; `get_state`/`set_state`.
+    """Iterator of float32 [train_batch_size_tokens, F] activation batches of `layer`, or of
+    [L, train_batch_size_tokens, F] batches when `layer` is a sequence of L layers (in its order,
+    all from one forward); `get_state`/`set_state`.
 
     `sources` are (DATADIR, weight) pairs mixed as `jaxlm.data.pipeline.make_loader` mixes them;
     `mesh` shards the model's forward (batch over the data axes) and the served batches (rows over
-    `data`); without one everything runs on the default device.
+    `data`); without one everything runs on the default device. `prefetch` reads each next fill
+    ahead while the current one is served (None: on accelerators; the module's docstring says why).
     """
 
     def __init__(
         self,
         model: GPTNeo,
-        layer: int,
+        layer: int | Sequence[int],
         sources: Sequence[tuple[str, float]],
         *,
         context_size: int | None = None,
@@ -84,6 +112,7 @@ class ActivationStore:
         seed: int = 42,
         worker_count: int = 0,
         mesh: Mesh | None = None,
+        prefetch: bool | None = None,
     ):
         from jaxlm.data.pipeline import make_loader, read_metadata
 
@@ -108,7 +137,9 @@ class ActivationStore:
                 f"n_batches_in_buffer) is smaller than train_batch_size_tokens="
                 f"{train_batch_size_tokens}"
             )
-        self.layer, self.batch = layer, train_batch_size_tokens
+        self.stacked = not isinstance(layer, int)  # serve [L, N, F], not [N, F]
+        self.layers = tuple(layer) if self.stacked else (layer,)
+        self.batch = train_batch_size_tokens
         self.n_batches_in_buffer, self.mesh = n_batches_in_buffer, mesh
         self.d_in = model.cfg.d_ff
         self._key = jax.random.key(seed)
@@ -120,22 +151,27 @@ class ActivationStore:
             worker_count=worker_count,
             slice_global_batch=True,
         )
-        self._capture = capture_fn(model, layer)
+        self._capture = capture_fn(model, self.layers)  # [L, B * T, F]
         self._tok_sharding = batch_sharding(mesh, 2) if mesh is not None else None
 
-        def rows_sharded(axes):  # a fill [K, batch, F] and one batch [batch, F]: rows over devices
+        def rows_sharded(axes):  # a fill [L, K, batch, F] and one batch: rows over devices
             return None if mesh is None else NamedSharding(mesh, logical_to_pspec(axes, SAE_RULES))
 
-        self._out_sharding = rows_sharded((None, "sae_rows", None))
-        self._row_sharding = rows_sharded(("sae_rows", None))
-        # several CPU devices: one program with collectives in flight at a time (see `_serial`)
-        self.one_program_at_a_time = (
-            mesh is not None and mesh.size > 1 and mesh.devices.flat[0].platform == "cpu"
+        self._out_sharding = rows_sharded((None, None, "sae_rows", None))
+        self._row_sharding = rows_sharded(
+            (None, "sae_rows", None) if self.stacked else ("sae_rows", None)
         )
+        on_cpu = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform == "cpu"
+        # several CPU devices: one program with collectives in flight at a time (see `_serial`)
+        self.one_program_at_a_time = on_cpu and mesh is not None and mesh.size > 1
+        prefetch = not on_cpu if prefetch is None else prefetch  # read ahead on accelerators
+        self.prefetch = prefetch and not self.one_program_at_a_time
         self._fill = 0  # number of the next fill
         self._fill_start: dict | None = None  # loader state where the current fill began
-        self._batches: jax.Array | None = None  # [K, batch, F] the current fill, shuffled
+        self._batches: jax.Array | None = None  # [L, K, batch, F] the current fill, shuffled
         self._served = 0
+        self._ahead: list[jax.Array] = []  # [L, B * T, F] the next fill's forwards, dispatched
+        self._ahead_start: dict | None = None  # loader state where the next fill begins
 
     def __iter__(self) -> Iterator[jax.Array]:
         return self
@@ -143,7 +179,7 @@ class ActivationStore:
     @property
     def refill_due(self) -> bool:
         """The next batch starts a new fill (model forwards, a shuffle across devices)."""
-        return self._batches is None or self._served >= self._batches.shape[0]
+        return self._batches is None or self._served >= self._batches.shape[1]
 
     @property
     def serial_fill_due(self) -> bool:
@@ -154,8 +190,11 @@ class ActivationStore:
     def __next__(self) -> jax.Array:
         if self.refill_due:
             self._refill()
-        out = _take(self._batches, jnp.int32(self._served), self._row_sharding)
+        out = _take(self._batches, jnp.int32(self._served), self._row_sharding, self.stacked)
         self._served += 1
+        if self.prefetch:  # the next fill's forwards, spread over this fill's batches
+            K, n = self._batches.shape[1], self.n_batches_in_buffer
+            self._read_ahead(-(-n * self._served // K))
         return out
 
     def _tokens(self) -> np.ndarray:
@@ -163,19 +202,26 @@ class ActivationStore:
         n = rows.shape[1] // self.context_size * self.context_size
         return rows[:, :n].reshape(-1, self.context_size)  # [R * per_row, context_size]
 
-    def _refill(self) -> None:
-        self._fill_start = self._loader.get_state()
+    def _read_ahead(self, upto: int) -> None:
+        """Dispatch the next fill's forwards until `upto` of them are (no more than a fill's)."""
         with use_mesh(self.mesh, SAE_RULES):
-            acts = []
-            for _ in range(self.n_batches_in_buffer):
+            while len(self._ahead) < min(upto, self.n_batches_in_buffer):
+                if not self._ahead:
+                    self._ahead_start = self._loader.get_state()
                 tokens = self._tokens()
                 dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"] if self.mesh else 1
                 if self._tok_sharding is not None and tokens.shape[0] % dp == 0:
                     tokens = jax.device_put(tokens, self._tok_sharding)
-                acts.append(self._serial(self._capture(tokens)))
-            buffer_mf = self._serial(jnp.concatenate(acts))  # [M, F]
+                self._ahead.append(self._serial(self._capture(tokens)))
+
+    def _refill(self) -> None:
+        self._batches = None  # the served fill's memory is free for the next one
+        self._read_ahead(self.n_batches_in_buffer)  # what the read-ahead has not done yet
+        acts, self._ahead = self._ahead, []
+        self._fill_start = self._ahead_start
+        with use_mesh(self.mesh, SAE_RULES):
             key = jax.random.fold_in(self._key, self._fill)
-            self._batches = self._serial(_shuffle(buffer_mf, key, self.batch))
+            self._batches = self._serial(_shuffle(acts, key, self.batch))
             if self._out_sharding is not None:
                 self._batches = jax.device_put(self._batches, self._out_sharding)
         self._fill += 1
@@ -194,25 +240,34 @@ class ActivationStore:
     def get_state(self) -> dict:
         """JSON-serialisable: resume with `set_state` to get exactly the batches that follow."""
         if self.refill_due:
-            return {"loader": self._loader.get_state(), "fill": self._fill, "served": 0}
+            start = self._ahead_start if self._ahead else self._loader.get_state()
+            return {"loader": start, "fill": self._fill, "served": 0}
         return {"loader": self._fill_start, "fill": self._fill - 1, "served": self._served}
 
     def set_state(self, state: dict) -> None:
         self._loader.set_state(state["loader"])
-        self._fill, self._batches, self._served = state["fill"], None, 0
+        self._fill, self._batches, self._served, self._ahead = state["fill"], None, 0, []
         if state["served"]:
             self._refill()
             self._served = state["served"]
 
 
-def estimate_norm_scaling_factor(store: ActivationStore, n_batches: int) -> float:
-    """SAELens `ActivationScaler.estimate_scaling_factor`: sqrt(F) / mean row norm over n batches.
+@jax.jit
+def _row_norms(x_nf: jax.Array) -> jax.Array:
+    return jnp.linalg.norm(x_nf, axis=-1)  # [..., N]
+
+
+def estimate_norm_scaling_factor(store: ActivationStore, n_batches: int) -> float | list[float]:
+    """SAELens `ActivationScaler.estimate_scaling_factor`: sqrt(F) / mean row norm over n batches;
+    a stacked store gives one factor per layer (what a store of that layer alone would give:
+    each batch's norms are summed exactly, in any layout).
 
     Like SAELens, the batches it reads are consumed from the store, not given back.
     """
-    total, count = 0.0, 0
+    total, count = np.zeros(len(store.layers)), 0
     for _ in range(n_batches):
-        norms = jnp.linalg.norm(next(store), axis=-1)
-        total += float(norms.sum())
-        count += norms.size
-    return store.d_in**0.5 / (total / count)
+        norms_ln = np.asarray(_row_norms(next(store))).reshape(len(store.layers), -1)
+        total += [math.fsum(n) for n in norms_ln]
+        count += norms_ln.shape[1]
+    factors = [store.d_in**0.5 / (t / count) for t in total.tolist()]
+    return factors if store.stacked else factors[0]

@@ -35,8 +35,6 @@ SAE_RULES: Rules = DEFAULT_RULES + (
     ("sae_rows", "data"),  # N: activation rows over the data-parallel axis
 )
 
-Architecture = Literal["standard", "topk", "batchtopk", "jumprelu"]
-
 
 @dataclasses.dataclass(frozen=True)
 class SAEConfig:
@@ -45,7 +43,8 @@ class SAEConfig:
     Fields a variant does not use are ignored by it; each says which variant reads it.
     """
 
-    architecture: Architecture = "standard"  # a key of sae.registry
+    # a name in sae.registry: standard, topk, batchtopk, jumprelu, or a variant registered there
+    architecture: str = "standard"
     d_in: int = 0  # F: input width (the MLP hidden width); filled from the model when 0
     d_sae: int | None = None  # S: latents; None: expansion_factor * d_in
     expansion_factor: int = 4  # SAELens 4.x default (6.x asks for d_sae outright)
@@ -123,7 +122,7 @@ def _param(value: Array, axes: tuple[str, ...]) -> nnx.Param:
 class SAE(nnx.Module):
     """Base SAE: linear encoder and decoder; variants define the activation and the aux losses."""
 
-    architecture: ClassVar[str]
+    architecture: ClassVar[str]  # the variant's name in sae.registry (and in saved cfg.json files)
     coefficient_names: ClassVar[tuple[str, ...]] = ()  # warmed-up loss weights, by name
 
     def __init__(self, cfg: SAEConfig, *, rngs: nnx.Rngs):
@@ -216,7 +215,9 @@ class SAE(nnx.Module):
         self.cfg = dataclasses.replace(self.cfg, normalize_activations="none")
 
     def inference_tensors(self) -> tuple[str, dict[str, Array]]:
-        """(SAELens architecture, {SAELens tensor name: value}) as SAELens saves for inference."""
+        """(the architecture it is saved as, {SAELens tensor name: value}), as SAELens saves for
+        inference. `sae.io.load_sae` looks that name up in the registry and calls `load_tensors`
+        on a fresh SAE of it, so the name must be a registered one (batchtopk saves as jumprelu)."""
         return self.architecture, {
             "W_enc": self.W_enc_fs[...],
             "W_dec": self.W_dec_sf[...],

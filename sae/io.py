@@ -7,12 +7,18 @@ b_dec [F], and threshold [S] for jumprelu); and, after training, `sparsity.safet
 firing frequency per latent, as SAELens's checkpoints carry). Weights are written as SAELens's
 `save_inference_model` writes them: a topk SAE with its decoder norms folded in, a batchtopk SAE
 as a jumprelu SAE whose threshold is the running one.
+
+`load_sae` is the one loader: training's saves, SAELens's, and every consumer (TSEA, the
+dashboards, the analysis CLI) read SAEs through it, as the registered class of the architecture
+the directory names (`sae.registry`), so a new variant is loaded, encoded and decoded by its own
+code everywhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +26,7 @@ import numpy as np
 
 from jaxlm.errors import UserError
 from sae.base import SAE, SAEConfig
-from sae.registry import create
+from sae.registry import create, get, names
 
 SAE_LENS_VERSION = "6.54.12"  # the layout written here
 CFG, WEIGHTS, SPARSITY = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
@@ -59,6 +65,7 @@ def save_sae(
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     arch, tensors = sae.inference_tensors()
+    get(arch)  # saved under a name load_sae can find, or not at all
     c = sae.cfg
     training = {k: v for k, v in dataclasses.asdict(c).items() if k not in ("d_in", "d_sae")}
     cfg: dict[str, Any] = {
@@ -98,28 +105,114 @@ def save_sae(
     return out
 
 
-def load_sae(path: str | Path) -> tuple[SAE, SAEInfo]:
-    """An SAE directory written by `save_sae` or by SAELens (standard, topk or jumprelu)."""
-    from safetensors.numpy import load_file
+def mlp_layer(cfg: dict[str, Any], where: str | Path = CFG) -> int | None:
+    """The model layer whose MLP post-activation (`blocks.N.mlp.hook_post`) an SAE reads.
 
+    From `jaxlm.layer` (our saves), `hook_layer` (SAELens 4.x), or N in the hook name (top level
+    as in SAELens 4.x, under `metadata` as in 6.x); None when the cfg names none. An SAE on another
+    hook of a block is refused: jaxlm feeds SAEs the MLP post-activation only, and `hook_pre`
+    has the same width, so an SAE trained on it would read the post-activation silently wrong.
+    """
+    hook = str((cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name") or "")
+    block = re.search(r"(?:blocks|h|layers)\.(\d+)\.", hook)
+    if block and not re.search(r"\.mlp\.(?:hook_post|act)$", hook):
+        raise UserError(f"{where}: the SAE reads {hook}; jaxlm feeds SAEs the MLP's "
+                        "post-activation (blocks.N.mlp.hook_post)")  # fmt: skip
+    for layer in ((cfg.get("jaxlm") or {}).get("layer"), cfg.get("hook_layer")):
+        if isinstance(layer, int) and not isinstance(layer, bool):
+            return layer
+    return int(block.group(1)) if block else None
+
+
+def load_sae(path: str | Path) -> tuple[SAE, SAEInfo]:
+    """The SAE saved in a directory, as the registered class of the architecture it names.
+
+    Reads `save_sae`'s directories (any registered architecture, with its training config),
+    SAELens 6.x (standard; topk with a top-level `k`; jumprelu with a `threshold` tensor) and
+    SAELens 4.x (`activation_fn_str: topk` with `activation_fn_kwargs.k`, `hook_layer`). A field
+    a cfg.json leaves out takes SAELens's inference default (so a topk SAE without
+    `rescale_acts_by_decoder_norm` does not rescale). A problem is one UserError naming the file.
+    """
     d = Path(path)
-    try:
-        cfg = json.loads((d / CFG).read_text())
-        tensors = load_file(str(d / WEIGHTS))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{d}: not a saved SAE ({CFG} + {WEIGHTS}): {e}") from None
-    arch = cfg.get("architecture", "standard")
-    if arch not in ("standard", "topk", "jumprelu"):
-        raise UserError(f"{d / CFG}: architecture {arch!r} is not one jaxlm can load")
-    known = {**cfg.get("jaxlm", {}).get("sae_config", {}), **cfg}
-    fields = {k: v for k, v in known.items() if k in _FIELDS and k != "d_sae"}
-    sae_cfg = SAEConfig(**{**fields, "architecture": arch, "d_sae": cfg["d_sae"]})
-    sae = create(sae_cfg)
+    cfg = _read_cfg(d / CFG)
+    tensors = _read_weights(d / WEIGHTS)
+    sae = create(_sae_config(cfg, d / CFG))
+    _check_tensors(sae, tensors, d / WEIGHTS)
     sae.load_tensors({k: np.asarray(v, np.float32) for k, v in tensors.items()})
     meta, jx = cfg.get("metadata") or {}, cfg.get("jaxlm") or {}
     hook = meta.get("hook_name") or cfg.get("hook_name")
-    layer = jx.get("layer")
-    if layer is None and hook and hook.startswith("blocks.") and hook.endswith(".mlp.hook_post"):
-        layer = int(hook.split(".")[1])
-    info = SAEInfo(str(d), hook, jx.get("model_path") or meta.get("model_name"), layer, cfg)
-    return sae, info
+    model_path = jx.get("model_path") or meta.get("model_name")
+    return sae, SAEInfo(str(d), hook, model_path, mlp_layer(cfg, d / CFG), cfg)
+
+
+def _read_cfg(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def _read_weights(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not path.is_file():
+        raise UserError(f"{path}: missing (an SAE directory holds {CFG} + that file)")
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"{path}: cannot read ({str(e).splitlines()[0]})") from None
+
+
+def _architecture(cfg: dict[str, Any], where: Path) -> str:
+    arch = cfg.get("architecture") or "standard"
+    act = cfg.get("activation_fn_str")  # SAELens 4.x: a topk SAE has architecture "standard"
+    if act not in (None, "relu", "topk"):
+        raise UserError(f"{where}: activation_fn_str={act!r}; jaxlm reads relu and topk")
+    if act == "topk":
+        arch = "topk"
+    if arch not in names():
+        raise UserError(f"{where}: architecture {arch!r}; known ones are {', '.join(names())}")
+    return arch
+
+
+def _sae_config(cfg: dict[str, Any], where: Path) -> SAEConfig:
+    """SAEConfig from a cfg.json: its top-level fields over our saved training config."""
+    arch = _architecture(cfg, where)
+    trained = (cfg.get("jaxlm") or {}).get("sae_config") or {}
+    fields = {k: v for k, v in {**trained, **cfg}.items() if k in _FIELDS}
+    d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (d_in, d_sae)):
+        raise UserError(f"{where}: d_in={d_in!r}, d_sae={d_sae!r}: need two positive integers")
+    norm = cfg.get("normalize_activations") or "none"
+    if norm not in ("none", "expected_average_only_in"):
+        raise UserError(f"{where}: normalize_activations={norm!r} is not one jaxlm can apply")
+    fields.update(architecture=arch, d_in=d_in, d_sae=d_sae, normalize_activations=norm)
+    if arch == "topk":
+        k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise UserError(f"{where}: a topk SAE needs an integer k >= 1 (got {k!r})")
+        rescale = bool(cfg.get("rescale_acts_by_decoder_norm", False))  # SAELens's default
+        fields.update(k=k, rescale_acts_by_decoder_norm=rescale)
+    try:
+        return SAEConfig(**fields)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def _check_tensors(sae: SAE, tensors: dict[str, np.ndarray], where: Path) -> None:
+    """Every tensor the architecture saves is there, in the shape cfg.json's d_in, d_sae give."""
+    saved_as, want = sae.inference_tensors()
+    if saved_as != sae.architecture:  # e.g. batchtopk, which saves as jumprelu
+        raise UserError(f"{where.parent / CFG}: a {sae.architecture} SAE is saved as {saved_as}")
+    for name, v in want.items():
+        if name not in tensors:
+            raise UserError(f"{where}: tensor {name!r} is missing")
+        if tuple(tensors[name].shape) != tuple(v.shape):
+            raise UserError(
+                f"{where}: {name} has shape {tuple(tensors[name].shape)}; d_in={sae.cfg.d_in}, "
+                f"d_sae={sae.cfg.n_latents} in {CFG} make it {tuple(v.shape)}"
+            )

@@ -12,6 +12,13 @@ firing frequencies over windows of 2000 steps, seed 42. SAELens 6.x needs `d_sae
 restored from `out/checkpoints`), the loop, the final save (`sae.io`, SAELens's layout) into `out`.
 Rerunning the same command resumes; a run killed at any step ends bitwise equal to an
 uninterrupted one on CPU (the store's state is checkpointed with the weights).
+
+`model.layers` trains one SAE per layer from one activation stream, as EleutherAI's sparsify does
+(SAELens trains one hook per run): one model forward per store fill gives every layer's
+activations, every layer's buffer is permuted alike, and one jitted step updates every SAE (the
+one-layer step, unrolled per layer). Each SAE is exactly the one a one-layer run with the same seed
+would train, and is saved as that run would save it, into `out/layer-N` (weights, cfg.json,
+sparsity, metrics.jsonl, train_config.json naming that one layer); one checkpoint holds them all.
 """
 
 from __future__ import annotations
@@ -19,8 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -28,13 +33,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import overlay
+from jaxlm.checkpoint import Checkpoints
 from jaxlm.errors import UserError
-from jaxlm.sharding import make_mesh, param_shardings, use_mesh
+from jaxlm.outputs import Output
+from jaxlm.sharding import Rules, load_rules, make_mesh, param_shardings, use_mesh
+from jaxlm.train.loop import Loop, run_loop
+from jaxlm.train.metrics_log import MetricsLog
+from jaxlm.train.sections import (
+    CheckpointSection,
+    DataSource,
+    LogSection,
+    MeshSection,
+    check_sections,
+    read_sources,
+    source_identity,
+    source_pairs,
+)
 from sae.base import SAE, SAE_RULES, Buffer, SAEConfig
 from sae.registry import create
 
@@ -48,12 +66,34 @@ log = logging.getLogger("sae.train")
 class ModelSection:
     path: str = ""  # a jaxlm model dir, training workdir or Hugging Face GPT-Neo dir
     layer: int = 0  # read blocks.{layer}.mlp.hook_post (the MLP hidden state after gelu)
+    # one SAE per layer from one forward, each saved into OUT/layer-N ("all": every layer);
+    # empty: the one SAE of `layer`, saved into OUT
+    layers: tuple[int, ...] | Literal["all"] = ()
 
+    def __post_init__(self) -> None:
+        if self.layers and self.layer:
+            raise UserError(
+                f"model.layer={self.layer} and model.layers={self.layers}: set one of them "
+                "(--layer N trains one SAE, --layers 0,1,... one per layer)"
+            )
+        if isinstance(self.layers, tuple) and len(set(self.layers)) < len(self.layers):
+            raise UserError(f"model.layers={list(self.layers)} names a layer twice")
 
-@dataclasses.dataclass(frozen=True)
-class DataSource:
-    path: str  # a DATADIR written by `jaxlm data prepare`
-    weight: float = 1.0  # relative mixing weight
+    @property
+    def multi(self) -> bool:
+        """SAEs on `layers`, each into OUT/layer-N (even one), not the one-layer run's OUT."""
+        return bool(self.layers)
+
+    def resolve(self, n_layers: int) -> tuple[int, ...]:
+        """The layers to train on, ascending, checked against a model of `n_layers` layers."""
+        if self.layers == "all":
+            return tuple(range(n_layers))
+        layers = tuple(sorted(self.layers)) if self.layers else (self.layer,)
+        what = "model.layers" if self.layers else "model.layer"
+        for i in layers:
+            if not 0 <= i < n_layers:
+                raise UserError(f"{what}={i}: the model has layers 0..{n_layers - 1}")
+        return layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,36 +127,15 @@ class FeatureSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class CheckpointSection:
-    every: int = 1000  # save every N steps (and at the end)
-    keep: int = 3  # keep the newest K checkpoints
-    async_save: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class LogSection:
-    every: int = 10  # metrics every N steps (forces a device sync)
-    progress: bool = True
-    tensorboard: bool = False
-    plot: bool = True  # loss.png in the output dir
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshSection:
-    shape: tuple[int, int, int] = (1, -1, 1)  # (data, fsdp, tensor); latents split over fsdp*tensor
-    devices: int = 0  # use only the first N devices (0: all)
-
-
-@dataclasses.dataclass(frozen=True)
 class SAETrainConfig:
     model: ModelSection = ModelSection()
     sae: SAEConfig = SAEConfig()
     data: DataSection = DataSection()
     optim: OptimSection = OptimSection()
     features: FeatureSection = FeatureSection()
-    checkpoint: CheckpointSection = CheckpointSection()
-    log: LogSection = LogSection()
-    mesh: MeshSection = MeshSection()
+    checkpoint: CheckpointSection = CheckpointSection(every=1000)
+    log: LogSection = LogSection(tensorboard=False)
+    mesh: MeshSection = MeshSection()  # latents split over fsdp x tensor
     seed: int = 42  # SAE init, data order and buffer shuffles
 
     def __post_init__(self) -> None:
@@ -125,8 +144,7 @@ class SAETrainConfig:
                 f"data.training_tokens={self.data.training_tokens} is less than one batch of "
                 f"data.train_batch_size_tokens={self.data.train_batch_size_tokens}"
             )
-        if self.checkpoint.every < 1 or self.log.every < 1:
-            raise UserError("checkpoint.every and log.every must be >= 1")
+        check_sections(self.data.sources, self.checkpoint, self.log)
         if self.features.feature_sampling_window < 1:
             raise UserError("features.feature_sampling_window must be >= 1")
 
@@ -236,78 +254,30 @@ def make_train_step(graphdef, tx, sae: SAE, cfg: SAETrainConfig):
     return step
 
 
-# --- checkpoints ---------------------------------------------------------------------------------
+def make_layers_step(graphdef, tx, sae: SAE, cfg: SAETrainConfig, n: int):
+    """`make_train_step` for n SAEs in one program: (states, x [L, N, F], step, scale [L]) ->
+    (states, metrics), a state and metrics per layer. The one-layer step runs unchanged on each
+    layer (unrolled: every SAE keeps its own shardings, and each equals a one-layer run's)."""
+    one = make_train_step(graphdef, tx, sae, cfg)
 
-_ITEMS = ("params", "opt_state", "stats", "data", "meta")
+    def step(states, x_lnf, step_i, scale_l):
+        outs = [one(*states[i], x_lnf[i], step_i, scale_l[i]) for i in range(n)]
+        return tuple(tuple(o[:-1]) for o in outs), tuple(o[-1] for o in outs)
 
-
-def _manager(directory: Path, c: CheckpointSection) -> ocp.CheckpointManager:
-    opts = ocp.CheckpointManagerOptions(
-        max_to_keep=c.keep, enable_async_checkpointing=c.async_save, create=True
-    )
-    return ocp.CheckpointManager(directory.resolve(), options=opts, item_names=_ITEMS)
-
-
-def _target(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
-def _save(mngr, step, state, store, meta) -> None:
-    params, buffers, opt_state, stats = state
-    mngr.save(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(nnx.to_pure_dict(params)),
-            opt_state=ocp.args.StandardSave(opt_state),
-            stats=ocp.args.StandardSave({**stats, "buffers": nnx.to_pure_dict(buffers)}),
-            data=ocp.args.JsonSave(store.get_state()),
-            meta=ocp.args.JsonSave({"step": step, **meta}),
-        ),
-        force=True,
-    )
-
-
-def _restore(mngr, state, store):
-    """(step, state, meta) of the newest checkpoint, or (0, state, None) when there is none."""
-    step = mngr.latest_step()
-    if step is None:
-        return 0, state, None
-    params, buffers, opt_state, stats = state
-    out = mngr.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_target(nnx.to_pure_dict(params))),
-            opt_state=ocp.args.StandardRestore(_target(opt_state)),
-            stats=ocp.args.StandardRestore(
-                _target({**stats, "buffers": nnx.to_pure_dict(buffers)})
-            ),
-            data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore(),
-        ),
-    )
-    nnx.replace_by_pure_dict(params, out["params"])
-    restored_stats = dict(out["stats"])
-    nnx.replace_by_pure_dict(buffers, restored_stats.pop("buffers"))
-    store.set_state(out["data"])
-    return step, (params, buffers, out["opt_state"], restored_stats), out["meta"]
+    return step
 
 
 # --- the run -------------------------------------------------------------------------------------
 
-
-def _data_sources(cfg: SAETrainConfig) -> list[tuple[str, float]]:
-    if not cfg.data.sources:
-        raise UserError("no data: pass --data DATADIR[:WEIGHT] or set data.sources")
-    return [(s.path, s.weight) for s in cfg.data.sources]
+# the metrics whose non-finite value stops the run
+WATCH = {"loss": "SAE loss", "grad_norm": "gradient norm"}
 
 
-def _check_data_fits(what: str, vocab: int, tokdir: str | None, sources) -> None:
+def _check_data_fits(what: str, vocab: int, tokdir: str | None, tok: dict) -> None:
     """The data must be tokenised with the model's tokenizer (activations of other ids would
     train the SAE on nonsense, silently)."""
-    from jaxlm.data.pipeline import common_tokenizer, read_metadata
     from jaxlm.tokenizer import check_data_tokenizer
 
-    tok = common_tokenizer([read_metadata(p) for p, _ in sources])
     if tok["vocab_size"] > vocab:
         raise UserError(
             f"{what}: vocab_size {vocab}, but the data's tokenizer has {tok['vocab_size']}"
@@ -315,27 +285,130 @@ def _check_data_fits(what: str, vocab: int, tokdir: str | None, sources) -> None
     check_data_tokenizer(what, tokdir, tok["sha256"])
 
 
-def train(cfg: SAETrainConfig, out: str | Path) -> dict:
-    """Train (or resume) an SAE into `out`; returns the final metrics."""
+def _rules(cfg: SAETrainConfig) -> Rules:
+    """The SAE's rules table: a user's table (mesh.rules) plus the SAE's own logical names."""
+    if not cfg.mesh.rules:
+        return SAE_RULES
+    own = tuple(r for r in SAE_RULES if r[0].startswith("sae_"))
+    return load_rules(cfg.mesh.rules) + own
+
+
+def train(cfg: SAETrainConfig, out: str | Path, *, overwrite: bool = False) -> dict:
+    """Train (or resume) an SAE into `out`, or with `model.layers` one per layer into
+    `out/layer-N`; returns the final metrics (with `model.layers`, each layer's keys prefixed
+    `layer-N/`). Phases: mesh, model and activation store, SAEs and optimizer, resume, the loop
+    (the trainer skeleton shared with the LM trainer: checkpoints with fallback, SIGTERM,
+    non-finite stop, metrics), the final saves."""
     from jaxlm.checkpoint import load_model
-    from jaxlm.metrics_log import MetricsLog
-    from sae.activations import ActivationStore, estimate_norm_scaling_factor
-    from sae.io import save_sae
 
     out = Path(out).resolve()
     if not cfg.model.path:
         raise UserError("no model: pass --model M or set model.path")
-    sources = _data_sources(cfg)
+    sources = source_pairs(cfg.data.sources)
+    tok, _, _ = read_sources(sources)  # one tokenizer and one row length, or a refusal
     devices = jax.devices()[: cfg.mesh.devices] if cfg.mesh.devices else None
     mesh = make_mesh(cfg.mesh.shape, devices)
+    rules = _rules(cfg)
 
     # model and activation store
-    model, info = load_model(cfg.model.path, mesh=mesh, rules=SAE_RULES)
-    _check_data_fits(f"--model {cfg.model.path}", model.cfg.vocab_size, info.tokenizer, sources)
+    model, info = load_model(cfg.model.path, mesh=mesh, rules=rules)
+    _check_data_fits(f"--model {cfg.model.path}", model.cfg.vocab_size, info.tokenizer, tok)
+    layers = cfg.model.resolve(model.cfg.n_layers)
+    identity = _identity(cfg, layers, sources)
+    # the output's lock for the whole run; its identity checked (a rerun with another layer,
+    # architecture, model or data is refused) or recorded (jaxlm.outputs)
+    with Output(out, kind="sae", identity=identity, mode="resume", overwrite=overwrite):
+        return _train(cfg, out, model, info, layers, sources, mesh, rules)
+
+
+def _identity(cfg: SAETrainConfig, layers, sources) -> dict:
+    """What makes an SAE run what it is: the model (where, which step, its architecture and
+    tokenizer), the layers, the SAE's architecture and loss settings, the data and the seed. The
+    training length, learning rate, logging and checkpoint cadence may change on a rerun."""
+    from jaxlm.checkpoint import model_identity
+    from jaxlm.data.pipeline import read_metadata
+
     d = cfg.data
-    store = ActivationStore(
+    return {
+        "model": model_identity(cfg.model.path),
+        "layers": list(layers),
+        "sae": overlay.to_dict(cfg.sae),
+        "data": [source_identity(p, w, read_metadata(p)) for p, w in sources],
+        "context_size": d.context_size,
+        "train_batch_size_tokens": d.train_batch_size_tokens,
+        "store": [d.store_batch_size_prompts, d.n_batches_in_buffer],
+        "seed": cfg.seed,
+    }
+
+
+def _train(cfg: SAETrainConfig, out: Path, model, info, layers, sources, mesh, rules) -> dict:
+    from sae.activations import estimate_norm_scaling_factor
+
+    multi = cfg.model.multi
+    store = _store(cfg, model, layers, sources, mesh)  # batches [L, N, F]
+    _write_train_configs(out, cfg, layers)
+
+    # SAEs, optimizer, resume
+    sae_cfg = cfg.sae.with_d_in(model.cfg.d_ff)
+    graphdef, states, sae = _init_states(sae_cfg, cfg, mesh, rules, len(layers))
+    tx, lr = make_optimizer(cfg.optim, cfg.steps)
+    ckpt = Checkpoints(out / "checkpoints", trees=_TREES, keep=cfg.checkpoint.keep,
+                       async_save=cfg.checkpoint.async_save)  # fmt: skip
+    start, meta = _resume(ckpt, states, layers, store, cfg, out)
+    if start:
+        scales = list(np.atleast_1d(meta["scaling_factor"]).tolist())
+    elif sae_cfg.normalize_activations == "expected_average_only_in":
+        scales = estimate_norm_scaling_factor(store, cfg.data.n_batches_for_norm_estimate)
+    else:
+        scales = [1.0] * len(layers)
+    step_fn = _compile(graphdef, tx, sae, cfg, states)
+    del sae  # the step keeps what it needs (the loss weights' schedules)
+    scale_l = jnp.asarray(scales, jnp.float32)  # [L]
+
+    def step(i: int) -> dict:
+        x_lnf = next(store)
+        states[:], metrics = step_fn(tuple(states), x_lnf, jnp.int32(i), scale_l)
+        return _named(metrics, layers, multi)
+
+    def save(s: int, final: dict) -> None:
+        ckpt.save(s, _trees(states, layers, multi), store.get_state(), {
+            "scaling_factor": scales if multi else scales[0], "metrics": final,
+            "config": overlay.to_dict(cfg)})  # fmt: skip
+
+    def summarize(row: dict, steps: int, seconds: float) -> dict:
+        tps = cfg.data.train_batch_size_tokens * steps / max(seconds, 1e-9)
+        return {"lr": float(lr(row["step"] - 1)), "tokens_per_s": tps, "devices": mesh.size}
+
+    def before_step() -> None:
+        if store.serial_fill_due:  # the fill's programs have collectives too:
+            jax.block_until_ready(states)  # let the last step end first
+
+    mlog = _metrics_log(out, cfg, layers, multi, start)
+    loop = Loop(start=start, steps=cfg.steps, log=cfg.log, checkpoint_every=cfg.checkpoint.every,
+                save=save, wait=ckpt.wait, watch=_watch(layers, multi), summarize=summarize,
+                before_step=before_step,
+                initial_metrics=dict(meta.get("metrics") or {}))  # fmt: skip
+    with use_mesh(mesh, rules):
+        result = run_loop(loop, step, mlog, ckpt.directory)
+    ckpt.close()
+    mlog.close(plot=cfg.log.plot)
+    if result.preempted:
+        return {**result.final, "preempted": True}
+    for i, layer in enumerate(layers):
+        final = _layer_row(result.final, layer) if multi else result.final
+        _save_final(_sae_dir(out, layer, multi), cfg, layer, graphdef, states[i], scales[i],
+                    store.context_size, final)  # fmt: skip
+    return result.final
+
+
+def _store(cfg: SAETrainConfig, model, layers: tuple[int, ...], sources, mesh):
+    """The activation store of every layer, from one forward per model batch: [L, N, F]."""
+    from sae.activations import ActivationStore
+
+    d = cfg.data
+    return ActivationStore(
         model,
-        cfg.model.layer,
+        layers,
         sources,
         context_size=d.context_size,
         store_batch_size_prompts=d.store_batch_size_prompts,
@@ -345,84 +418,170 @@ def train(cfg: SAETrainConfig, out: str | Path) -> dict:
         worker_count=d.worker_count,
         mesh=mesh,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(overlay.to_dict(cfg), indent=2) + "\n")
 
-    # SAE and optimizer
-    sae_cfg = cfg.sae.with_d_in(model.cfg.d_ff)
+
+def _sae_dir(out: Path, layer: int, multi: bool) -> Path:
+    return out / f"layer-{layer}" if multi else out
+
+
+def _write_train_configs(out: Path, cfg: SAETrainConfig, layers: tuple[int, ...]) -> None:
+    """The run's config into `out`; with several layers, also each SAE's one-layer config (the
+    run that trains it alone) into its own directory."""
+    out.mkdir(parents=True, exist_ok=True)
+    dump = lambda c: json.dumps(overlay.to_dict(c), indent=2) + "\n"  # noqa: E731
+    (out / "train_config.json").write_text(dump(cfg))
+    if not cfg.model.multi:
+        return
+    for layer in layers:
+        alone = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, layer=layer, layers=())
+        )
+        (out / f"layer-{layer}").mkdir(exist_ok=True)
+        (out / f"layer-{layer}" / "train_config.json").write_text(dump(alone))
+
+
+# --- metrics of several SAEs ----------------------------------------------------------------------
+
+
+def _named(metrics: tuple[dict, ...], layers: tuple[int, ...], multi: bool) -> dict:
+    """The step's metrics as one row: a one-layer run's keys, or each layer's as `layer-N/key`."""
+    if not multi:
+        return metrics[0]
+    return {f"layer-{n}/{k}": v for n, m in zip(layers, metrics, strict=True) for k, v in m.items()}
+
+
+def _layer_row(row: dict, layer: int) -> dict:
+    """Layer N's view of a several-layer row: its own keys unprefixed, and the run's shared ones
+    (step, lr, tokens_per_s, ...): the row a one-layer run would log."""
+    mine = f"layer-{layer}/"
+    return {
+        k.removeprefix(mine): v
+        for k, v in row.items()
+        if k.startswith(mine) or not k.startswith("layer-")
+    }
+
+
+def _watch(layers: tuple[int, ...], multi: bool) -> dict[str, str]:
+    if not multi:
+        return WATCH
+    return {f"layer-{n}/{k}": f"layer {n}'s {what}" for n in layers for k, what in WATCH.items()}
+
+
+class _LayerLogs:
+    """The loop's metrics log for several SAEs: each layer's rows go into `out/layer-N` as a
+    one-layer run writes them (metrics.jsonl, TensorBoard, loss.png); one progress bar."""
+
+    def __init__(self, out: Path, cfg: SAETrainConfig, layers: tuple[int, ...], start: int):
+        self.logs = {
+            n: MetricsLog(out / f"layer-{n}", tensorboard=cfg.log.tensorboard,
+                          progress=cfg.log.progress and i == 0, total=cfg.steps, initial=start)
+            for i, n in enumerate(layers)
+        }  # fmt: skip
+        self.first = self.logs[layers[0]]
+
+    def advance(self, n: int = 1) -> None:
+        self.first.advance(n)
+
+    def write(self, row: dict, step_rows: list[dict] | None = None) -> None:
+        for n, lg in self.logs.items():
+            lg.write(_layer_row(row, n), [_layer_row(r, n) for r in step_rows or []])
+
+    def note(self, text: str) -> None:
+        self.first.note(text)
+
+    def close(self, plot: bool = True) -> None:
+        for lg in self.logs.values():
+            lg.close(plot=plot)
+
+
+def _metrics_log(out: Path, cfg: SAETrainConfig, layers, multi: bool, start: int):
+    if multi:
+        return _LayerLogs(out, cfg, layers, start)
+    return MetricsLog(out, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
+                      total=cfg.steps, initial=start)  # fmt: skip
+
+
+# --- state, checkpoints, the compiled step --------------------------------------------------------
+
+# One SAE's state is a tuple (params, buffers, opt_state, stats), the train step's argument order.
+# The checkpoint's trees (with several layers, each holds {"layer-N": that SAE's tree})
+_TREES = ("params", "opt_state", "stats")
+
+
+def _layer_trees(state: tuple) -> dict:
+    """What a checkpoint holds of one SAE: plain pytrees (the buffers ride with the stats)."""
+    params, buffers, opt_state, stats = state
+    stats = {**stats, "buffers": nnx.to_pure_dict(buffers)}
+    return {"params": nnx.to_pure_dict(params), "opt_state": opt_state, "stats": stats}
+
+
+def _trees(states: list[tuple], layers: tuple[int, ...], multi: bool) -> dict:
+    """One checkpoint of every SAE; a one-layer run's trees are that SAE's own (as before)."""
+    per = [_layer_trees(s) for s in states]
+    if not multi:
+        return per[0]
+    return {k: {f"layer-{n}": t[k] for n, t in zip(layers, per, strict=True)} for k in _TREES}
+
+
+def _init_state(sae_cfg: SAEConfig, cfg: SAETrainConfig, mesh, rules) -> tuple:
+    """(graphdef, (params, buffers, opt_state, stats), the SAE), parameters sharded by the
+    rules."""
     sae = create(sae_cfg, seed=cfg.seed)
     graphdef, params, buffers = nnx.split(sae, nnx.Param, Buffer)
-    tx, lr = make_optimizer(cfg.optim, cfg.steps)
-    with use_mesh(mesh, SAE_RULES):
-        params = jax.device_put(params, param_shardings(params, mesh, SAE_RULES))
+    tx, _ = make_optimizer(cfg.optim, cfg.steps)
+    with use_mesh(mesh, rules):
+        params = jax.device_put(params, param_shardings(params, mesh, rules))
         replicated = NamedSharding(mesh, PartitionSpec())
         buffers = jax.device_put(buffers, replicated)
         opt_state = jax.jit(tx.init)(params)
         stats = jax.device_put(init_stats(sae_cfg.n_latents), replicated)
-    mngr = _manager(out / "checkpoints", cfg.checkpoint)
-    start, (params, buffers, opt_state, stats), meta = _restore(
-        mngr, (params, buffers, opt_state, stats), store
+    return graphdef, (params, buffers, opt_state, stats), sae
+
+
+def _init_states(sae_cfg: SAEConfig, cfg: SAETrainConfig, mesh, rules, n: int) -> tuple:
+    """(graphdef, [n SAE states], an SAE): each initialised as a one-layer run's (same seed),
+    in buffers of its own (the step donates them)."""
+    inits = [_init_state(sae_cfg, cfg, mesh, rules) for _ in range(n)]
+    return inits[0][0], [st for _, st, _ in inits], inits[0][2]
+
+
+def _resume(ckpt: Checkpoints, states: list, layers: tuple[int, ...], store, cfg, out: Path):
+    """(start step, meta) after restoring the newest readable checkpoint into `states`."""
+    multi = cfg.model.multi
+    shaping = {k: overlay.to_dict(getattr(cfg, k)) for k in ("model", "sae", "optim")}
+    restored = ckpt.restore(_trees(states, layers, multi), shaping)
+    if restored is None:
+        return 0, {}
+    for i, n in enumerate(layers):
+        tree = {k: restored.trees[k][f"layer-{n}"] if multi else restored.trees[k] for k in _TREES}
+        params, buffers, _, _ = states[i]
+        nnx.replace_by_pure_dict(params, tree["params"])
+        stats = dict(tree["stats"])
+        nnx.replace_by_pure_dict(buffers, stats.pop("buffers"))
+        states[i] = (params, buffers, tree["opt_state"], stats)
+    store.set_state(restored.data)
+    log.info("resumed from step %d in %s", restored.step, out)
+    return restored.step, restored.meta
+
+
+def _compile(graphdef, tx, sae: SAE, cfg: SAETrainConfig, states: list):
+    """The jitted step of every SAE, their states donated, with the states' shardings."""
+    shardings = jax.tree.map(lambda x: x.sharding, tuple(states))
+    return jax.jit(
+        make_layers_step(graphdef, tx, sae, cfg, len(states)),
+        in_shardings=(shardings, None, None, None),
+        out_shardings=(shardings, None),
+        donate_argnums=(0,),
     )
-    if start:
-        log.info("resumed from step %d in %s", start, out)
-        scale = meta["scaling_factor"]
-    elif sae_cfg.normalize_activations == "expected_average_only_in":
-        scale = estimate_norm_scaling_factor(store, d.n_batches_for_norm_estimate)
-    else:
-        scale = 1.0
 
-    shardings = jax.tree.map(lambda x: x.sharding, (params, buffers, opt_state, stats))
-    step_fn = jax.jit(
-        make_train_step(graphdef, tx, sae, cfg),
-        in_shardings=(*shardings, None, None, None),
-        out_shardings=(*shardings, None),
-        donate_argnums=(0, 1, 2, 3),
-    )
 
-    # the loop
-    mlog = MetricsLog(out, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
-                      total=cfg.steps, initial=start)  # fmt: skip
-    final: dict = dict(meta.get("metrics") or {}) if start else {}  # a rerun keeps the last ones
-    pending: list[tuple[int, dict]] = []
-    t0, t0_step = time.perf_counter(), start
+def _save_final(out: Path, cfg: SAETrainConfig, layer: int, graphdef, state: tuple, scale: float,
+                context_size: int, final: dict) -> None:  # fmt: skip
+    """One trained SAE for inference on raw activations, in SAELens's layout."""
+    from sae.io import save_sae
 
-    def flush(step: int) -> None:
-        nonlocal final, t0, t0_step
-        rows = [{"step": s, **{k: float(v) for k, v in m.items()}} for s, m in pending]
-        pending.clear()
-        if not rows:
-            return
-        if not math.isfinite(rows[-1]["loss"]):
-            raise UserError(f"SAE loss is {rows[-1]['loss']} at step {step}; try a lower optim.lr")
-        dt = time.perf_counter() - t0
-        tps = d.train_batch_size_tokens * (step - t0_step) / max(dt, 1e-9)
-        final = {**rows[-1], "lr": float(lr(step - 1)), "tokens_per_s": tps, "devices": mesh.size}
-        mlog.write(final, step_rows=rows)
-        t0, t0_step = time.perf_counter(), step
-
-    state = (params, buffers, opt_state, stats)
-    with use_mesh(mesh, SAE_RULES):
-        step = start
-        while step < cfg.steps:
-            if store.serial_fill_due:  # the fill's programs have collectives too:
-                jax.block_until_ready(state)  # let the last step end first
-            x_nf = next(store)
-            *state, metrics = step_fn(*state, x_nf, jnp.int32(step), jnp.float32(scale))
-            step += 1
-            pending.append((step, metrics))
-            mlog.advance()
-            if step % cfg.log.every == 0 or step == cfg.steps:
-                flush(step)
-            if step % cfg.checkpoint.every == 0 or step == cfg.steps:
-                flush(step)
-                _save(mngr, step, state, store, {"scaling_factor": scale, "metrics": final})
-    mngr.wait_until_finished()
-    mngr.close()
-    mlog.close(plot=cfg.log.plot)
-
-    # the final SAE, for inference on raw activations, in SAELens's layout
-    params, buffers, _, stats = state
     writable = lambda t: jax.tree.map(np.array, jax.device_get(t))  # noqa: E731  (for the fold)
+    params, buffers, _, stats = state
     trained = nnx.merge(graphdef, writable(params), writable(buffers))
     if scale != 1.0:
         trained.fold_activation_scale(scale)
@@ -430,14 +589,13 @@ def train(cfg: SAETrainConfig, out: str | Path) -> dict:
     save_sae(
         out,
         trained,
-        layer=cfg.model.layer,
+        layer=layer,
         model_path=str(Path(cfg.model.path).resolve()),
-        context_size=store.context_size,
+        context_size=context_size,
         log_sparsity_s=np.log10(freq_s + 1e-10),
         extra={
             "steps": cfg.steps,
             "scaling_factor": scale,
             "final_metrics": {k: v for k, v in final.items() if k != "time"},
-        },  # fmt: skip
+        },
     )
-    return final

@@ -6,6 +6,9 @@ batchtopk  saes/batchtopk_sae.py BatchTopKTrainingSAE: the k * N largest over th
            running threshold; saved as a jumprelu SAE, as SAELens does
 jumprelu   saes/jumprelu_sae.py JumpReLUTrainingSAE: a learned per-latent threshold trained
            through the straight-through rectangle-kernel pseudo-gradients
+
+Each class names itself (`architecture`); `sae.registry` registers these four under those names.
+This module does not import the registry, so a new variant can subclass these without a cycle.
 """
 
 from __future__ import annotations
@@ -18,13 +21,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sae.base import SAE, Array, Buffer, SAEConfig, StepOutput, _param
-from sae.registry import register
 
 
-@register("standard")
 class StandardSAE(SAE):
     """ReLU SAE with the Anthropic April 2024 sparsity penalty ||acts * ||W_dec rows|| ||_p."""
 
+    architecture = "standard"
     coefficient_names = ("l1",)
 
     def encode_with_hidden_pre(self, x_nf: Array) -> tuple[Array, Array]:
@@ -45,17 +47,21 @@ class StandardSAE(SAE):
 
 
 def _scatter_rows(values_nk: Array, index_nk: Array, shape: tuple[int, int]) -> Array:
+    # top_k's indices are distinct in each row: saying so spares the scatter's derivative the
+    # pass that finds which of several updates to one place wins
     rows_n1 = jnp.arange(shape[0])[:, None]
-    return jnp.zeros(shape, values_nk.dtype).at[rows_n1, index_nk].set(values_nk)
+    zeros_ns = jnp.zeros(shape, values_nk.dtype)
+    return zeros_ns.at[rows_n1, index_nk].set(values_nk, unique_indices=True)
 
 
-@register("topk")
 class TopKSAE(SAE):
     """Keeps each row's k largest pre-activations (ReLU'd); AuxK makes dead latents model the error.
 
     With `rescale_acts_by_decoder_norm`, pre-activations are multiplied by the decoder row norms
     before the top-k and divided by them again in `decode`, as SAELens does.
     """
+
+    architecture = "topk"
 
     def encode_with_hidden_pre(self, x_nf: Array) -> tuple[Array, Array]:
         pre_ns = self.hidden_pre(x_nf)
@@ -86,16 +92,21 @@ class TopKSAE(SAE):
         k_aux_max = min(x_nf.shape[-1] // 2, pre_ns.shape[-1])
         n_dead = dead_s.sum()
         residual_nf = jax.lax.stop_gradient(x_nf - out_nf)
-        masked_ns = jnp.where(dead_s[None], pre_ns, -jnp.inf)
-        values_nk, index_nk = jax.lax.top_k(masked_ns, k_aux_max)
-        # Fewer dead latents than k_aux_max: the extra picks are live ones (-inf); drop them.
-        values_nk = jnp.where(jnp.isfinite(values_nk), values_nk, 0.0)
-        aux_acts_ns = _scatter_rows(values_nk, index_nk, pre_ns.shape)
-        recons_nf = self._times_W_dec(aux_acts_ns)
-        auxk = jnp.square(recons_nf - residual_nf).sum(-1).mean()
+
+        def auxk(pre_ns: Array) -> Array:
+            masked_ns = jnp.where(dead_s[None], pre_ns, -jnp.inf)
+            values_nk, index_nk = jax.lax.top_k(masked_ns, k_aux_max)
+            # Fewer dead latents than k_aux_max: the extra picks are live ones (-inf); drop them.
+            values_nk = jnp.where(jnp.isfinite(values_nk), values_nk, 0.0)
+            aux_acts_ns = _scatter_rows(values_nk, index_nk, pre_ns.shape)
+            recons_nf = self._times_W_dec(aux_acts_ns)
+            return jnp.square(recons_nf - residual_nf).sum(-1).mean()
+
+        # SAELens skips the loss when no latent is dead (so in every one of the first
+        # dead_feature_window steps); a cond skips its top-k and its three matmuls likewise
+        none = lambda pre_ns: jnp.zeros((), jnp.float32)  # noqa: E731
         scale = jnp.minimum(n_dead / (x_nf.shape[-1] // 2), 1.0)
-        loss = self.cfg.aux_loss_coefficient * scale * auxk
-        return jnp.where(n_dead > 0, loss, 0.0)
+        return self.cfg.aux_loss_coefficient * scale * jax.lax.cond(n_dead > 0, auxk, none, pre_ns)
 
     def _folded(self) -> dict[str, Array]:
         _, t = SAE.inference_tensors(self)
@@ -109,7 +120,6 @@ class TopKSAE(SAE):
         return "topk", self._folded()
 
 
-@register("batchtopk")
 class BatchTopKSAE(TopKSAE):
     """Keeps the k * N largest ReLU'd pre-activations of the whole batch of N rows.
 
@@ -117,6 +127,8 @@ class BatchTopKSAE(TopKSAE):
     save time, so a saved batchtopk SAE is a `jumprelu` SAE, exactly as SAELens saves it.
     SAELens keeps that threshold in float64; here it is float32 (jax's default precision).
     """
+
+    architecture = "batchtopk"
 
     def __init__(self, cfg: SAEConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
@@ -197,10 +209,10 @@ def _step_bwd(bandwidth, ste_to_input, res, g_ns):
 step.defvjp(_step_fwd, _step_bwd)
 
 
-@register("jumprelu")
 class JumpReLUSAE(SAE):
     """JumpReLU SAE (Rajamanoharan et al. 2024) with SAELens's directly parameterised threshold."""
 
+    architecture = "jumprelu"
     coefficient_names = ("l0",)
 
     def __init__(self, cfg: SAEConfig, *, rngs: nnx.Rngs):

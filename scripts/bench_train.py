@@ -47,7 +47,13 @@ import yaml
 from jaxlm import overlay
 from jaxlm.config import COMPUTE_FIELDS, preset
 from jaxlm.errors import UserError
-from jaxlm.train import OptimSection, flops_per_token, make_optimizer, make_train_step, peak_flops
+from jaxlm.train.lm import (
+    OptimSection,
+    flops_per_token,
+    make_optimizer,
+    make_train_step,
+    peak_flops,
+)
 from jaxlm.xla_options import compiler_options
 
 IMPLS = ("jaxlm", "torch-eager", "torch-compile", "torch-gpt", "torch-gpt-compile")
@@ -307,7 +313,7 @@ def breakdown(name: str, args, accel: bool, device: str) -> list[dict]:
     from flax import nnx
 
     from jaxlm.model import init_model
-    from jaxlm.train import next_token_loss
+    from jaxlm.train.lm import next_token_loss
 
     dtype = "bfloat16" if accel else "float32"
     batches = _batches(args.vocab_size, args.batch, args.seq_len)

@@ -57,12 +57,16 @@ def demo_data(tmp_path_factory) -> dict:
 
 # Under CI every optional dependency is installed (make test), so a skip can only mean a wrong
 # path or a broken install hiding tests: it is reported as a failure, with the skip's reason.
+# The one exception is a skip whose reason starts with "environment:": what the machine itself
+# does not permit (mounting a tmpfs, running a command as another user), which no install fixes.
 _CI = os.environ.get("CI", "").lower() == "true"
 
 
 def _skip_fails_under_ci(report) -> None:
     if _CI and report.skipped and not hasattr(report, "wasxfail"):
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        if str(reason).removeprefix("Skipped: ").startswith("environment:"):
+            return
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true, where nothing may be: {reason}"
 
@@ -77,3 +81,27 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield
     _skip_fails_under_ci(outcome.get_result())
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A mounted tmpfs factory: small(size, readonly=False) -> its path; unmounted at the end.
+    Full-disk and read-only cases need a real file system: as root, chmod does not stop writes."""
+    import subprocess
+
+    mounts = []
+
+    def small(size: str = "1m", readonly: bool = False) -> Path:
+        d = tmp_path / f"tmpfs{len(mounts)}"
+        d.mkdir()
+        opts = f"size={size}" + (",ro" if readonly else "")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(d)],
+                           capture_output=True, text=True)  # fmt: skip
+        if r.returncode != 0:
+            pytest.skip(f"environment: cannot mount a tmpfs here ({r.stderr.strip()[:80]})")
+        mounts.append(d)
+        return d
+
+    yield small
+    for d in mounts:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)

@@ -18,7 +18,7 @@ def test_pretrain_config_compiles_for_v5e_8(capsys):
     sys.path.insert(0, str(ROOT))
     from tpu import aot_check
 
-    cfg = ROOT / "configs/pretrain/ts-1m.yaml"
+    cfg = ROOT / "configs/pretrain.yaml"  # the preset: TrainConfig's default, ts-1m
     assert (
         aot_check.main(["--topology", "v5e-8", "--config", str(cfg), "--global-batch", "64"]) == 0
     )

@@ -128,8 +128,9 @@ def test_failure_leaves_nothing(inputs, tok, tmp_path):
             workers=2,
             progress=False,
         )
-    assert list(tmp_path.iterdir()) == [bad]
-    with pytest.raises(UserError, match="already exists"):
+    # nothing but the output's lock file (kept and reused: the kernel drops the lock itself)
+    assert sorted(tmp_path.iterdir()) == [tmp_path / ".data.lock", bad]
+    with pytest.raises(UserError, match="not made by `jaxlm`.*--overwrite"):
         prepare([str(bad)], tmp_path, tokenizer_dir=tok.path.parent, seq_len=SEQ)
 
 

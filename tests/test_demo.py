@@ -1,4 +1,6 @@
-"""The README's main job has a pulse: every stage of scripts/pipeline.py on a tiny corpus."""
+"""The README's main job has a pulse: `jaxlm pipeline` runs every stage of the method on a tiny
+corpus, skips them all on a rerun, reruns only what a changed setting touches, and plans the
+paper's setting without running anything."""
 
 import json
 import os
@@ -8,75 +10,138 @@ from pathlib import Path
 
 import pytest
 
-from jaxlm.demo import Demo, DemoConfig, artifact_stats
 from jaxlm.errors import UserError
+from jaxlm.pipeline.engine import Context, Stage, run_stages
 
 ROOT = Path(__file__).resolve().parents[1]
+ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as users run it
+
+TINY = """\
+name: tiny
+corpus: {kind: demo, n_translated: 1500, native_fraction: 0.05, eval_stories: 100, seed: 0}
+data: {vocab_size: 2000, seq_len: 32, val_fraction: 0.05}
+models:
+  presets: [ts-1m]
+  pretrain_config: configs/demo/pretrain.yaml
+  pretrain_set: ["steps=6", "batch_size=8", "eval.every=3", "eval.batches=1",
+                 "checkpoint.every=6", "log.every=2"]
+  cpt_config: configs/demo/cpt.yaml
+  cpt_set: ["steps=4", "batch_size=8", "eval.batches=1", "checkpoint.every=4", "log.every=2"]
+  control: true
+samples: {n: 4, max_new_tokens: 16}
+sae: {enabled: true, config: configs/sae/tiny.yaml, set: ["data.training_tokens=2560"],
+      ablation_features: 2, dashboards: 2}
+"""
 
 
-def test_pipeline_runs_every_stage_and_skips_them_on_rerun(tmp_path):
-    tiny = (
-        "model: {preset: ts-1m}\nbatch_size: 8\nsteps: 3\ncheckpoint: {every: 3}\nlog: {every: 1}\n"
-    )
-    (tmp_path / "pre.yaml").write_text(tiny)
-    (tmp_path / "cpt.yaml").write_text(tiny.replace("steps: 3", "steps: 2"))
-    cmd = [sys.executable, str(ROOT / "scripts/pipeline.py"), "--workdir", str(tmp_path / "w"),
-           "--n-translated", "2000", "--samples", "4", "--pretrain-config",
-           str(tmp_path / "pre.yaml"), "--cpt-config", str(tmp_path / "cpt.yaml"),
-           "--sae-config", str(ROOT / "configs/sae/tiny.yaml")]  # fmt: skip
-    # As the README runs it: one CPU device, not the suite's 8 fake ones.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    assert first.returncode == 0, first.stderr[-3000:]
-    stages = ["corpus", "tokenizer", "shards", "pretrain", "cpt", "samples", "sae", "tsea",
-              "export"]  # fmt: skip
-    for s in stages:
-        assert f"[{s}] " in first.stdout
-    w = tmp_path / "w"
-    assert (w / "hf/cpt/model.safetensors").exists() and (w / "hf/cpt/tokenizer.json").exists()
-    samples = [json.loads(line) for line in (w / "samples/cpt.jsonl").read_text().splitlines()]
-    assert len(samples) == 4
-    assert "English-name share" in first.stdout
-    assert (w / "sae/pretrain/sae_weights.safetensors").exists() and (
-        w / "sae/cpt/cfg.json"
-    ).exists()
-    report = json.loads((w / "tsea/tsea_compare.json").read_text())
-    assert {"english_names", "arabic_names", "latin_double_quote", "arabic_quotes"} <= set(
-        report["sets"]
-    )
-    assert (w / "tsea/tsea_compare.png").exists() and "TSEA report" in first.stdout
-
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert again.returncode == 0
-    assert all(f"[{s}] done already" in again.stdout for s in stages)
+def _pipeline(cfg: Path, workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "jaxlm.cli", "pipeline", "--config", str(cfg), "--workdir",
+           str(workdir), *extra]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=ENV, cwd=ROOT)
 
 
-def test_artifact_stats_counts_names_and_dialogue_style():
-    from jaxlm.data.demo_corpus import generate
-
-    native = artifact_stats(generate("native", 50, 0))
-    translated = artifact_stats(generate("translated", 50, 0))
-    assert native["english_name_share"] == 0.0 and translated["english_name_share"] == 1.0
-    assert native["english_dialogue_share"] == 0.0
-    assert translated["english_dialogue_share"] == pytest.approx(1.0)
+def _ran(out: str) -> set[str]:
+    return {line.split("]")[0][1:] for line in out.splitlines() if "] running" in line}
 
 
-def test_rerun_with_other_settings_is_refused_and_changes_nothing(tmp_path):
-    """Finished stages are skipped, so other settings on a rerun would report the old results."""
-    cfg_file = tmp_path / "pre.yaml"
-    cfg_file.write_text("model: {preset: ts-1m}\n")
-    cfg = DemoConfig(n_translated=100, pretrain_config=str(cfg_file))
-    Demo(tmp_path / "w", cfg).check_settings()
-    recorded = (tmp_path / "w/.stages/settings.json").read_text()
-    Demo(tmp_path / "w", cfg).check_settings()  # the same settings: fine
+def test_pipeline_runs_every_stage_skips_them_on_rerun_and_reruns_only_what_changed(tmp_path):
+    cfg, w = tmp_path / "tiny.yaml", tmp_path / "run"
+    cfg.write_text(TINY)
+    first = _pipeline(cfg, w)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    stages = {p.stem for p in (w / ".stages").glob("*.json") if ".started" not in p.name}
+    want = ["corpus", "tokenizer", "prepare", "pretrain-ts-1m", "cpt-ts-1m", "control-ts-1m",
+            "samples-cpt-ts-1m", "sae-pretrain-ts-1m", "analysis-cpt-ts-1m",
+            "ablation-pretrain-ts-1m", "compare-ts-1m", "export-cpt-ts-1m", "report"]  # fmt: skip
+    assert set(want) <= stages, set(want) - stages
+    r = json.loads((w / "results.json").read_text())
+    cpt = r["models"]["cpt-ts-1m"]
+    assert set(cpt["eval_loss"]) == {"native", "translated"}  # repair and forgetting
+    assert set(cpt["eval_loss_start"]) == {"native", "translated"}
+    assert "english_name_rate" in cpt["artifacts"]["metrics"]
+    assert cpt["sae"]["eval"]["ce_loss_recovered"] is not None
+    assert "english_name_error_share" in cpt["analysis"]
+    assert r["stages"]["pretrain-ts-1m"]["commands"][0].startswith("jaxlm train --config ")
+    assert (w / "report" / "index.html").exists() and (w / "hf/cpt-ts-1m/config.json").exists()
+    assert "Done:" in first.stdout
 
-    with pytest.raises(UserError, match=r"n_translated 100 -> 200.*another --workdir"):
-        Demo(
-            tmp_path / "w", DemoConfig(n_translated=200, pretrain_config=str(cfg_file))
-        ).check_settings()
-    cfg_file.write_text("model: {preset: ts-3m}\n")  # an edited config file is a change too
-    with pytest.raises(UserError, match=r"pretrain_config \(the file's contents\)"):
-        Demo(tmp_path / "w", cfg).check_settings()
-    assert (tmp_path / "w/.stages/settings.json").read_text() == recorded
-    with pytest.raises(UserError, match=r"pretrain-config: cannot read .*missing.yaml"):
-        Demo(tmp_path / "v", DemoConfig(pretrain_config=str(tmp_path / "missing.yaml"))).settings()
+    again = _pipeline(cfg, w)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _ran(again.stdout) == set(), again.stdout
+
+    # only the SAE settings change: the SAEs, their analyses and the report run again
+    changed = _pipeline(cfg, w, "--set", "sae.set=[data.training_tokens=3072]")
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    ran = _ran(changed.stdout)
+    assert ran, changed.stdout
+    assert all(s.startswith(("sae-", "analysis-", "ablation-", "compare-")) or s == "report"
+               for s in ran), ran  # fmt: skip
+    assert {"sae-pretrain-ts-1m", "sae-cpt-ts-1m", "report"} <= ran
+
+
+def test_plan_of_the_papers_setting_names_every_figures_source():
+    r = subprocess.run([sys.executable, "-m", "jaxlm.cli", "pipeline", "--config",
+                        "configs/paper/full.yaml", "--plan"], capture_output=True, text=True,
+                       timeout=300, env=ENV, cwd=ROOT)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    for stage in ("translate", "synthesize", "pretrain-ts-33m", "cpt-ts-2l-33m", "judge-cpt-ts-1m",
+                  "sae-pretrain-ts-33m", "report"):  # fmt: skip
+        assert f"\n{stage} " in out or out.startswith(stage), stage
+    assert out.count("source:") > 40 and "totals:" in out
+    assert not (ROOT / "runs" / "paper").exists()  # nothing ran
+
+
+# --- the engine, on stages that only count -------------------------------------------------------
+
+
+def _stages(log: list, settings: dict) -> list[Stage]:
+    def runner(name):
+        def run(ctx: Context) -> dict:
+            log.append((name, ctx.overwrite))
+            return {"n": len(log)}
+
+        return run
+
+    return [
+        Stage("a", {"x": settings["a"]}, (), runner("a")),
+        Stage("b", {"y": settings["b"]}, ("a",), runner("b")),
+        Stage("c", {}, ("a",), runner("c")),
+        Stage("d", {}, ("b", "c"), runner("d")),
+    ]
+
+
+def test_a_changed_setting_reruns_its_stage_and_those_downstream_only(tmp_path):
+    log: list = []
+    quiet = lambda *_: None  # noqa: E731
+    run_stages(_stages(log, {"a": 1, "b": 1}), tmp_path, log=quiet)
+    assert [n for n, _ in log] == ["a", "b", "c", "d"]
+    log.clear()
+    run_stages(_stages(log, {"a": 1, "b": 1}), tmp_path, log=quiet)
+    assert log == []  # all done with these settings
+    run_stages(_stages(log, {"a": 1, "b": 2}), tmp_path, log=quiet)
+    assert log == [("b", True), ("d", True)]  # b's outputs replaced, then d's
+    log.clear()
+    run_stages(_stages(log, {"a": 2, "b": 2}), tmp_path, log=quiet)
+    assert [n for n, _ in log] == ["a", "b", "c", "d"]
+
+
+def test_an_interrupted_stage_resumes_and_only_refuses_stale_inputs(tmp_path):
+    log: list = []
+    quiet = lambda *_: None  # noqa: E731
+    stages = _stages(log, {"a": 1, "b": 1})
+
+    def dies(ctx):
+        raise KeyboardInterrupt  # killed while running
+
+    stages[1].run = dies
+    with pytest.raises(KeyboardInterrupt):
+        run_stages(stages, tmp_path, log=quiet)
+    assert (tmp_path / ".stages" / "b.started.json").exists()
+    run_stages(_stages(log, {"a": 1, "b": 1}), tmp_path, log=quiet)
+    assert ("b", False) in log  # the same settings: resumed, its outputs not replaced
+    log.clear()
+    # --only: a stage whose input is not done with the current settings is refused
+    with pytest.raises(UserError, match="needs a"):
+        run_stages(_stages(log, {"a": 3, "b": 1}), tmp_path, log=quiet, only=lambda n: n == "b")
+    assert log == []

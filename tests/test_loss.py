@@ -11,7 +11,7 @@ from jaxlm.config import preset
 from jaxlm.loss import _chunk_len, linear_cross_entropy
 from jaxlm.model import init_model, shard_model
 from jaxlm.sharding import DEFAULT_RULES, logical_to_pspec, make_mesh, use_mesh
-from jaxlm.train import next_token_loss
+from jaxlm.train.lm import next_token_loss
 
 
 def _plain(x_btd, w_vd, t_bt):

@@ -35,8 +35,8 @@ def test_logits_match_transformers(name, tmp_path):
     assert np.abs(out - ref).max() <= LOGITS_TOL
 
 
-def test_mlp_capture_matches_transformers_hook(tmp_path):
-    """`capture_mlp` returns what a hook on transformers' `mlp.act` sees (SAEs train on it)."""
+def test_mlp_activations_match_transformers_hook(tmp_path):
+    """`mlp_activations` returns what a hook on transformers' `mlp.act` sees (SAEs train on it)."""
     cfg = preset("ts-3m", vocab_size=512)
     ref_model = random_hf_gpt_neo(cfg, tmp_path, seed=2)
     model = load_hf(tmp_path)
@@ -47,13 +47,45 @@ def test_mlp_capture_matches_transformers_hook(tmp_path):
         act.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out.numpy()))
     with torch.no_grad():
         ref_model(torch.tensor(ids))
-    logits, full = model(jnp.asarray(ids), capture_mlp=(1, 5))
-    only = model(jnp.asarray(ids), capture_mlp=(1, 5), capture_only=True)
-    assert logits.shape == (2, 300, 512) and set(only) == {1, 5}
+    both = model.mlp_activations(jnp.asarray(ids), (5, 1))
+    first = model.mlp_activations(jnp.asarray(ids), (1,))
+    assert set(both) == {1, 5} and set(first) == {1}
     for i in (1, 5):
-        assert full[i].shape == (2, 300, cfg.d_ff)
-        assert np.abs(np.asarray(full[i]) - seen[i]).max() <= 1e-5 * max(1, np.abs(seen[i]).max())
-        np.testing.assert_array_equal(np.asarray(only[i]), np.asarray(full[i]))
+        assert both[i].shape == (2, 300, cfg.d_ff)
+        assert np.abs(np.asarray(both[i]) - seen[i]).max() <= 1e-5 * max(1, np.abs(seen[i]).max())
+    np.testing.assert_array_equal(np.asarray(first[1]), np.asarray(both[1]))
+    with pytest.raises(ValueError, match="layers are 0..7|the model has layers 0..7"):
+        model.mlp_activations(jnp.asarray(ids), (8,))
+
+
+class _Scale:
+    """An MLPEdit: layer `layer`'s MLP hidden state times `factor`."""
+
+    def __init__(self, layer: int, factor: float):
+        self.layer, self.factor = layer, factor
+
+    def __call__(self, h_btf):
+        return h_btf * self.factor
+
+
+def test_mlp_edit_matches_a_transformers_hook_that_changes_the_activation(tmp_path):
+    """An edit of layer i's MLP hidden state gives transformers' logits when a forward hook on
+    `h[i].mlp.act` returns the same change (here: zeroed, and halved)."""
+    cfg = preset("ts-3m", vocab_size=512)
+    ref_model = random_hf_gpt_neo(cfg, tmp_path, seed=4)
+    model = load_hf(tmp_path)
+    ids = np.random.RandomState(2).randint(0, cfg.vocab_size, (2, 64))
+    for layer, factor in ((2, 0.0), (6, 0.5)):
+        act = ref_model.transformer.h[layer].mlp.act
+        handle = act.register_forward_hook(lambda m, a, out, f=factor: out * f)
+        with torch.no_grad():
+            ref = ref_model(torch.tensor(ids)).logits.numpy()
+        handle.remove()
+        out = np.asarray(model(jnp.asarray(ids), edit=_Scale(layer, factor)))
+        assert np.abs(out - ref).max() <= LOGITS_TOL
+    plain = np.asarray(model(jnp.asarray(ids)))
+    np.testing.assert_array_equal(np.asarray(model(jnp.asarray(ids), edit=_Scale(3, 1.0))), plain)
+    assert np.abs(np.asarray(model(jnp.asarray(ids), edit=_Scale(3, 0.0))) - plain).max() > 1e-3
 
 
 def test_local_window_sees_itself_and_previous_255():
@@ -78,10 +110,10 @@ def test_kv_cache_decoding_equals_full_forward():
     ids = jnp.asarray(np.random.RandomState(1).randint(0, 300, (2, 280)))
     full = np.asarray(model(ids))
     cache = KVCache.init(cfg, 2, 280)
-    logits, cache = model(ids[:, :200], cache=cache)
+    logits, cache = model.decode(ids[:, :200], cache)
     steps = [np.asarray(logits)]
     for t in range(200, 280, 20):  # chunks of 20, crossing the local window edge
-        logits, cache = model(ids[:, t : t + 20], cache=cache)
+        logits, cache = model.decode(ids[:, t : t + 20], cache)
         steps.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-5, rtol=0)
 
@@ -139,6 +171,37 @@ def test_generation_stops_at_eos_and_sampling_is_seeded():
     for row in a:
         assert 7 not in row[:-1]
         assert len(row) == 60 or row[-1] == 7
+
+
+class _ScaleModule(nnx.Module):
+    """An MLPEdit as generation takes it: an nnx.Module, its factor a traced array."""
+
+    def __init__(self, layer: int, factor: float):
+        self.layer = layer
+        self.factor = nnx.Variable(jnp.float32(factor))
+
+    def __call__(self, h_btf):
+        return h_btf * self.factor[...]
+
+
+def test_generation_with_an_edit_is_greedy_decoding_of_the_edited_model():
+    """Each greedy token under an edit is the argmax of the edited model's full forward, and the
+    edit changes what is generated (the cached path applies it at every step)."""
+    cfg = preset("ts-1m", vocab_size=64)
+    model = init_model(cfg, 5)
+    edit = _ScaleModule(2, 0.0)
+    prompt = [1, 2, 3, 4]
+    (got,) = generate(model, [prompt], max_new_tokens=12, bucket=0, edit=edit)
+    seq = list(prompt)
+    for _ in range(12):
+        logits = model(jnp.asarray([seq]), edit=_Scale(2, 0.0))
+        seq.append(int(jnp.argmax(logits[0, -1])))
+    assert got == seq[len(prompt) :]
+    assert got != generate(model, [prompt], max_new_tokens=12, bucket=0)[0]
+    edit.factor[...] = jnp.float32(1.0)  # the same compiled program, another traced factor
+    assert generate(model, [prompt], max_new_tokens=12, bucket=0, edit=edit) == generate(
+        model, [prompt], max_new_tokens=12, bucket=0
+    )
 
 
 def test_top_k_and_top_p_restrict_the_support():
@@ -225,7 +288,7 @@ def test_unknown_preset_and_key():
 
 def test_remat_gives_the_same_loss_and_gradients():
     """cfg.remat recomputes each block in the backward pass: same numbers, less memory."""
-    from jaxlm.train import next_token_loss
+    from jaxlm.train.lm import next_token_loss
 
     tokens = jnp.asarray(np.random.RandomState(2).randint(0, 256, (2, 33)))
     out = {}

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
+from jaxlm.errors import UserError
 from sae.base import SAEConfig
-from sae.io import load_sae, save_sae
+from sae.io import load_sae, mlp_layer, save_sae
 from sae.registry import create
 from tests.helpers_sae_lens import sae_lens, training_class
 
@@ -119,3 +120,123 @@ def test_reads_what_sae_lens_saves(tmp_path, arch):
         atol=1e-5,
         rtol=1e-5,
     )
+
+
+# --- hand-made SAELens directories (4.x and 6.x layouts) and one-line errors -------------------
+
+FH, SH = 16, 12  # a hand-made SAE's d_in, d_sae
+
+
+def _tensors(seed=1, jumprelu=False) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    W = rng.normal(size=(FH, SH)).astype(np.float32)
+    t = {"W_enc": W, "b_enc": np.full(SH, -0.3, np.float32), "W_dec": W.T.copy(),
+         "b_dec": rng.normal(0, 0.05, FH).astype(np.float32)}  # fmt: skip
+    if jumprelu:
+        t["threshold"] = np.linspace(0, 2, SH).astype(np.float32)
+    return t
+
+
+def _write(d, cfg: dict, tensors: dict[str, np.ndarray]):
+    """A directory as SAELens (or a person) writes it: cfg.json + sae_weights.safetensors."""
+    from safetensors.numpy import save_file
+
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "cfg.json").write_text(json.dumps({"d_in": FH, "d_sae": SH, **cfg}))
+    save_file(tensors, str(d / "sae_weights.safetensors"))
+    return d
+
+
+def _pre(t, x, b_dec=True):
+    return (x - (t["b_dec"] if b_dec else 0)) @ t["W_enc"] + t["b_enc"]
+
+
+def _topk(pre, k):
+    kth = np.sort(pre, -1)[:, -k][:, None]
+    return np.where(pre >= kth, np.maximum(pre, 0), 0)
+
+
+def test_reads_hand_made_sae_lens_layouts(tmp_path):
+    x = np.random.default_rng(0).normal(size=(7, FH)).astype(np.float32)
+    t, tj = _tensors(), _tensors(jumprelu=True)
+    hook6 = {"metadata": {"hook_name": "blocks.1.mlp.hook_post"}}
+    cases = [  # (cfg.json, tensors, class name, layer, the encoder written out)
+        ({"architecture": "standard", **hook6}, t, "StandardSAE", 1,
+         np.maximum(_pre(t, x), 0)),
+        ({"architecture": "standard", "apply_b_dec_to_input": False}, t, "StandardSAE", None,
+         np.maximum(_pre(t, x, b_dec=False), 0)),
+        ({"architecture": "topk", "k": 2, **hook6}, t, "TopKSAE", 1, _topk(_pre(t, x), 2)),
+        ({"architecture": "jumprelu", **hook6}, tj, "JumpReLUSAE", 1,
+         np.where(_pre(tj, x) > tj["threshold"], np.maximum(_pre(tj, x), 0), 0)),
+        ({"architecture": "standard", "activation_fn_str": "topk",  # SAELens 4.x
+          "activation_fn_kwargs": {"k": 3}, "hook_name": "blocks.2.mlp.hook_post",
+          "hook_layer": 2}, t, "TopKSAE", 2, _topk(_pre(t, x), 3)),
+    ]  # fmt: skip
+    for i, (cfg, tensors, cls, layer, want) in enumerate(cases):
+        sae, info = load_sae(_write(tmp_path / str(i), cfg, tensors))
+        assert type(sae).__name__ == cls and info.layer == layer, (i, cfg)
+        np.testing.assert_allclose(np.asarray(sae.encode(x)), want, atol=1e-5, err_msg=str(cfg))
+        np.testing.assert_array_equal(np.asarray(sae.W_dec_sf[...]), tensors["W_dec"])
+
+
+def test_mlp_layer_resolution():
+    assert mlp_layer({"metadata": {"hook_name": "blocks.3.mlp.hook_post"}}) == 3  # SAELens 6.x
+    assert mlp_layer({"hook_name": "blocks.4.mlp.hook_post", "hook_layer": 4}) == 4  # 4.x
+    assert mlp_layer({"jaxlm": {"layer": 2}, "hook_name": "blocks.3.mlp.hook_post"}) == 2
+    assert mlp_layer({"hook_layer": 5}) == 5
+    assert mlp_layer({"hook_name": "embed"}) is None and mlp_layer({}) is None
+    for hook in ("blocks.2.mlp.hook_pre", "blocks.2.hook_resid_post"):
+        with pytest.raises(UserError, match=f"reads {hook}; jaxlm feeds SAEs the MLP's post"):
+            mlp_layer({"hook_layer": 2, "hook_name": hook})
+
+
+def _drop(name):
+    return lambda d: _write(d, {"architecture": "standard"},
+                            {k: v for k, v in _tensors().items() if k != name})  # fmt: skip
+
+
+BAD = [  # (how to spoil a directory, what the one-line error says)
+    (lambda d: d.mkdir(), "cfg.json: cannot read"),
+    (lambda d: _write(d, {}, _tensors()) and (d / "cfg.json").write_text("{"),
+     "cfg.json: cannot read"),
+    (lambda d: _write(d, {}, _tensors()) and (d / "sae_weights.safetensors").unlink(),
+     "sae_weights.safetensors: missing"),
+    (lambda d: _write(d, {}, _tensors()) and (d / "sae_weights.safetensors").write_bytes(b"xx"),
+     "sae_weights.safetensors: cannot read"),
+    (_drop("W_dec"), "sae_weights.safetensors: tensor 'W_dec' is missing"),
+    (lambda d: _write(d, {}, {**_tensors(), "b_enc": np.zeros(SH - 1, np.float32)}),
+     f"b_enc has shape ({SH - 1},); d_in={FH}, d_sae={SH} in cfg.json make it ({SH},)"),
+    (lambda d: _write(d, {"architecture": "jumprelu"}, _tensors()),
+     "tensor 'threshold' is missing"),
+    (lambda d: _write(d, {"architecture": "topk"}, _tensors()), "a topk SAE needs an integer k"),
+    (lambda d: _write(d, {"architecture": "topk", "k": 2.5}, _tensors()), "needs an integer k"),
+    (lambda d: _write(d, {"metadata": {"hook_name": "blocks.2.mlp.hook_pre"}}, _tensors()),
+     "the SAE reads blocks.2.mlp.hook_pre"),
+    (lambda d: _write(d, {"architecture": "gated"}, _tensors()),
+     "architecture 'gated'; known ones are batchtopk, jumprelu, standard"),
+    (lambda d: _write(d, {"architecture": "batchtopk", "k": 2}, _tensors(jumprelu=True)),
+     "a batchtopk SAE is saved as jumprelu"),
+    (lambda d: _write(d, {"normalize_activations": "layer_norm"}, _tensors()),
+     "normalize_activations='layer_norm' is not one jaxlm can apply"),
+    (lambda d: _write(d, {"activation_fn_str": "tanh-relu"}, _tensors()),
+     "activation_fn_str='tanh-relu'"),
+    (lambda d: _write(d, {"d_sae": None}, _tensors()), "d_sae=None: need two positive integers"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("spoil", "msg"), BAD, ids=[m[:28] for _, m in BAD])
+def test_bad_directories_are_one_line_errors(tmp_path, spoil, msg):
+    d = tmp_path / "sae"
+    spoil(d)
+    with pytest.raises(UserError) as e:
+        load_sae(d)
+    text = str(e.value)
+    assert msg in text and str(d) in text and "\n" not in text, text
+
+
+def test_a_normalised_sae_loads_as_one(tmp_path):
+    """SAELens's expected_average_only_in is read (the analyses refuse it: they feed raw
+    activations, and training folds the scale in before saving)."""
+    sae, _ = load_sae(_write(tmp_path, {"normalize_activations": "expected_average_only_in"},
+                             _tensors()))  # fmt: skip
+    assert sae.cfg.normalize_activations == "expected_average_only_in"

@@ -4,7 +4,13 @@ a CLI pulse, one-line errors, loss and L0 that respond, interrupted == uninterru
 
 import dataclasses
 import json
+import os
+import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -14,13 +20,18 @@ from safetensors.numpy import load_file
 from jaxlm.checkpoint import load_model
 from jaxlm.cli import main as jaxlm_main
 from jaxlm.data.pipeline import make_loader
-from jaxlm.metrics_log import read_metrics
+from jaxlm.train.metrics_log import read_metrics
 from sae import activations as act_mod
 from sae.activations import ActivationStore
-from sae.cli import main
 from sae.train import load_config, train
 
 LAYER = 3
+
+
+def main(argv: list[str]) -> int:
+    return jaxlm_main(["sae", *argv])
+
+
 FAST = ["--set", "log.progress=false", "--set", "log.plot=false"]
 
 
@@ -47,7 +58,7 @@ def test_store_serves_the_models_mlp_activations(model_dir, demo_data):
     want = []
     for _ in range(3):
         rows = next(loader)["tokens"][:, :32].reshape(-1, 16)  # 2 contexts per row of 32
-        _, cap = model(rows, capture_mlp=(LAYER,))
+        cap = model.mlp_activations(rows, (LAYER,))
         want.append(np.asarray(cap[LAYER]).reshape(-1, 256))
     want = np.concatenate(want)
     order = lambda a: a[np.lexsort(a.T[::-1])]  # noqa: E731 (shuffled: compare as sets of rows)
@@ -55,17 +66,20 @@ def test_store_serves_the_models_mlp_activations(model_dir, demo_data):
     assert not np.array_equal(batch, want)  # and shuffled
 
 
-def test_store_is_seeded_and_resumes_exactly(model_dir, demo_data):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_store_is_seeded_and_resumes_exactly(model_dir, demo_data, prefetch):
+    """Also with the next fill read ahead: cut where 2 of its 3 forwards were read, and where all
+    were; resumed without read-ahead, the same batches."""
     a, _ = _store(model_dir, demo_data["translated"])
     ref = [np.asarray(next(a)) for _ in range(13)]  # 6 batches per fill: crosses two fills
-    b, _ = _store(model_dir, demo_data["translated"])
+    b, _ = _store(model_dir, demo_data["translated"], prefetch=prefetch)
     assert all(np.array_equal(np.asarray(next(b)), r) for r in ref[:4])
     for cut in (4, 6):  # mid-fill and at a fill boundary
-        c, _ = _store(model_dir, demo_data["translated"])
+        c, _ = _store(model_dir, demo_data["translated"], prefetch=prefetch)
         for _ in range(cut):
             next(c)
         state = json.loads(json.dumps(c.get_state()))
-        d, _ = _store(model_dir, demo_data["translated"])
+        d, _ = _store(model_dir, demo_data["translated"], prefetch=not prefetch)
         d.set_state(state)
         assert all(np.array_equal(np.asarray(next(d)), r) for r in ref[cut:])
     other, _ = _store(model_dir, demo_data["translated"], seed=8)
@@ -169,6 +183,103 @@ def test_interrupted_run_resumes_bitwise(model_dir, demo_data, tmp_path, monkeyp
     b = load_file(str(tmp_path / "run" / "sae_weights.safetensors"))
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
     assert _losses(tmp_path / "ref") == _losses(tmp_path / "run")
+
+
+def _sae_cmd(model_dir, data, out, steps: int, every: int) -> list[str]:
+    """`jaxlm sae train` as a child process: 64-token batches, a checkpoint every `every` steps."""
+    sets = {"data.context_size": 16, "data.store_batch_size_prompts": 8,
+            "data.n_batches_in_buffer": 2, "data.train_batch_size_tokens": 64,
+            "data.training_tokens": 64 * steps, "checkpoint.every": every,
+            "checkpoint.keep": 50, "log.every": 1, "log.progress": "false",
+            "log.plot": "false"}  # fmt: skip
+    flags = [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+    return [sys.executable, "-m", "jaxlm.cli", "sae", "train", "--model", str(model_dir),
+            "--layer", str(LAYER), "--data", str(data), "--out", str(out), *flags]  # fmt: skip
+
+
+def _same_weights(a_dir, b_dir) -> bool:
+    a = load_file(str(a_dir / "sae_weights.safetensors"))
+    b = load_file(str(b_dir / "sae_weights.safetensors"))
+    return sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_sae_run_killed_with_sigkill_resumes_to_the_same_weights(model_dir, demo_data, tmp_path):
+    """kill -9 at a random step (between and during saves), then the same command again: the
+    final SAE equals an uninterrupted run's, bitwise (the trainer skeleton's guarantee)."""
+    data, steps = demo_data["translated"], 30
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as users
+    subprocess.run(_sae_cmd(model_dir, data, tmp_path / "ref", steps, 4), check=True, env=env,
+                   capture_output=True, timeout=600)  # fmt: skip
+    run = tmp_path / "run"
+    kill_after = random.Random(0).randrange(6, 20)
+    proc = subprocess.Popen(_sae_cmd(model_dir, data, run, steps, 4), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and max(_losses(run), default=0) >= kill_after:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (run / "cfg.json").exists(), "killed too late: the run had finished"
+    r = subprocess.run(_sae_cmd(model_dir, data, run, steps, 4), env=env, capture_output=True,
+                       text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from step" in r.stderr
+    assert _same_weights(tmp_path / "ref", run)
+    ref, got = _losses(tmp_path / "ref"), _losses(run)
+    assert all(got[s] == ref[s] for s in ref)
+
+
+def test_sae_run_falls_back_past_a_damaged_newest_checkpoint(
+    model_dir, demo_data, tmp_path, monkeypatch, caplog
+):
+    """A torn newest checkpoint is set aside with a warning and the one before is resumed: the
+    final SAE still equals an uninterrupted run's."""
+    data = demo_data["translated"]
+    cfg = _cfg(model_dir, data, 64 * 12, checkpoint={"every": 2, "keep": 10})
+    train(cfg, tmp_path / "ref")
+    real_next, calls = act_mod.ActivationStore.__next__, {"n": 0}
+
+    def crash_at_8(self):
+        calls["n"] += 1
+        if calls["n"] > 7:  # checkpoints at steps 2, 4 and 6; step 8 never happens
+            raise KeyboardInterrupt
+        return real_next(self)
+
+    monkeypatch.setattr(act_mod.ActivationStore, "__next__", crash_at_8)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run")
+    monkeypatch.setattr(act_mod.ActivationStore, "__next__", real_next)
+    newest = tmp_path / "run" / "checkpoints" / "6"
+    for f in (newest / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "manifest" not in f.name:
+            f.write_bytes(b"\0" * 7)  # tear the newest checkpoint's array data
+    with caplog.at_level("INFO"):
+        train(cfg, tmp_path / "run")
+    assert any("checkpoint 6 unreadable" in r.getMessage() for r in caplog.records)
+    assert any("resumed from step 4" in r.getMessage() for r in caplog.records)
+    assert len(list((tmp_path / "run" / "checkpoints.unreadable").iterdir())) == 1
+    assert _same_weights(tmp_path / "ref", tmp_path / "run")
+
+
+def test_sae_sigterm_saves_exits_75_and_resumes(model_dir, demo_data, tmp_path):
+    data, run = demo_data["translated"], tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = _sae_cmd(model_dir, data, run, 4000, 1000)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)  # fmt: skip
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").exists() and max(_losses(run), default=0) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75  # saved, not finished: wrappers rerun the command
+    assert json.loads(out.strip().splitlines()[-1])["preempted"] is True
+    saved = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
+    assert saved and 3 <= max(saved) < 4000 and not (run / "cfg.json").exists()
 
 
 def test_normalised_training_folds_the_scale_and_a_rerun_changes_nothing(

@@ -3,8 +3,6 @@ against the model's own forward, a planted English-name feature, token sets, das
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -16,8 +14,11 @@ from jaxlm.config import ModelConfig
 from jaxlm.errors import UserError
 from jaxlm.model import init_model
 from jaxlm.tokenizer import Tokenizer
-from sae import dashboards as db
-from sae import tsea
+from sae.analysis import dashboards as db
+from sae.analysis import tsea
+from sae.base import SAE, SAEConfig
+from sae.io import save_sae
+from sae.registry import create
 
 TOL = 1e-5  # simple ops in fp32 (STYLE.md)
 
@@ -167,7 +168,8 @@ def test_projection_is_the_logit_change_through_the_forward():
     wte[0] = 0.0
     _set(model.wte_vd, wte)
     _set(model.wpe_pd, np.zeros_like(model.wpe_pd[...]))
-    logits, hidden = model(jnp.zeros((1, 1), jnp.int32), capture_mlp=(1,))
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    logits, hidden = model(tokens), model.mlp_activations(tokens, (1,))
     d_f = np.asarray(hidden[1][0, 0])
     x_d = d_f @ np.asarray(model.blocks[1].mlp.w_down_fd[...])
     sigma = np.sqrt(x_d.var() + model.cfg.layer_norm_eps)
@@ -311,37 +313,63 @@ def test_token_sets_from_shared_name_lists(tok2000, shared_data, tmp_path):
 # --- dashboards ---------------------------------------------------------------------------------
 
 
-def _sae(F: int, S: int, seed: int = 0) -> db.SAEWeights:
+def _sae(F: int, S: int, arch: str = "standard", seed: int = 0, **kw) -> SAE:
+    """A registry SAE with tied random weights, a negative encoder bias and (jumprelu) thresholds
+    spread over the pre-activations' range."""
     rng = np.random.default_rng(seed)
     W = rng.normal(size=(F, S)).astype(np.float32)
-    return db.SAEWeights(
-        W_enc=W,
-        b_enc=np.full(S, -0.3, np.float32),
-        W_dec=W.T.copy(),
-        b_dec=rng.normal(0, 0.05, F).astype(np.float32),
-        cfg={"hook_name": "blocks.1.mlp.hook_post"},
-    )
+    sae = create(SAEConfig(architecture=arch, d_in=F, d_sae=S, **kw))
+    tensors = {
+        "W_enc": W,
+        "b_enc": np.full(S, -0.3, np.float32),
+        "W_dec": W.T.copy(),
+        "b_dec": rng.normal(0, 0.05, F).astype(np.float32),
+    }
+    if arch == "jumprelu":
+        tensors["threshold"] = np.linspace(0, 2, S).astype(np.float32)
+    sae.load_tensors(tensors)
+    return sae
 
 
-def test_dashboard_contexts_are_the_top_activations(demo_data, tmp_path):
+def _reference_acts(sae: SAE, h_nf: np.ndarray) -> np.ndarray:
+    """Each architecture's inference encoder written out in numpy, from the SAE's tensors."""
+    _, t = sae.inference_tensors()
+    t = {k: np.asarray(v, np.float64) for k, v in t.items()}
+    pre = (h_nf - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
+    if sae.architecture == "jumprelu":
+        return np.where(pre > t["threshold"], np.maximum(pre, 0), 0)
+    if sae.architecture == "topk":
+        kth = np.sort(pre, -1)[:, -int(sae.cfg.k)][:, None]
+        return np.where(pre >= kth, np.maximum(pre, 0), 0)
+    return np.maximum(pre, 0)
+
+
+DASH_SAES = [("standard", {}), ("topk", {"k": 3, "rescale_acts_by_decoder_norm": False}),
+             ("jumprelu", {})]  # fmt: skip
+
+
+@pytest.mark.parametrize(("arch", "kw"), DASH_SAES, ids=[a for a, _ in DASH_SAES])
+def test_dashboard_contexts_are_the_top_activations(demo_data, tmp_path, arch, kw):
     tok = Tokenizer.load(demo_data["tok"])
     model = _model(tok.vocab_size, D=32, F=64, layers=2, seed=4)
-    sae = _sae(64, 40)
+    sae = _sae(64, 40, arch, **kw)
     feats = np.array([0, 5, 17, 39])
     batches = list(db.read_rows(demo_data["translated"], max_rows=48, batch_size=16))
     k, left, right = 5, 6, 2
     texts = tsea.display_texts(tok)
     data = db.dashboards(model, sae, 1, batches, feats, texts, k=k, left=left, right=right)
     rows = np.concatenate(batches)  # [R, T]
-    h = np.asarray(model(jnp.asarray(rows), capture_mlp=(1,))[1][1])  # [R, T, F]
-    acts = np.maximum((h - sae.b_dec) @ sae.W_enc + sae.b_enc, 0)[..., feats]  # brute force
+    h = np.asarray(model.mlp_activations(jnp.asarray(rows), (1,))[1])  # [R, T, F]
+    acts = _reference_acts(sae, h.reshape(-1, 64)).reshape(*rows.shape, 40)[..., feats]
     assert data["tokens_seen"] == rows.size
+    assert sum(len(f["contexts"]) for f in data["features"]) >= 2 * k  # features do fire
     for j, f in enumerate(data["features"]):
         a = acts[..., j]
         want = np.sort(a[a > 0].ravel())[::-1][:k]
         got = np.array([c["activation"] for c in f["contexts"]])
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
         assert abs(f["density"] - (a > 0).mean()) < 1e-9
+        assert abs(f["max_activation"] - a.max()) < 1e-4
         for c in f["contexts"]:
             r, t = c["row"], c["position"]
             assert abs(a[r, t] - c["activation"]) < 1e-4
@@ -384,81 +412,23 @@ def test_dashboard_html_escapes_text():
     assert page.count("&lt;script&gt;") == 2 and "ليلي" in page
 
 
-def test_sae_dir_layouts_and_encoders(tmp_path):
-    sae = _sae(16, 12, seed=1)
-    loaded = db.load_sae_dir(db.save_sae_dir(sae, tmp_path / "s"))
-    x = np.random.default_rng(0).normal(size=(7, 16)).astype(np.float32)
-    np.testing.assert_allclose(loaded.encode(x), sae.encode(x), atol=1e-6)
-    np.testing.assert_allclose(loaded.encode(x, [3, 5]), np.asarray(sae.encode(x))[:, [3, 5]])
-    assert db.sae_layer(loaded.cfg) == 1
-    topk = db.load_sae_dir(db.save_sae_dir(dataclasses.replace(sae, k=2), tmp_path / "k"))
-    z = np.asarray(topk.encode(x))
-    assert ((z > 0).sum(1) <= 2).all() and (z > 0).sum() > 7
-    assert np.array_equal(np.asarray(topk.encode(x, [1, 4])), z[:, [1, 4]])
-    thr = np.linspace(0, 2, 12).astype(np.float32)
-    jump = db.load_sae_dir(db.save_sae_dir(dataclasses.replace(sae, threshold=thr), tmp_path / "j"))
-    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
-    np.testing.assert_allclose(jump.encode(x), np.where(pre > thr, pre, 0), atol=1e-6)
-    # SAELens 6.x: the hook under metadata, k at the top level; 4.x: activation_fn_kwargs
-    assert db.sae_layer({"metadata": {"hook_name": "blocks.3.mlp.hook_post"}}) == 3
-    assert db.sae_layer({"jaxlm": {"layer": 2}, "hook_name": "blocks.3.mlp.hook_post"}) == 2
-    cfg4 = {"activation_fn_str": "topk", "activation_fn_kwargs": {"k": 3}}
-    assert db._architecture(cfg4, tmp_path) == ("topk", 3)
-    with pytest.raises(UserError, match="names no layer"):
-        db.sae_layer({"hook_name": "embed"})
-    with pytest.raises(UserError, match="reads blocks.2.mlp.hook_pre"):
-        db.sae_layer({"hook_layer": 2, "hook_name": "blocks.2.mlp.hook_pre"})
-    (tmp_path / "k/cfg.json").write_text(json.dumps({"architecture": "topk"}))
-    with pytest.raises(UserError, match="needs an integer k"):
-        db.load_sae_dir(tmp_path / "k")
-
-
-def test_dashboards_take_a_sae_base_module(demo_data):
-    """The other half's SAE class (encode + W_dec_sf) gives the same dashboards as its tensors."""
-    from sae.base import SAEConfig
-    from sae.registry import create
-
-    tok = Tokenizer.load(demo_data["tok"])
-    model = _model(tok.vocab_size, D=32, F=64, layers=2, seed=4)
-    weights = _sae(64, 40)
-    module = create(SAEConfig(architecture="standard", d_in=64, d_sae=40))
-    module.load_tensors({k: getattr(weights, k) for k in ("W_enc", "b_enc", "W_dec", "b_dec")})
-    batches = list(db.read_rows(demo_data["native"], max_rows=16, batch_size=8))
-    texts = tsea.display_texts(tok)
-    a, b = (db.dashboards(model, s, 1, batches, [2, 9], texts, k=3) for s in (weights, module))
-    for fa, fb in zip(a["features"], b["features"], strict=True):
-        assert fa["density"] == fb["density"] and fa["promotes"] == fb["promotes"]
-        assert [(c["row"], c["position"]) for c in fa["contexts"]] == [
-            (c["row"], c["position"]) for c in fb["contexts"]
-        ]
-        got, want = ([c["activation"] for c in f["contexts"]] for f in (fb, fa))
-        np.testing.assert_allclose(got, want, rtol=1e-4)
-    assert a["features"][0]["contexts"]
-
-
 # --- CLI ----------------------------------------------------------------------------------------
 
 
 def _cli(argv: list[str]) -> int:
-    """The `jaxlm-sae` dispatch contract: register(), then func(args); UserError -> exit 2."""
-    from sae.analysis_cli import register
+    from jaxlm.cli import main
 
-    parser = argparse.ArgumentParser(prog="jaxlm-sae")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except UserError as e:
-        print(f"jaxlm-sae {args.command}: error: {e}")
-        return 2
+    return main(["sae", *argv])
 
 
-def test_cli_pulse_and_bad_input(tok2000, demo_data, shared_data, tmp_path, capsys):
+def test_cli_pulse_and_bad_input(tok2000, demo_data, shared_data, tmp_path, capsys, monkeypatch):
     from jaxlm.checkpoint import save_model
+
+    monkeypatch.chdir(tmp_path)  # the refused runs' --out o (its lock file stays beside it)
 
     model = _model(tok2000.vocab_size, D=32, F=64, layers=2, seed=6)
     save_model(tmp_path / "m", model, tokenizer=str(tok2000.path.parent))
-    db.save_sae_dir(_sae(64, 24), tmp_path / "sae")
+    save_sae(tmp_path / "sae", _sae(64, 24), layer=1)
     common = [
         "--demo-sets",
         "--names",
@@ -484,11 +454,20 @@ def test_cli_pulse_and_bad_input(tok2000, demo_data, shared_data, tmp_path, caps
         "english_names",
         "arabic_names",
         "ssa_ar",
+        "english_names_starts",  # every word list also as its words' first tokens
+        "arabic_names_starts",
+        "ssa_ar_starts",
         "latin_double_quote",
         "arabic_quotes",
         "arabic_comma",
         "punctuation",
     }
+    # --demo-sets contrasts name starts and quotes; no --data, no sparsity file: all counted
+    assert set(out["contrasts"]) == {
+        "english_names_starts-arabic_names_starts",
+        "latin_double_quote-arabic_quotes",
+    }
+    assert out["dead_features_from"].startswith("none") and out["n_dead"] == 0
     assert out["layer"] == 1 and (tmp_path / "t/tsea.png").stat().st_size > 0
     m, s = str(tmp_path / "m"), str(tmp_path / "sae")
     assert (
@@ -510,6 +489,7 @@ def test_cli_pulse_and_bad_input(tok2000, demo_data, shared_data, tmp_path, caps
     )
     cmp = json.loads((tmp_path / "c/tsea_compare.json").read_text())
     assert cmp["sets"]["english_names"]["change"]["n_significant"] == 0  # same SAE twice
+    assert cmp["contrasts"]["latin_double_quote-arabic_quotes"]["change"]["mean"] == 0
     capsys.readouterr()
     # the dashboard reads the demo DATADIR, tokenised with the 400-piece tokenizer: a 400 model
     tok400 = Tokenizer.load(demo_data["tok"])
@@ -539,7 +519,20 @@ def test_cli_pulse_and_bad_input(tok2000, demo_data, shared_data, tmp_path, caps
     dash = json.loads((tmp_path / "d/dashboards.json").read_text())
     assert [f["feature"] for f in dash["features"]] == [0, 1, 2, 3, 7]
     capsys.readouterr()
+    norm_sae = _sae(64, 24, normalize_activations="expected_average_only_in")
+    save_sae(tmp_path / "norm", norm_sae, layer=1)
+    save_sae(tmp_path / "nolayer", _sae(64, 24))
+    sets = ["--demo-sets", "--out", "o"]
     bad = [
+        (
+            ["tsea", "--model", m, "--sae", str(tmp_path / "norm"), *sets],
+            "normalize_activations='expected_average_only_in' is not supported here",
+        ),
+        (
+            ["tsea", "--model", m, "--sae", str(tmp_path / "nolayer"), *sets],
+            "nolayer/cfg.json: names no layer (jaxlm.layer, hook_layer, hook_name); pass --layer",
+        ),
+        (["tsea", "--model", m, "--sae", s, "--layer", "2", *sets], "has layers 0..1"),
         (
             ["tsea", "--model", m, "--sae", s, "--names", f"x={tmp_path}/nope.txt", "--out", "o"],
             "nope.txt: cannot read",
@@ -573,5 +566,5 @@ def test_cli_pulse_and_bad_input(tok2000, demo_data, shared_data, tmp_path, caps
     ]
     for argv, msg in bad:
         assert _cli(argv) == 2
-        lines = capsys.readouterr().out.strip().splitlines()
+        lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and msg in lines[0], lines

@@ -1,4 +1,4 @@
-"""Synthetic stories: prompts, validation and de-duplication, and synthesize.py end to end
+"""Synthetic stories: prompts, validation and de-duplication, and `jaxlm synthesize` end to end
 against a local flaky OpenAI-compatible server and a Gemini-protocol server (real SDK),
 including kill -9 and resume."""
 
@@ -15,12 +15,12 @@ from pathlib import Path
 
 from helpers_llm_server import FakeLLMServer, fake_story
 
-from jaxlm.mt.store import read_jsonl
+from jaxlm.store import read_jsonl
 from jaxlm.synth.prompts import ADJECTIVES, NOUNS, VERBS, make_prompt
 from jaxlm.synth.validate import Deduper, StoryChecks, arabic_share, check_story, has_word
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "synthesize.py"
+CMD = ["-m", "jaxlm.cli", "synthesize"]
 KEY = "sk-FAKE-key-must-never-leak-42"
 FAST = ["--timeout", "0.5", "--base-delay", "0.01", "--max-attempts", "8"]
 
@@ -85,7 +85,7 @@ def _check_outputs(out: Path, n: int) -> list[dict]:
 def _run(args, env_key: str, timeout=120) -> subprocess.CompletedProcess:
     env = {**os.environ, env_key: KEY}
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
+        [sys.executable, *CMD, *args],
         env=env,
         capture_output=True,
         text=True,
@@ -146,9 +146,7 @@ def test_synthesize_kill_and_resume(tmp_path):
         args = ["--n", str(n), "--out", str(out), "--provider", "openai", "--model", "fake"]
         args += ["--base-url", srv.url + "/v1", "--concurrency", "2", *FAST]
         env = {**os.environ, "OPENAI_API_KEY": KEY}
-        proc = subprocess.Popen(
-            [sys.executable, str(SCRIPT), *args], env=env, stderr=subprocess.DEVNULL
-        )
+        proc = subprocess.Popen([sys.executable, *CMD, *args], env=env, stderr=subprocess.DEVNULL)
         deadline = time.time() + 60
         while time.time() < deadline and (
             not out.exists() or len(out.read_bytes().splitlines()) < 8

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import portpicker
 
-from jaxlm.metrics_log import read_metrics
+from jaxlm.train.metrics_log import read_metrics
 
 ARGS = ["--steps", "6", "--batch-size", "8", "--preset", "ts-1m", "--checkpoint-every", "3",
         "--set", "log.every=1", "--set", "log.progress=false", "--set", "log.tensorboard=false",

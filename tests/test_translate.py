@@ -1,5 +1,6 @@
-"""Translation pipeline: splitter, store, filters, ids and shards, and translate.py end to end on a
-tiny random M2M100 (both backends), including kill -9 and resume, and shard merging."""
+"""Translation pipeline: splitter, store, filters, ids and shards, and `jaxlm translate` end to end
+on a tiny random M2M100 (both backends), including kill -9 and resume, outputs that do not depend
+on the batch, and shard merging."""
 
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ from jaxlm.errors import UserError
 from jaxlm.mt.filters import FilterConfig, check
 from jaxlm.mt.io import parse_shard, read_stories, shard_of
 from jaxlm.mt.split import split_sentences
-from jaxlm.mt.store import JsonlStore, read_jsonl
+from jaxlm.store import JsonlStore, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "translate.py"
+CMD = ["-m", "jaxlm.cli", "translate"]
 FAST = ["--len-ratio", "0.3", "--len-extra", "4", "--batch-size", "32"]  # short random outputs
 ENV = {
     **os.environ,
@@ -197,7 +198,7 @@ def test_a_model_that_cannot_load_is_one_line(tmp_path):
         load_backend(BackendConfig(model=str(tmp_path)))
 
 
-# --- translate.py end to end on a tiny random model ----------------------------------------
+# --- `jaxlm translate` end to end on a tiny random model ----------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +219,7 @@ def _stories(n: int) -> str:
 
 def _translate(args: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
+        [sys.executable, *CMD, *args],
         env=ENV,
         capture_output=True,
         text=True,
@@ -229,6 +230,25 @@ def _translate(args: list[str], **kw) -> subprocess.CompletedProcess:
 
 def _ids(path: Path) -> list[str]:
     return [r["id"] for r in read_jsonl(path)]
+
+
+def _main_translate(argv: list[str]) -> int:
+    from jaxlm.cli import main
+
+    return main(["translate", *argv])
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """In-process runs on one torch and one CTranslate2 thread, as the subprocesses (`ENV`): on a
+    busy machine a second thread only waits, and a tiny model gains nothing from it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("JAXLM_CT2_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("backend", ["transformers", "ctranslate2"])
@@ -269,16 +289,14 @@ def test_translate_end_to_end(tmp_path, tiny_model, backend):
         assert any((tmp_path / "ct2").glob("*/model.bin"))  # converted once, cached
 
 
-def test_translate_kill_and_resume(tmp_path, tiny_model):
+def test_translate_kill_and_resume(tmp_path, tiny_model, one_thread):
     inp = tmp_path / "in.txt"
     inp.write_text(_stories(40))
     target = {s.id for s in read_stories([inp])}
     out = tmp_path / "ar.jsonl"
     args = ["--input", str(inp), "--out", str(out), "--model", str(tiny_model), "--filters", "none"]
     args += ["--chunk-stories", "2", *FAST]
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), *args], env=ENV, stderr=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen([sys.executable, *CMD, *args], env=ENV, stderr=subprocess.DEVNULL)
     deadline = time.time() + 90
     while time.time() < deadline and (not out.exists() or len(out.read_bytes().splitlines()) < 4):
         time.sleep(0.02)
@@ -296,10 +314,90 @@ def test_translate_kill_and_resume(tmp_path, tiny_model):
     assert len(ids) == len(set(ids)) and set(ids) == target and ids[: len(first)] == first
     stats = json.loads(r.stdout.strip().splitlines()[-1])
     assert stats["todo"] == len(target) - len(first)  # only what was missing, not all again
+    ref = tmp_path / "ref.jsonl"  # the same stories in one uninterrupted run
+    assert _main_translate([*args[:2], "--out", str(ref), *args[4:]]) == 0
+    assert out.read_bytes() == ref.read_bytes()
 
 
-def test_filters_side_file_and_shard_merge(tmp_path, tiny_model):
-    from jaxlm.mt.translate import main
+def _mixed_stories(path: Path) -> Path:
+    """Stories whose sentences differ a lot in length, so budgets within a batch differ too."""
+    long = (
+        "Once upon a time, in a small town by the sea, a little girl named Lily found a shiny "
+        "red ball under an old tree, and she ran all the way home to show it to her mother."
+    )
+    path.write_text(_stories(5) + f"<|endoftext|>{long} Then she slept.<|endoftext|>Hi.")
+    return path
+
+
+@pytest.mark.parametrize("beam", [1, 2])
+@pytest.mark.parametrize("backend", ["transformers", "ctranslate2"])
+def test_output_does_not_depend_on_the_batch(tmp_path, tiny_model, backend, beam, one_thread):
+    """Batch sizes 1, 3 and 64 give byte-identical outputs: each sentence's length budget comes
+    from its own input (the random model never stops on its own, so every output runs to it);
+    greedy outputs are cut to it, beam search decodes equal budgets together."""
+    inp = _mixed_stories(tmp_path / "in.txt")
+    outs = []
+    for bs in (1, 3, 64):
+        out = tmp_path / f"ar-{bs}.jsonl"
+        args = ["--input", str(inp), "--out", str(out), "--model", str(tiny_model)]
+        args += ["--backend", backend, "--ct2-cache", str(tmp_path / "ct2"), "--filters", "none"]
+        args += ["--len-ratio", "0.3", "--len-extra", "4", "--batch-size", str(bs)]
+        assert _main_translate([*args, "--beam", str(beam)]) == 0
+        outs.append(out.read_bytes())
+    lengths = {len(r["text"]) for r in read_jsonl(tmp_path / "ar-1.jsonl")}
+    assert len(lengths) > 3  # outputs of many lengths: the budgets really differ
+    assert outs[0] == outs[1] == outs[2]
+
+
+def test_a_resume_meets_the_same_batches(tmp_path, tiny_model, monkeypatch, one_thread):
+    """Chunks are slices of the shard, not of what is left: a run cut short by --limit (mid-chunk)
+    and resumed hands the backend only batches that the uninterrupted run also made, and writes
+    the same bytes."""
+    from jaxlm.mt import translate as mt
+    from jaxlm.mt.backends import BackendConfig
+    from jaxlm.mt.filters import FilterConfig
+
+    batches: list[tuple[str, ...]] = []
+    real_load = mt.load_backend
+
+    def spying_load(cfg):
+        backend = real_load(cfg)
+        real_translate = backend.translate
+
+        def translate(sentences):
+            batches.append(tuple(sentences))
+            return real_translate(sentences)
+
+        backend.translate = translate
+        return backend
+
+    monkeypatch.setattr(mt, "load_backend", spying_load)
+    inp = _mixed_stories(tmp_path / "in.txt")
+    backend = BackendConfig(model=str(tiny_model), len_ratio=0.3, len_extra=4)
+
+    def cfg(out: Path, limit: int = 0) -> mt.TranslateConfig:
+        return mt.TranslateConfig(
+            inputs=(str(inp),), out=str(out), backend=backend, filters=FilterConfig(enabled=()),
+            batch_size=5, chunk_stories=4, limit=limit,
+        )  # fmt: skip
+
+    mt.run(cfg(tmp_path / "one.jsonl"))
+    whole, batches[:] = set(batches), []
+    assert mt.run(cfg(tmp_path / "two.jsonl", limit=3))["todo"] == 3
+    assert mt.run(cfg(tmp_path / "two.jsonl", limit=2))["todo"] == 2  # ends mid-chunk again
+    assert mt.run(cfg(tmp_path / "two.jsonl"))["todo"] == 7 - 5
+    assert set(batches) <= whole and len(batches) > len(whole)  # chunks redone whole
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    assert all(list(b) == sorted(b, key=lambda t: (len(t), t)) for b in batches)
+
+
+def test_filters_side_file_and_shard_merge(tmp_path, tiny_model, one_thread):
+    from jaxlm.cli import main as jaxlm_main
+
+    def main(argv):
+        if argv[0] == "merge":
+            return jaxlm_main(["translate-merge", *argv[1:]])
+        return jaxlm_main(["translate", *argv])
 
     inp = tmp_path / "in.txt"
     inp.write_text(_stories(12))

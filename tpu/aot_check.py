@@ -1,6 +1,7 @@
 """Compile a train step ahead of time for a named TPU topology; print one JSON report.
 
-    python tpu/aot_check.py --topology v5e-8 --config configs/pretrain/ts-33m.yaml \\
+    python tpu/aot_check.py --topology v5e-8 --config configs/pretrain.yaml \\
+        --set model.preset=ts-33m \\
         --global-batch 512
 
 Needs libtpu (`pip install "jax[tpu]"`), not a TPU; runs fine with JAX_PLATFORMS=cpu. Exits 1
@@ -27,7 +28,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxlm.aot import TOPOLOGIES, BuildFn, compile_for_topology  # noqa: E402
-from jaxlm.errors import UserError  # noqa: E402
+from jaxlm.errors import UserError, exit_code  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,9 +67,9 @@ def train_step_builder(config: str | None, overrides: list[str], global_batch: i
     """jaxlm's own train step as a build callable: the config's defaults, YAML, then --set."""
     try:
         from jaxlm.overlay import parse_override
-        from jaxlm.train import abstract_train_step, load_config
+        from jaxlm.train.lm import abstract_train_step, load_config
     except ImportError as e:
-        raise UserError(f"jaxlm.train.abstract_train_step is not available ({e})") from e
+        raise UserError(f"jaxlm.train.lm.abstract_train_step is not available ({e})") from e
     cfg = load_config(config, [parse_override(o) for o in overrides])
     return lambda mesh: abstract_train_step(cfg, mesh, global_batch)
 
@@ -76,17 +77,20 @@ def train_step_builder(config: str | None, overrides: list[str], global_batch: i
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 with one line on stderr for a usage error)."""
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> int:
         if args.builder:
             build = load_builder(args.builder)
         else:
             build = train_step_builder(args.config, args.set, args.global_batch)
-        report = compile_for_topology(args.topology, build, data=args.data, tensor=args.tensor)
-    except (UserError, ValueError) as e:  # ValueError: shapes that do not divide over the mesh
-        print(f"aot_check: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    print(report.to_json())
-    return 0 if report.fits else 1
+        try:
+            report = compile_for_topology(args.topology, build, data=args.data, tensor=args.tensor)
+        except ValueError as e:  # shapes that do not divide over the mesh (UserError included)
+            raise UserError(str(e).splitlines()[0]) from None
+        print(report.to_json())
+        return 0 if report.fits else 1
+
+    return exit_code("aot_check", run)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python tpu/babysit.py jaxlm-v5e --zone us-west4-a --accelerator-type v5litepod-8 --spot \\
         --repo https://github.com/ORG/jaxlm.git --commit 0123abc --log-dir gs://BUCKET/logs \\
         --runs gs://BUCKET/runs -- \\
-        jaxlm train --config configs/pretrain/ts-33m.yaml --workdir /tmp/jaxlm-runs/ts-33m
+        jaxlm train --config configs/pretrain.yaml --preset ts-33m --workdir /tmp/jaxlm-runs/ts-33m
 
 The loop: `describe`; if the slice is PREEMPTED, SUSPENDED, TERMINATED or missing, delete it,
 create it, wait for READY/ACTIVE and run setup; then run the same train command on all workers.

@@ -21,6 +21,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from jaxlm.errors import UserError, exit_code
+
 # Runtime (VM image) per generation, from the Cloud TPU "TPU software versions" page.
 RUNTIME_VERSIONS = {
     "v4": "tpu-ubuntu2204-base",
@@ -40,7 +42,7 @@ NODE_READY = {"READY"}
 QR_READY = {"ACTIVE"}
 
 
-class GcloudError(RuntimeError):
+class GcloudError(UserError):
     """A gcloud call failed, or a flag is not something gcloud would accept."""
 
 
@@ -275,8 +277,4 @@ def main_guard(prog: str, body, argv: list[str] | None, parser: argparse.Argumen
     cut = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:cut])
     args.cmd = argv[cut + 1 :]
-    try:
-        return int(body(args) or 0)
-    except GcloudError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+    return exit_code(prog, lambda: body(args))

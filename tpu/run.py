@@ -2,7 +2,7 @@
 
     python tpu/run.py jaxlm-v5e --zone us-west4-a --log-dir gs://BUCKET/logs \\
         --env JAX_COMPILATION_CACHE_DIR=gs://BUCKET/xla-cache -- \\
-        jaxlm train --config configs/pretrain/ts-33m.yaml --workdir /tmp/jaxlm-runs/ts-33m
+        jaxlm train --config configs/pretrain.yaml --preset ts-33m --workdir /tmp/jaxlm-runs/ts-33m
 
 On each worker, inside the setup checkout and venv: write `worker-N.START.env` (commit,
 TPU/JAX/XLA variables, jax/libtpu versions), run the command with its output tee'd to

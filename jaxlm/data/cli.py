@@ -1,12 +1,17 @@
-"""`jaxlm tokenizer train` and `jaxlm data {prepare,demo-corpus}`: thin wrappers."""
+"""`jaxlm tokenizer train` and `jaxlm data {prepare,demo-corpus}`: thin wrappers.
+
+Each writes an atomic `jaxlm.outputs.Output` (a TOKDIR, a DATADIR, a JSON Lines file): two runs
+on one output are refused, a rerun with the same settings finds it done and says so, one with
+other settings is refused naming them unless `--overwrite`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 from jaxlm.data import readers
 from jaxlm.data.cleaning import CleanConfig, CleanStats, clean
@@ -21,6 +26,7 @@ def register(subparsers) -> None:
     train.add_argument("--vocab-size", type=int, default=32000)
     train.add_argument("--sample-size", type=int, default=200_000, help="stories sampled (cap)")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--overwrite", action="store_true", help="replace a TOKDIR made otherwise")
     train.add_argument("--out", required=True, help="TOKDIR to write")
     train.set_defaults(func=_tokenizer_train)
 
@@ -41,6 +47,7 @@ def register(subparsers) -> None:
     demo.add_argument("--style", choices=("native", "translated"), required=True)
     demo.add_argument("--n", type=int, default=10_000)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--overwrite", action="store_true", help="replace a file made otherwise")
     demo.add_argument("--out", required=True, help="FILE.jsonl")
     demo.set_defaults(func=_demo_corpus)
 
@@ -86,42 +93,69 @@ def cleaned_stories(inputs, fmt, read: readers.ReadOptions, cfg: CleanConfig, st
 
 
 def _tokenizer_train(args) -> int:
+    """A TOKDIR is identified by its inputs, their reading and cleaning, and the sampling and
+    vocabulary settings: retraining into a TOKDIR made otherwise is refused (models and data
+    record it by content hash: a new one would make their ids decode wrongly)."""
     from jaxlm import tokenizer
+    from jaxlm.outputs import Output, say_done
 
     read, cfg = _options(args)
-    stats = CleanStats()
-    stories = cleaned_stories(args.input, args.format, read, cfg, stats)
-    tok = tokenizer.train(stories, args.out, vocab_size=args.vocab_size,
-                          sample_size=args.sample_size, seed=args.seed,
-                          max_chars=cfg.max_chars)  # fmt: skip
-    print(json.dumps({"tokdir": args.out, "vocab_size": tok.vocab_size, "sha256": tok.sha256,
-                      "cleaning_stats": stats.report()}, ensure_ascii=False))  # fmt: skip
+    identity = {"inputs": readers.inputs_identity(args.input, args.format),
+                "read": dataclasses.asdict(read), "cleaning": dataclasses.asdict(cfg),
+                "vocab_size": args.vocab_size, "sample_size": args.sample_size,
+                "seed": args.seed}  # fmt: skip
+    with Output(args.out, kind="tokenizer", identity=identity, overwrite=args.overwrite) as out:
+        stats = CleanStats()
+        if out.done:
+            say_done(out.path)
+            tok = tokenizer.Tokenizer.load(out.path)
+        else:
+            stories = cleaned_stories(args.input, args.format, read, cfg, stats)
+            tok = tokenizer.train(stories, out.tmp, vocab_size=args.vocab_size,
+                                  sample_size=args.sample_size, seed=args.seed,
+                                  max_chars=cfg.max_chars)  # fmt: skip
+        summary = {"tokdir": args.out, "vocab_size": tok.vocab_size, "sha256": tok.sha256,
+                   "cleaning_stats": stats.report()}  # fmt: skip
+        if not out.done:
+            out.publish()
+    print(json.dumps(summary | {"already_done": out.done}, ensure_ascii=False))
     return 0
 
 
 def _data_prepare(args) -> int:
     from jaxlm.data.prepare import prepare
+    from jaxlm.outputs import say_done
 
     read, cfg = _options(args)
     meta = prepare(args.input, args.out, tokenizer_dir=args.tokenizer, seq_len=args.seq_len,
                    fmt=args.format, read_options=read, clean_cfg=cfg,
                    val_fraction=args.val_fraction, rows_per_shard=args.rows_per_shard,
                    workers=args.workers, overwrite=args.overwrite)  # fmt: skip
+    if meta.get("already_done"):
+        say_done(args.out)
     summary = {k: meta[k] for k in ("stories", "tokens", "cleaning_stats")}
     summary["rows"] = {s: v["rows"] for s, v in meta["splits"].items()}
+    summary["already_done"] = bool(meta.get("already_done"))
     print(json.dumps({"datadir": args.out, **summary}, ensure_ascii=False))
     return 0
 
 
 def _demo_corpus(args) -> int:
     from jaxlm.data.demo_corpus import story
+    from jaxlm.outputs import Output, say_done
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        for line in _jsonl(story(args.style, i, args.seed) for i in range(args.n)):
-            f.write(line)
-    print(json.dumps({"out": str(out), "style": args.style, "n": args.n, "seed": args.seed}))
+    identity = {"style": args.style, "n": args.n, "seed": args.seed}
+    with Output(args.out, kind="demo-corpus", identity=identity, directory=False,
+                overwrite=args.overwrite) as out:  # fmt: skip
+        if out.done:
+            say_done(out.path)
+        else:
+            with open(out.tmp, "w", encoding="utf-8") as f:
+                for line in _jsonl(story(args.style, i, args.seed) for i in range(args.n)):
+                    f.write(line)
+            out.publish()
+    print(json.dumps({"out": args.out, "style": args.style, "n": args.n, "seed": args.seed,
+                      "already_done": out.done}))  # fmt: skip
     return 0
 
 

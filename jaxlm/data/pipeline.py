@@ -58,17 +58,57 @@ class _ReadBatch:
         return {"paths": self.paths, "row_len": self.row_len, "_sources": None}
 
     def __call__(self, codes: np.ndarray) -> dict[str, np.ndarray]:
-        from array_record.python.array_record_data_source import ArrayRecordDataSource
 
         if self._sources is None:
-            self._sources = [ArrayRecordDataSource(p) for p in self.paths]
+            self._sources = [_open_shards(p) for p in self.paths]
         src, rows = codes >> _SOURCE_SHIFT, codes & ((1 << _SOURCE_SHIFT) - 1)
         out = np.empty((len(codes), self.row_len), np.int32)  # [B, T+1]
         for s in np.unique(src):
             where = np.flatnonzero(src == s)
-            records = self._sources[s].__getitems__(rows[where].tolist())
-            out[where] = np.frombuffer(b"".join(records), np.int32).reshape(len(where), -1)
+            try:
+                records = self._sources[s].__getitems__(rows[where].tolist())
+                out[where] = np.frombuffer(b"".join(records), np.int32).reshape(len(where), -1)
+            except (RuntimeError, ValueError) as e:  # a damaged chunk, or rows of another size
+                where_ = Path(self.paths[s][0]).parent
+                raise UserError(f"{where_}: a shard is corrupt ({_first_line(e)}); prepare the "
+                                "data again") from None  # fmt: skip
         return {"tokens": out}
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _open_shards(paths: list[str]):
+    """An ArrayRecord data source over a split's shards; a damaged one is one line naming it."""
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+    try:
+        return ArrayRecordDataSource(paths)
+    except (RuntimeError, OSError, ValueError):
+        for p in paths:  # which one
+            try:
+                ArrayRecordDataSource([p])
+            except (RuntimeError, OSError, ValueError) as e:
+                raise UserError(f"{p}: not a readable ArrayRecord shard ({_first_line(e)}); "
+                                "prepare the data again") from None  # fmt: skip
+        raise
+
+
+def check_shards(datadir: str | os.PathLike, meta: dict, split: str) -> list[str]:
+    """The split's shard paths, each opened once (its footer read) and its rows counted against
+    the metadata: a missing, truncated or damaged shard is one line now, not an error in a
+    loader thread later."""
+    info = meta["splits"][split]
+    paths = [str(Path(datadir) / s) for s in info["shards"]]
+    for p in paths:
+        if not Path(p).is_file():
+            raise UserError(f"{p}: missing (listed in {Path(datadir) / 'metadata.json'})")
+    n = len(_open_shards(paths))
+    if n != info["rows"]:
+        raise UserError(f"{datadir} [{split}]: the shards hold {n} rows, metadata.json says "
+                        f"{info['rows']}; prepare the data again")  # fmt: skip
+    return paths
 
 
 class Loader:
@@ -139,7 +179,7 @@ def make_loader(
         if split not in meta["splits"] or meta["splits"][split]["rows"] == 0:
             hint = " (prepare it with a larger --val-fraction)" if split == "validation" else ""
             raise UserError(f"{datadir} has no rows in split {split!r}{hint}")
-        paths.append([str(Path(datadir) / s) for s in meta["splits"][split]["shards"]])
+        paths.append(check_shards(datadir, meta, split))
         ds = grain.MapDataset.range(meta["splits"][split]["rows"])
         if not slice_global_batch:
             ds = ds[process_index::process_count]

@@ -5,9 +5,12 @@ into rows of `seq_len + 1` int32 tokens (inputs and shifted targets of one train
 last partial row is dropped and counted. A story goes to `validation` when its hash falls below
 `val_fraction`, so the split is deterministic and does not depend on input order or workers.
 
-Each ArrayRecord record is one row (`group_size:1`, for random access). Everything is written to a
-temporary directory next to DATADIR and renamed at the end, so a half-done run is never mistaken for
-a finished one.
+Each ArrayRecord record is one row (`group_size:1`, for random access). DATADIR is an atomic
+`jaxlm.outputs.Output`: written into a temporary sibling and renamed into place at the end, so a
+half-done run is never mistaken for a finished one (and its leftovers are removed by the next run);
+its identity is the inputs (fingerprints), reading and cleaning options, the tokenizer's content
+hash and the packing settings. A rerun with the same identity finds it done; other settings are
+refused unless `overwrite`; two runs on one DATADIR are refused while the first holds its lock.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import shutil
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -28,6 +30,7 @@ import numpy as np
 from jaxlm.data import readers
 from jaxlm.data.cleaning import CleanConfig, CleanStats, clean
 from jaxlm.errors import UserError
+from jaxlm.outputs import disk_errors
 from jaxlm.tokenizer import EOS_ID, Tokenizer
 
 SPLITS = ("train", "validation")
@@ -51,32 +54,33 @@ def prepare(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Prepares DATADIR from `inputs`; returns (and writes) its metadata."""
+    """Prepares DATADIR from `inputs`; returns (and writes) its metadata. A DATADIR already
+    prepared with the same identity is kept: its metadata is returned with `already_done`."""
+    from jaxlm.outputs import Output
+
     if seq_len < 1 or not 0.0 <= val_fraction < 1.0 or rows_per_shard < 1:
         raise UserError("need seq_len >= 1, 0 <= val_fraction < 1 and rows_per_shard >= 1")
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it")
     tok = Tokenizer.load(tokenizer_dir)
     clean_cfg = clean_cfg or CleanConfig()
     read_options = read_options or readers.ReadOptions()
-    for path in inputs:  # fail fast on a bad format or a missing file before any work
-        if readers.resolve_format(path, fmt) not in ("hf", "tfds") and not Path(path).is_file():
-            raise UserError(f"input file not found: {path}")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        meta = _run(inputs, tmp, tok, seq_len, fmt, read_options, clean_cfg, val_fraction,
+    identity = {  # what the rows depend on (not workers nor chunk_size: they do not change them)
+        "inputs": readers.inputs_identity(inputs, fmt),  # a missing file: one line, before work
+        "read": dataclasses.asdict(read_options), "cleaning": dataclasses.asdict(clean_cfg),
+        "tokenizer_sha256": tok.sha256, "seq_len": seq_len, "val_fraction": val_fraction,
+        "rows_per_shard": rows_per_shard,
+    }  # fmt: skip
+    with Output(out_dir, kind="datadir", identity=identity, overwrite=overwrite) as out:
+        if out.done:
+            from jaxlm.data.pipeline import read_metadata
+
+            return read_metadata(out.path) | {"already_done": True}
+        meta = _run(inputs, out.tmp, tok, seq_len, fmt, read_options, clean_cfg, val_fraction,
                     rows_per_shard, workers, chunk_size, progress)  # fmt: skip
         meta["tokenizer"] = {"path": str(Path(tokenizer_dir).resolve()), "sha256": tok.sha256,
                              "vocab_size": tok.vocab_size, "eos_id": EOS_ID}  # fmt: skip
-        (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
+        (out.tmp / "metadata.json").write_text(text)
+        out.publish()
     return meta
 
 
@@ -215,20 +219,22 @@ class _SplitWriter:
     def _write(self, record: bytes) -> None:
         from array_record.python.array_record_module import ArrayRecordWriter
 
-        if self.writer is None or self.shard_rows[-1] == self.rows_per_shard:
-            if self.writer is not None:
-                self.writer.close()
-            path = self.tmp / f"{self.split}-{len(self.shard_rows):05d}.partial"
-            self.writer = ArrayRecordWriter(str(path), WRITER_OPTIONS)
-            self.shard_rows.append(0)
-        self.writer.write(record)
+        with disk_errors(self.tmp):  # a full disk is a RuntimeError here
+            if self.writer is None or self.shard_rows[-1] == self.rows_per_shard:
+                if self.writer is not None:
+                    self.writer.close()
+                path = self.tmp / f"{self.split}-{len(self.shard_rows):05d}.partial"
+                self.writer = ArrayRecordWriter(str(path), WRITER_OPTIONS)
+                self.shard_rows.append(0)
+            self.writer.write(record)
         self.shard_rows[-1] += 1
 
     def close(self) -> dict:
         """Flushes, names shards `{split}-{i:05d}-of-{n:05d}.arrayrecord`, returns split stats."""
         self._flush()
         if self.writer is not None:
-            self.writer.close()
+            with disk_errors(self.tmp):
+                self.writer.close()
         n = len(self.shard_rows)
         names = [f"{self.split}-{i:05d}-of-{n:05d}.arrayrecord" for i in range(n)]
         for i, name in enumerate(names):

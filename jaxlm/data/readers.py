@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +75,24 @@ def read(path: str, fmt: str = "auto", options: ReadOptions | None = None) -> It
         yield story
     if n == 0:
         raise UserError(f"{path}: empty input (no records found)")
+
+
+def inputs_identity(inputs: Sequence[str], fmt: str = "auto") -> list[dict]:
+    """What identifies the inputs of an output made from them (a tokenizer, a DATADIR): each
+    file's fingerprint (path, size, modification time) and format, or a dataset's name; a
+    missing file is one line now, before any work."""
+    from jaxlm.outputs import file_fingerprint
+
+    out = []
+    for path in inputs:
+        f = resolve_format(path, fmt)
+        if f in ("hf", "tfds"):
+            out.append({"dataset": path, "format": f})
+            continue
+        if not Path(path).is_file():
+            raise UserError(f"input file not found: {path}")
+        out.append(file_fingerprint(path) | {"format": f})
+    return out
 
 
 def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:

@@ -6,6 +6,8 @@ story features, a main character's name and a setting, as in Eldan & Li (2023), 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from dataclasses import dataclass
 
@@ -81,3 +83,12 @@ def make_prompt(seed: int, index: int) -> PromptSpec:
         "اكتب القصة فقط، بلا عنوان ولا مقدمة ولا شرح.",
     ]
     return PromptSpec(index, "\n".join(lines), words, features, name, setting)
+
+
+def template_sha256() -> str:
+    """A hash of the prompts themselves (the system prompt, the word lists, the features and the
+    template, through the prompts of a fixed sample of indices): a synthesis output records it,
+    so a resume with edited prompts is refused rather than mixing two kinds of stories."""
+    sample = [make_prompt(0, i).prompt for i in range(64)]
+    parts = [SYSTEM, VERBS, NOUNS, ADJECTIVES, FEATURES, NAMES, SETTINGS, sample]
+    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()

@@ -11,14 +11,17 @@ their index; a refused key stops the run.
 
 Only the main thread writes (appends are flushed and fsynced per story); worker threads only call
 the LLM, at most `concurrency` at a time.
+
+`--out` is a resumable `jaxlm.outputs.Output` (a file): its lock keeps a second run off it, naming
+the first, and its identity (`synth_identity`: provider, model, seed, temperature, max_tokens, the
+story checks, near_dup and the prompts' hash; not `n`, which a rerun may raise) refuses a resume
+with other settings in one line; `--overwrite` starts it (and its rejected file) afresh.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import itertools
-import json
-import sys
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -29,8 +32,9 @@ from tqdm import tqdm
 
 from jaxlm.errors import UserError
 from jaxlm.llm import AuthError, LLMClient, LLMError, MalformedResponse, RequestError, make_client
-from jaxlm.mt.store import JsonlStore, read_jsonl
-from jaxlm.synth.prompts import SYSTEM, PromptSpec, make_prompt
+from jaxlm.outputs import Output
+from jaxlm.store import JsonlStore, read_jsonl
+from jaxlm.synth.prompts import SYSTEM, PromptSpec, make_prompt, template_sha256
 from jaxlm.synth.validate import Deduper, StoryChecks, check_story, clean_story
 
 
@@ -50,6 +54,7 @@ class SynthConfig:
     checks: StoryChecks = field(default_factory=StoryChecks)
     near_dup: float = 0.7  # estimated Jaccard of 5-gram shingles above which a story is a duplicate
     max_tries_factor: float = 3.0  # give up after n * factor + 100 prompts in one run
+    overwrite: bool = False  # start --out afresh instead of resuming it
 
 
 def rejected_path(out: Path) -> Path:
@@ -104,9 +109,25 @@ def _judge(
     return _record(spec, text, cfg.model), None
 
 
+def synth_identity(cfg: SynthConfig) -> dict:
+    """The settings the stories depend on (what a resume must keep)."""
+    return {"provider": cfg.provider, "model": cfg.model, "seed": cfg.seed,
+            "temperature": cfg.temperature, "max_tokens": cfg.max_tokens,
+            "checks": dataclasses.asdict(cfg.checks), "near_dup": cfg.near_dup,
+            "prompts_sha256": template_sha256()}  # fmt: skip
+
+
 def run(cfg: SynthConfig, client: LLMClient | None = None) -> dict:
     """Generate until `cfg.n` stories are accepted in `cfg.out`; returns the stats."""
     out = Path(cfg.out)
+    with Output(out, kind="synthesis", identity=synth_identity(cfg), mode="resume",
+                directory=False, overwrite=cfg.overwrite):  # fmt: skip
+        if cfg.overwrite:
+            rejected_path(out).unlink(missing_ok=True)
+        return _run(cfg, client, out)
+
+
+def _run(cfg: SynthConfig, client: LLMClient | None, out: Path) -> dict:
     state = _State(cfg, out)
     start_done, t0 = state.n_done, time.perf_counter()
     if state.n_done < cfg.n:
@@ -126,7 +147,7 @@ def _generate(cfg: SynthConfig, client: LLMClient, state: _State, out: Path) -> 
     in_flight: dict[Future, PromptSpec] = {}
     bar = tqdm(total=cfg.n, initial=state.n_done, desc="synthesize", unit="story")
     with (
-        JsonlStore(out) as good,
+        JsonlStore(out, lock=False) as good,
         JsonlStore(rejected_path(out)) as bad,
         ThreadPoolExecutor(cfg.concurrency) as pool,
     ):
@@ -163,47 +184,3 @@ def _generate(cfg: SynthConfig, client: LLMClient, state: _State, out: Path) -> 
             raise UserError(f"{cfg.provider}: {e}") from None
         finally:
             bar.close()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="synthesize.py", description="Synthetic Arabic stories.")
-    p.add_argument("--n", type=int, default=20000)
-    p.add_argument("--out", required=True)
-    p.add_argument("--provider", choices=["gemini", "openai"], default="gemini")
-    p.add_argument("--model", default="gemini-2.5-flash")
-    p.add_argument("--base-url", default=None)
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-tokens", type=int, default=2048)
-    p.add_argument("--min-words", type=int, default=60)
-    p.add_argument("--max-words", type=int, default=800)
-    p.add_argument("--min-arabic", type=float, default=0.95)
-    p.add_argument("--near-dup", type=float, default=0.7)
-    p.add_argument(
-        "--max-attempts", type=int, default=6, help="LLM calls per story on 429/5xx/timeouts"
-    )
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per LLM call")
-    p.add_argument("--base-delay", type=float, default=1.0, help="first backoff, seconds")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from jaxlm.llm import RetryPolicy
-
-    a = build_parser().parse_args(argv)
-    cfg = SynthConfig(
-        n=a.n, out=a.out, provider=a.provider, model=a.model, base_url=a.base_url,
-        concurrency=a.concurrency, seed=a.seed, temperature=a.temperature, max_tokens=a.max_tokens,
-        checks=StoryChecks(min_words=a.min_words, max_words=a.max_words, min_arabic=a.min_arabic),
-        near_dup=a.near_dup,
-    )  # fmt: skip
-    retry = RetryPolicy(max_attempts=a.max_attempts, timeout=a.timeout, base_delay=a.base_delay)
-    try:
-        client = make_client(cfg.provider, cfg.model, cfg.base_url, retry=retry)
-        stats = run(cfg, client)
-    except (UserError, LLMError) as e:
-        print(f"synthesize.py: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(stats, ensure_ascii=False))
-    return 0

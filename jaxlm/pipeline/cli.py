@@ -1,0 +1,164 @@
+"""`jaxlm pipeline`: the whole method, stage by stage (the README's main job runs the demo).
+
+    jaxlm pipeline                                   # configs/pipeline/demo.yaml into runs/demo
+    jaxlm pipeline --config configs/paper/full.yaml --plan
+    jaxlm pipeline --config configs/pipeline/sweep-tiny.yaml --presets ts-1m --only 'sae-*'
+
+Rerunning skips the stages done with the same settings, reruns the ones whose settings (or
+inputs) changed, and resumes an interrupted one (jaxlm/pipeline/engine.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+from pathlib import Path
+
+from jaxlm.errors import UserError
+
+DEFAULT_CONFIG = "configs/pipeline/demo.yaml"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Adds `pipeline`."""
+    p = sub.add_parser("pipeline", help="the whole method, stage by stage (default: the demo)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"pipeline YAML ({DEFAULT_CONFIG})")
+    p.add_argument("--workdir", help="the run directory (default: the config's workdir)")
+    p.add_argument(
+        "--plan", action="store_true", help="print the stages and their costs; run nothing"
+    )
+    p.add_argument("--only", metavar="STAGES", help="only these stages (globs: 'sae-*,report')")
+    p.add_argument("--presets", help="a subset of models.presets, e.g. ts-1m,ts-33m")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="any config field, e.g. --set samples.n=100")  # fmt: skip
+    p.set_defaults(func=cmd_pipeline)
+    _register_report(sub)
+
+
+def _register_report(sub: argparse._SubParsersAction) -> None:
+    """Adds `report`: one HTML page (+ report.md, metrics.json) of what pipeline runs found."""
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML page, report.md and metrics.json of pipeline runs",
+        description="Reads RUN_DIR/results.json of each run (as `jaxlm pipeline` writes it) and "
+        "writes DIR/index.html, DIR/report.md and DIR/metrics.json; what a run lacks is said.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a `jaxlm pipeline` workdir")
+    p.add_argument("--out", required=True, metavar="DIR", help="the report's folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    from jaxlm.pipeline.report import write_report
+
+    paths = write_report(args.runs, args.out, overwrite=args.overwrite)
+    for what, path in paths.items():
+        print(f"  {what:9s} {path}")
+    return 0
+
+
+def load(args):
+    """(config, its file, the run directory) from the flags."""
+    from jaxlm import overlay
+    from jaxlm.pipeline.config import PipelineConfig, load, resolve
+
+    config_file = resolve(args.config, None)
+    if not config_file.is_file():
+        raise UserError(f"--config {args.config}: no such file")
+    over = [overlay.parse_override(s, PipelineConfig) for s in args.set]
+    cfg = load(config_file, over)
+    if args.presets:
+        wanted = tuple(p.strip() for p in args.presets.split(",") if p.strip())
+        unknown = [p for p in wanted if p not in cfg.models.presets]
+        if unknown:
+            raise UserError(f"--presets {unknown[0]}: the config's presets are "
+                            f"{', '.join(cfg.models.presets)}")  # fmt: skip
+        models = overlay.build(type(cfg.models), {**overlay.to_dict(cfg.models),
+                                                  "presets": list(wanted)})  # fmt: skip
+        sae_presets = tuple(p for p in cfg.sae.presets if p in wanted)
+        sae = overlay.build(type(cfg.sae), {**overlay.to_dict(cfg.sae),
+                                            "presets": list(sae_presets)})  # fmt: skip
+        if cfg.sae.presets and not sae_presets:
+            sae = overlay.build(type(cfg.sae), {**overlay.to_dict(cfg.sae), "enabled": False})
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, models=models, sae=sae)
+    workdir = Path(args.workdir or cfg.workdir).resolve()
+    return cfg, config_file, workdir
+
+
+def cmd_pipeline(args) -> int:
+    from jaxlm.pipeline import results
+    from jaxlm.pipeline.engine import run_stages
+    from jaxlm.pipeline.method import Method
+    from jaxlm.train.metrics_log import log_to_stderr
+
+    cfg, config_file, workdir = load(args)
+    method = Method(cfg, workdir, config_file)
+    stages = method.stages()
+    if args.plan:
+        from jaxlm.pipeline.plan import plan, render
+
+        print(render(plan(method, stages)))
+        return 0
+    only = None
+    if args.only:
+        patterns = [p.strip() for p in args.only.split(",") if p.strip()]
+        names = [s.name for s in stages]
+        for pat in patterns:
+            if not fnmatch.filter(names, pat):
+                raise UserError(f"--only {pat}: no such stage; the stages: {', '.join(names)}")
+        only = lambda name: any(fnmatch.fnmatch(name, p) for p in patterns)  # noqa: E731
+    log_to_stderr()
+    workdir.mkdir(parents=True, exist_ok=True)
+    rel = str(config_file)
+
+    def save(outcomes):
+        results.write(workdir / "results.json", results.gather(method, outcomes, rel))
+
+    run_stages(stages, workdir, only=only, after_each=save)
+    _summary(workdir, json.loads((workdir / "results.json").read_text()))
+    return 0
+
+
+def _fmt(m) -> str:
+    """A figure with its interval: `0.95 [0.90, 0.99]`."""
+    if not m:
+        return "-"
+    if isinstance(m, dict) and m.get("ci95") and m.get("value") is not None:
+        return f"{m['value']:.2f} [{m['ci95'][0]:.2f}, {m['ci95'][1]:.2f}]"
+    return str(m.get("value") if isinstance(m, dict) else m)
+
+
+def _summary(workdir: Path, r: dict) -> None:
+    """The headline figures, as the report's first paragraph has them."""
+    print(f"\nDone: {workdir}")
+    for label, m in r.get("models", {}).items():
+        art = (m.get("artifacts") or {}).get("metrics", {})
+        losses = m.get("eval_loss") or {}
+        loss = ", ".join(f"{k} {v['loss']:.3f}" for k, v in losses.items())
+        print(
+            f"  {label:22s} English names {_fmt(art.get('english_name_rate'))}; English "
+            f"dialogue {_fmt(art.get('english_dialogue_share'))}; validation loss {loss}"
+        )
+        sae, a = m.get("sae") or {}, m.get("analysis") or {}
+        if sae:
+            ev = sae.get("eval", {})
+            print(
+                f"  {'':22s} SAE: CE loss recovered {ev.get('ce_loss_recovered')}, "
+                f"KL {ev.get('kl_div')}; features' push toward English names "
+                f"{a.get('english_name_attribution')} (error share "
+                f"{a.get('english_name_error_share')})"
+            )
+        if m.get("ablation"):
+            ab = m["ablation"]
+            print(
+                f"  {'':22s} ablation: English names {_fmt(ab.get('english_name_rate_none'))} "
+                f"-> top features off {_fmt(ab.get('english_name_rate_top'))}, random off "
+                f"{_fmt(ab.get('english_name_rate_random'))}"
+            )
+    page = workdir / "report" / "index.html"
+    if page.exists():
+        print(f"  report: {page}")

@@ -1,0 +1,179 @@
+"""Stages that are skipped when done with the same settings, rerun when theirs changed, and
+resumed when interrupted.
+
+A stage has a name, the settings its outputs depend on, the stages it reads from, and a function
+that runs it (through `jaxlm` commands, recorded for the report's provenance). Its fingerprint is
+a hash of its settings and its inputs' fingerprints, so a changed setting changes the stage's
+fingerprint and every stage downstream of it, and nothing else:
+
+* done with this fingerprint (`.stages/NAME.json`): skipped;
+* done, or started, with another fingerprint: run again, its outputs replaced (`overwrite`);
+* started with this fingerprint but not done (killed): run again without replacing, so the
+  commands resume (training and SAE runs continue from their checkpoints, translation and
+  synthesis from their JSON Lines).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from jaxlm.errors import UserError
+from jaxlm.train.sections import PREEMPTED_EXIT
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    settings: dict  # what the outputs depend on, besides the inputs
+    deps: tuple[str, ...]  # stages whose outputs this one reads
+    run: Callable[[Context], dict]  # -> the stage's result (JSON), kept in its marker
+    where: str = "local"  # local | tpu | gpu: where it runs (--plan)
+    describe: str = ""  # one line for --plan
+    estimate: Callable[[], dict] | None = None  # --plan's figures for this stage
+
+
+@dataclasses.dataclass
+class Context:
+    """What a running stage gets: where to write, whether to replace, how to run commands."""
+
+    workdir: Path
+    overwrite: bool
+    log: Callable[[str], None]
+    commands: list[str] = dataclasses.field(default_factory=list)
+    stage: str = ""
+
+    def jaxlm(self, *args: str, fresh_process: bool = False, overwrite_flag: bool = True) -> None:
+        """Run `jaxlm ARGS` (with `--overwrite` when the stage replaces its outputs), its output
+        into logs/STAGE.log; a failure is one line naming the log. `fresh_process` runs it in a
+        child process (SAE training: a fresh XLA runtime whose memory goes back at its end)."""
+        argv = [*args, *(["--overwrite"] if self.overwrite and overwrite_flag else [])]
+        self.commands.append(shlex.join(["jaxlm", *argv]))
+        log_path = self.workdir / "logs" / f"{self.stage}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as f:
+            f.write(f"$ {shlex.join(['jaxlm', *argv])}\n")
+            f.flush()
+            if fresh_process:
+                cmd = [sys.executable, "-m", "jaxlm.cli", *argv]
+                code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+            else:
+                from jaxlm.cli import main
+
+                with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                    code = main(list(argv))
+        if code == PREEMPTED_EXIT:  # the stage is not done; a rerun resumes it
+            raise UserError(f"jaxlm {args[0]} stopped by SIGTERM after saving; rerun to resume")
+        if code != 0:
+            last = log_path.read_text().strip().splitlines()[-1:] or ["(no output)"]
+            raise UserError(f"jaxlm {' '.join(args[:2])} failed: {last[0]} (log: {log_path})")
+
+
+def fingerprint(stage: Stage, upstream: dict[str, str]) -> str:
+    text = json.dumps({"settings": stage.settings, "deps": {d: upstream[d] for d in stage.deps}},
+                      sort_keys=True, default=str)  # fmt: skip
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e}); delete it to rerun that stage") from None
+
+
+def _write(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+    tmp.replace(path)
+
+
+@dataclasses.dataclass
+class Outcome:
+    name: str
+    status: str  # "done" | "skipped" | "not selected"
+    result: dict
+    seconds: float
+    commands: list[str]
+
+
+def run_stages(
+    stages: Sequence[Stage],
+    workdir: Path,
+    *,
+    only: Callable[[str], bool] | None = None,
+    log: Callable[[str], None] = print,
+    after_each: Callable[[dict[str, Outcome]], None] | None = None,
+) -> dict[str, Outcome]:
+    """Run `stages` in order (each after its deps); `only(name)` selects some (their inputs must
+    be done already, with the settings they have now)."""
+    markers = workdir / ".stages"
+    markers.mkdir(parents=True, exist_ok=True)
+    prints: dict[str, str] = {}
+    out: dict[str, Outcome] = {}
+    for stage in stages:
+        prints[stage.name] = fp = fingerprint(stage, prints)
+        done = _read(markers / f"{stage.name}.json")
+        started = _read(markers / f"{stage.name}.started.json")
+        if done is not None and done.get("fingerprint") == fp:
+            log(f"[{stage.name}] done already")
+            result, secs = done.get("result", {}), done.get("seconds", 0.0)
+            out[stage.name] = Outcome(stage.name, "skipped", result, secs, done.get("commands", []))
+        elif only is not None and not only(stage.name):
+            out[stage.name] = Outcome(stage.name, "not selected", {}, 0.0, [])
+            continue
+        else:
+            stale = [d for d in stage.deps if out.get(d) and out[d].status == "not selected"]
+            if stale:
+                raise UserError(f"stage {stage.name} needs {stale[0]}, which is not done with "
+                                "these settings: run it too (or without --only)")  # fmt: skip
+            changed = (done is not None) or (started is not None and started["fingerprint"] != fp)
+            out[stage.name] = _run_one(stage, fp, workdir, changed, log)
+        if after_each is not None:
+            after_each(out)
+    return out
+
+
+def _run_one(stage: Stage, fp: str, workdir: Path, changed: bool, log) -> Outcome:
+    markers = workdir / ".stages"
+    what = "running again (its settings or inputs changed)" if changed else "running"
+    log(f"[{stage.name}] {what} ...")
+    _write(markers / f"{stage.name}.started.json", {"fingerprint": fp})
+    (markers / f"{stage.name}.json").unlink(missing_ok=True)
+    ctx = Context(workdir, overwrite=changed, log=log, stage=stage.name)
+    t0 = time.time()
+    result = stage.run(ctx)
+    seconds = round(time.time() - t0, 1)
+    marker = {"fingerprint": fp, "result": result, "seconds": seconds, "commands": ctx.commands}
+    _write(markers / f"{stage.name}.json", marker)
+    (markers / f"{stage.name}.started.json").unlink(missing_ok=True)
+    log(f"[{stage.name}] {brief(result)}; {seconds} s")
+    return Outcome(stage.name, "done", result, seconds, ctx.commands)
+
+
+def brief(result: Any, depth: int = 0) -> str:
+    """A stage's result in one line: numbers and short strings, nested one level."""
+    if not isinstance(result, dict):
+        return str(result)
+    parts = []
+    for k, v in result.items():
+        if isinstance(v, dict) and depth == 0:
+            inner = brief(v, 1)
+            if inner:
+                parts.append(f"{k}: {inner}")
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            parts.append(f"{k}={round(v, 3) if isinstance(v, float) else v}")
+        elif isinstance(v, str) and len(v) < 20 and "/" not in v:
+            parts.append(f"{k}={v}")
+    return ", ".join(parts) if depth else "; ".join(parts)

@@ -1,0 +1,540 @@
+"""The method as stages (jaxlm.pipeline.engine): what `jaxlm pipeline` runs for a config.
+
+    translate? -> corpus -> synthesize? -> tokenizer -> prepare
+      -> per preset: pretrain -> cpt (+ control, + replay)
+      -> per model: samples (+ artifact metrics), judge?, export
+      -> per SAE model: sae (train + evaluation) -> analysis (attribution, dashboards);
+         per preset: ablation of the pretrained model's top English-name features, TSEA and
+         feature matching before -> after CPT
+      -> report
+
+Every stage runs `jaxlm` commands (recorded for the report), so the pipeline does nothing a user
+could not do by hand, and a stage's outputs are where the commands put them:
+
+    RUN/corpus/*.jsonl  RUN/tokenizer/  RUN/data/{translated,native,control,eval_*}/
+    RUN/models/{pretrain,cpt,control,replay}-PRESET/  RUN/samples/  RUN/judge/  RUN/sae/LABEL/
+    RUN/analysis/  RUN/hf/LABEL/  RUN/report/  RUN/results.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from jaxlm.errors import UserError
+from jaxlm.pipeline.config import PipelineConfig, resolve
+from jaxlm.pipeline.engine import Context, Stage
+
+EVAL = ("eval_native", "eval_translated")  # the per-source evaluation sets, native first
+
+
+def _sha(path: Path) -> str:
+    """A file's content hash: an edited config file is a changed setting, a moved one is not."""
+    try:
+        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+
+
+class Method:
+    """The stages of one config in one run directory."""
+
+    def __init__(self, cfg: PipelineConfig, workdir: Path, config_file: str | Path | None):
+        self.cfg, self.w, self.config_file = cfg, workdir, config_file
+
+    # --- paths ---------------------------------------------------------------------------------
+
+    def corpus(self, name: str) -> Path:
+        return self.w / "corpus" / f"{name}.jsonl"
+
+    def data(self, name: str) -> Path:
+        return self.w / "data" / name
+
+    def model(self, label: str) -> Path:
+        return self.w / "models" / label
+
+    def sae_dir(self, label: str) -> Path:
+        return self.w / "sae" / label
+
+    def path(self, configured: str) -> Path:
+        return resolve(configured, self.config_file)
+
+    # --- the models ----------------------------------------------------------------------------
+
+    def labels(self) -> list[tuple[str, str, str, str | None]]:
+        """(label, role, preset, parent) of every model, in training order."""
+        out = []
+        for p in self.cfg.models.presets:
+            out.append((f"pretrain-{p}", "pretrain", p, None))
+            out.append((f"cpt-{p}", "cpt", p, f"pretrain-{p}"))
+            if self.cfg.models.control:
+                out.append((f"control-{p}", "control", p, f"pretrain-{p}"))
+            if self.cfg.models.replay:
+                out.append((f"replay-{p}", "replay", p, f"pretrain-{p}"))
+        return out
+
+    def sae_labels(self) -> list[str]:
+        return [lab for lab, _, p, _ in self.labels() if p in self.cfg.sae_presets]
+
+    # --- stages --------------------------------------------------------------------------------
+
+    def stages(self) -> list[Stage]:
+        c = self.cfg
+        out = [*self._data_stages()]
+        for label, role, preset, parent in self.labels():
+            out.append(self._train_stage(label, role, preset, parent))
+        for label, *_ in self.labels():
+            out.append(self._samples_stage(label))
+            if c.judge.enabled:
+                out.append(self._judge_stage(label))
+        if c.sae.enabled:
+            for label in self.sae_labels():
+                out.append(self._sae_stage(label))
+                out.append(self._analysis_stage(label))
+            for p in c.sae_presets:
+                out.append(self._ablation_stage(p))
+                out.append(self._compare_stage(p))
+        if c.export:
+            out += [self._export_stage(label) for label, *_ in self.labels()]
+        out.append(self._report_stage(out))
+        return out
+
+    def _data_stages(self) -> list[Stage]:
+        c = self.cfg
+        corpus_settings = {"corpus": _asdict(c.corpus)}
+        out = []
+        if c.corpus.kind == "files" and c.corpus.english:
+            out.append(Stage("translate", {"translate": _asdict(c.translate),
+                                           "english": _file_identity(self.path(c.corpus.english))},
+                             (), self._translate, c.translate.where,
+                             "translate the English stories (NLLB)"))  # fmt: skip
+        deps = ("translate",) if out else ()
+        out.append(
+            Stage(
+                "corpus",
+                corpus_settings,
+                deps,
+                self._corpus,
+                "local",
+                "the stories: translated, native, control, held-out evaluation sets",
+            )
+        )
+        tok_deps: tuple[str, ...] = ("corpus",)
+        if c.synthesize.enabled and not c.corpus.native:
+            out.append(Stage("synthesize", {"synthesize": _asdict(c.synthesize)}, (),
+                             self._synthesize, "local", "native stories from an LLM"))  # fmt: skip
+            tok_deps = ("corpus", "synthesize")
+        out.append(Stage("tokenizer", {"vocab_size": c.data.vocab_size}, tok_deps,
+                         self._tokenizer, "local", "SentencePiece BPE"))  # fmt: skip
+        out.append(Stage("prepare", {"seq_len": c.data.seq_len, "val": c.data.val_fraction},
+                         ("tokenizer", *tok_deps), self._prepare, "local",
+                         "clean, tokenise, pack into ArrayRecord shards"))  # fmt: skip
+        return out
+
+    def _corpus(self, ctx: Context) -> dict:
+        c = self.cfg.corpus
+        n_native = max(1, round(c.n_translated * c.native_fraction))
+        if c.kind == "demo":
+            plan = {"translated": ("translated", c.n_translated, c.seed),
+                    "native": ("native", n_native, c.seed + 1),
+                    "control": ("translated", n_native, c.seed + 9),  # held out, same budget
+                    "eval_translated": ("translated", c.eval_stories, c.seed + 7),
+                    "eval_native": ("native", c.eval_stories, c.seed + 8)}  # fmt: skip
+            for name, (style, n, seed) in plan.items():
+                ctx.jaxlm("data", "demo-corpus", "--style", style, "--n", str(n), "--seed",
+                          str(seed), "--out", str(self.corpus(name)))  # fmt: skip
+            return {name: {"stories": n} for name, (_, n, _) in plan.items()}
+        from jaxlm.pipeline.corpus import split_files
+
+        return split_files(self, ctx)
+
+    def _translate(self, ctx: Context) -> dict:
+        t = self.cfg.translate
+        out = self.w / "corpus" / "translated.full.jsonl"
+        ctx.jaxlm("translate", "--input", str(self.path(self.cfg.corpus.english)), "--out",
+                  str(out), "--model", t.model, "--src", t.src, "--tgt", t.tgt, "--backend",
+                  t.backend, "--batch-size", str(t.batch_size), "--device", t.device,
+                  overwrite_flag=False)  # fmt: skip
+        return {"out": str(out)}
+
+    def _synthesize(self, ctx: Context) -> dict:
+        s = self.cfg.synthesize
+        out = self.w / "corpus" / "native.full.jsonl"
+        args = [
+            "synthesize",
+            "--n",
+            str(s.n),
+            "--out",
+            str(out),
+            "--provider",
+            s.provider,
+            "--model",
+            s.model,
+            "--concurrency",
+            str(s.concurrency),
+            "--seed",
+            str(s.seed),
+        ]
+        if s.base_url:
+            args += ["--base-url", s.base_url]
+        ctx.jaxlm(*args, overwrite_flag=False)
+        return {"out": str(out)}
+
+    def _tokenizer(self, ctx: Context) -> dict:
+        ctx.jaxlm("tokenizer", "train", "--input", str(self.corpus("translated")), "--input",
+                  str(self.corpus("native")), "--vocab-size", str(self.cfg.data.vocab_size),
+                  "--out", str(self.w / "tokenizer"))  # fmt: skip
+        return {"vocab_size": self.cfg.data.vocab_size}
+
+    def _prepare(self, ctx: Context) -> dict:
+        d = self.cfg.data
+        out = {}
+        for name in ("translated", "native", "control", *EVAL):
+            val = "0.999" if name.startswith("eval_") else str(d.val_fraction)  # all held out
+            ctx.jaxlm("data", "prepare", "--input", str(self.corpus(name)), "--tokenizer",
+                      str(self.w / "tokenizer"), "--seq-len", str(d.seq_len), "--out",
+                      str(self.data(name)), "--val-fraction", val)  # fmt: skip
+            meta = json.loads((self.data(name) / "metadata.json").read_text())
+            out[name] = {"tokens": meta["tokens"], "stories": meta["stories"]}
+        return out
+
+    def _train_stage(self, label: str, role: str, preset: str, parent: str | None) -> Stage:
+        m = self.cfg.models
+        config = self.path(m.pretrain_config if role == "pretrain" else m.cpt_config)
+        sets = m.pretrain_set if role == "pretrain" else m.cpt_set
+        settings = {"role": role, "preset": preset, "config": _sha(config), "set": list(sets),
+                    "replay": m.replay if role == "replay" else None}  # fmt: skip
+        deps = ("prepare",) if parent is None else ("prepare", parent)
+
+        def run(ctx: Context) -> dict:
+            data = {
+                "pretrain": ["translated"],
+                "cpt": ["native"],
+                "control": ["control"],
+                "replay": [f"native:{1 - m.replay:g}", f"translated:{m.replay:g}"],
+            }[role]
+            evals = "[" + ", ".join(f"{{path: {self.data(e)}}}" for e in EVAL) + "]"
+            args = [
+                "train",
+                "--config",
+                str(config),
+                "--workdir",
+                str(self.model(label)),
+                "--set",
+                "log.progress=false",
+                "--set",
+                f"eval.sources={evals}",
+            ]
+            for d in data:
+                name, _, weight = d.partition(":")
+                args += ["--data", f"{self.data(name)}" + (f":{weight}" if weight else "")]
+            if parent is None:
+                args += ["--preset", preset]
+            else:
+                args += ["--init-from", str(self.model(parent)), "--set", "eval.at_start=true"]
+            for s in sets:
+                args += ["--set", s]
+            ctx.jaxlm(*args)
+            return _train_summary(self.model(label))
+
+        what = {"pretrain": "pretraining on translated stories", "cpt": "continual pre-training "
+                "on native stories", "control": "the same budget on held-out translated stories",
+                "replay": f"CPT with {m.replay:.0%} translated rows"}[role]  # fmt: skip
+        return Stage(label, settings, deps, run, m.where, f"{preset}: {what}")
+
+    def _name_flags(self) -> list[str]:
+        s = self.cfg.samples
+        out = [x for spec in s.names for x in ("--names", self._names_spec(spec))]
+        if s.english_top is not None:
+            out += ["--english-top", str(s.english_top)]
+        return out
+
+    def _names_spec(self, spec: str) -> str:
+        side, sep, rest = spec.partition("=")
+        path, hash_, col = rest.partition("#")
+        return f"{side}{sep}{self.path(path)}{hash_}{col}" if sep else spec
+
+    def _samples_stage(self, label: str) -> Stage:
+        s = self.cfg.samples
+
+        def run(ctx: Context) -> dict:
+            out = self.w / "samples"
+            ctx.jaxlm("eval", "artifacts", "--checkpoint", str(self.model(label)), "--n",
+                      str(s.n), "--max-new-tokens", str(s.max_new_tokens), "--temperature",
+                      str(s.temperature), "--top-k", str(s.top_k), "--seed", str(s.seed),
+                      "--out", str(out / f"{label}.artifacts.json"), "--samples-out",
+                      str(out / f"{label}.jsonl"), *self._name_flags())  # fmt: skip
+            report = json.loads((out / f"{label}.artifacts.json").read_text())
+            return {k: _value(report["metrics"].get(k)) for k in
+                    ("english_name_rate", "english_dialogue_share", "distinct_2")}  # fmt: skip
+
+        return Stage(f"samples-{label}", {"samples": _asdict(s)}, (label,), run, "local",
+                     f"{s.n} stories from {label}, translation-artifact metrics")  # fmt: skip
+
+    def _judge_stage(self, label: str) -> Stage:
+        j = self.cfg.judge
+
+        def run(ctx: Context) -> dict:
+            d = self.w / "judge"
+            inputs, grades = d / f"{label}.inputs.jsonl", d / f"{label}.grades.jsonl"
+            ctx.jaxlm(
+                "judge",
+                "complete",
+                "--checkpoint",
+                str(self.model(label)),
+                "--stories",
+                str(self.corpus("eval_native")),
+                "--n",
+                str(j.n),
+                "--out",
+                str(inputs),
+            )
+            args = ["judge", "grade", "--inputs", str(inputs), "--out", str(grades),
+                    "--provider", j.provider, "--model", j.model, "--concurrency",
+                    str(j.concurrency), "--temperature", str(j.temperature)]  # fmt: skip
+            if j.repeat > 1:
+                args += ["--repeat", str(j.repeat)]
+            if j.base_url:
+                args += ["--base-url", j.base_url]
+            ctx.jaxlm(*args)
+            return {"grades": str(grades)}
+
+        return Stage(f"judge-{label}", {"judge": _asdict(j)}, (label,), run, "local",
+                     f"{j.n} completions of {label} graded by {j.model}")  # fmt: skip
+
+    def _sae_stage(self, label: str) -> Stage:
+        s = self.cfg.sae
+        config = self.path(s.config)
+
+        def run(ctx: Context) -> dict:
+            from jaxlm.checkpoint import read_meta
+
+            n_layers = read_meta(self.model(label))[0].n_layers
+            layers = sorted({x % n_layers for x in s.layers})
+            out = self.sae_dir(label)
+            args = ["sae", "train", "--model", str(self.model(label)), "--layer",
+                    str(layers[0]), "--data", f"{self.data('translated')}:1", "--data",
+                    f"{self.data('native')}:1", "--config", str(config), "--set",
+                    "log.progress=false", "--out", str(out)]  # fmt: skip
+            for x in s.set:
+                args += ["--set", x]
+            ctx.jaxlm(*args, fresh_process=True)
+            ctx.jaxlm("sae", "eval", "--model", str(self.model(label)), "--sae", str(out),
+                      *self._eval_data(), "--out", str(out / "eval.json"),
+                      fresh_process=True)  # fmt: skip
+            ev = json.loads((out / "eval.json").read_text())
+            return {"layer": layers[0], "dir": str(out), **sae_eval_summary(ev)}
+
+        settings = {"sae": {**_asdict(s), "config": _sha(config)}}
+        settings["sae"].pop("ablation_features"), settings["sae"].pop("dashboards")
+        return Stage(
+            f"sae-{label}",
+            settings,
+            (label, "prepare"),
+            run,
+            "local",
+            f"SAE on {label}'s MLP, and its evaluation (CE loss recovered, KL)",
+        )
+
+    def _analysis_stage(self, label: str) -> Stage:
+        s = self.cfg.sae
+
+        def run(ctx: Context) -> dict:
+            out = self.w / "analysis" / label
+            ctx.jaxlm("sae", "attribute", "--model", str(self.model(label)), "--sae",
+                      str(self.sae_dir(label)), *self._eval_data(), "--dashboards",
+                      "--top", str(s.dashboards), *self._attr_names(), "--out", str(out),
+                      fresh_process=True)  # fmt: skip
+            return attribution_summary(out / "attribution.json")
+
+        return Stage(
+            f"analysis-{label}",
+            {"dashboards": s.dashboards, "names": self._names()},
+            (f"sae-{label}", "prepare"),
+            run,
+            "local",
+            f"which SAE features push {label} toward English names and dialogue",
+        )
+
+    def _ablation_stage(self, preset: str) -> Stage:
+        s, label = self.cfg.sae, f"pretrain-{preset}"
+
+        def run(ctx: Context) -> dict:
+            top = attribution_summary(self.w / "analysis" / label / "attribution.json")
+            feats = [f["feature"] for f in top["top_english_name_features"]][: s.ablation_features]
+            if not feats:  # an SAE too small or too briefly trained to have such features
+                return {"skipped": "no SAE feature pushes toward English names"}
+            out = self.w / "analysis" / f"ablation-{label}"
+            common = ["--model", str(self.model(label)), "--sae", str(self.sae_dir(label)),
+                      "--n", str(self.cfg.samples.n), "--max-new-tokens",
+                      str(self.cfg.samples.max_new_tokens), *self._name_flags()]  # fmt: skip
+            for name, pick in (("top", ["--features", ",".join(map(str, feats))]),
+                               ("random", ["--random", str(len(feats)), "--seed", "0",
+                                           *self._eval_data()])):  # fmt: skip
+                ctx.jaxlm(
+                    "sae",
+                    "ablate",
+                    *common,
+                    *pick,
+                    "--out",
+                    str(out / f"{name}.jsonl"),
+                    "--report",
+                    str(out / f"{name}.json"),
+                    fresh_process=True,
+                )
+            return ablation_summary(out, feats)
+
+        return Stage(f"ablation-{label}", {"k": s.ablation_features, "samples": _asdict(
+            self.cfg.samples)}, (f"analysis-{label}",), run, "local",
+            f"ablate {label}'s top English-name features vs as many random live ones")  # fmt: skip
+
+    def _compare_stage(self, preset: str) -> Stage:
+        before, after = f"pretrain-{preset}", f"cpt-{preset}"
+
+        def run(ctx: Context) -> dict:
+            d = self.w / "analysis" / f"compare-{preset}"
+            pair = ["--before", str(self.model(before)), str(self.sae_dir(before)),
+                    "--after", str(self.model(after)), str(self.sae_dir(after))]  # fmt: skip
+            ctx.jaxlm("sae", "tsea-compare", *pair, "--demo-sets", *self._eval_data(),
+                      "--out", str(d / "tsea"), fresh_process=True)  # fmt: skip
+            ctx.jaxlm("sae", "match", *pair, *self._eval_data(), *self._attr_names(),
+                      "--out", str(d / "match"), fresh_process=True)  # fmt: skip
+            return compare_summary(d)
+
+        return Stage(f"compare-{preset}", {"names": self._names()},
+                     (f"analysis-{before}", f"analysis-{after}"), run, "local",
+                     f"TSEA and feature matching, {before} -> {after}")  # fmt: skip
+
+    def _export_stage(self, label: str) -> Stage:
+        def run(ctx: Context) -> dict:
+            ctx.jaxlm(
+                "export-hf",
+                "--checkpoint",
+                str(self.model(label)),
+                "--out",
+                str(self.w / "hf" / label),
+                "--tokenizer",
+                str(self.w / "tokenizer"),
+            )
+            return {"dir": str(self.w / "hf" / label)}
+
+        return Stage(f"export-{label}", {}, (label,), run, "local", "Hugging Face export")
+
+    def _report_stage(self, before: list[Stage]) -> Stage:
+        def run(ctx: Context) -> dict:
+            ctx.jaxlm("report", str(self.w), "--out", str(self.w / "report"))
+            return {"page": str(self.w / "report" / "index.html")}
+
+        return Stage(
+            "report",
+            {},
+            tuple(s.name for s in before),
+            run,
+            "local",
+            "the HTML report (report/index.html), report.md, metrics.json",
+        )
+
+    # --- shared arguments ----------------------------------------------------------------------
+
+    def _eval_data(self) -> list[str]:
+        return [x for e in EVAL for x in ("--data", str(self.data(e)))]
+
+    def _names(self) -> list[str]:
+        return list(self.cfg.samples.names)
+
+    def _attr_names(self) -> list[str]:
+        return [x for spec in self.cfg.samples.names for x in ("--names", self._names_spec(spec))]
+
+
+# --- results of stages, read back from their outputs -------------------------------------------
+
+# the report's names <- `jaxlm sae eval`'s (SAELens') names, pooled over the evaluation sources
+SAE_KEYS = {"explained_variance": "explained_variance", "l0": "l0",
+            "dead_fraction": "dead_fraction", "dense_fraction": "dense_fraction",
+            "ce_loss_recovered": "ce_loss_score", "kl_div": "kl_div_with_sae",
+            "clean_loss": "ce_loss_without_sae", "spliced_loss": "ce_loss_with_sae",
+            "zero_ablated_loss": "ce_loss_with_ablation"}  # fmt: skip
+
+
+def sae_eval_summary(ev: dict) -> dict:
+    pooled = ev.get("pooled", {})
+    out = {ours: pooled.get(theirs) for ours, theirs in SAE_KEYS.items()}
+    out["per_source"] = {n: {ours: s.get(theirs) for ours, theirs in SAE_KEYS.items()}
+                         for n, s in ev.get("sources", {}).items()}  # fmt: skip
+    return out
+
+
+def _asdict(section) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(section)
+
+
+def _file_identity(path: Path) -> dict:
+    from jaxlm.outputs import file_fingerprint
+
+    return file_fingerprint(path)
+
+
+def _value(metric) -> float | None:
+    return metric.get("value") if isinstance(metric, dict) else metric
+
+
+def _train_summary(workdir: Path) -> dict:
+    from jaxlm.train.metrics_log import read_metrics
+
+    rows = read_metrics(workdir / "metrics.jsonl")
+    train = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    evals = [r for r in rows if "eval_loss" in r]
+    out = {"steps": max(train), "first_loss": round(train[min(train)], 3),
+           "last_loss": round(train[max(train)], 3)}  # fmt: skip
+    if evals:
+        out["eval_loss"] = round(evals[-1]["eval_loss"], 3)
+        for k, v in evals[-1].items():
+            if k.startswith("eval_loss/"):
+                out[k] = round(v, 3)
+    return out
+
+
+def attribution_summary(path: Path) -> dict:
+    """The issue's headline figures from `jaxlm sae attribute`'s JSON."""
+    a = json.loads(Path(path).read_text())
+    c = a["contrasts"]
+    out = {}
+    for key, name in (("names", "english_name"), ("dialogue", "english_dialogue")):
+        if key in c and "balanced" in c[key]:
+            out[f"{name}_attribution"] = c[key]["balanced"]["features"]
+            out[f"{name}_error_share"] = c[key]["error_share"]
+    top = c.get("names", {}).get("top_features", [])
+    out["top_english_name_features"] = [
+        {k: f[k] for k in ("feature", "part", "share")} for f in top if f["part"] > 0
+    ]
+    return out
+
+
+def ablation_summary(d: Path, feats: list[int]) -> dict:
+    """English-name rate of the pretrained model's samples: unablated, with its top features
+    ablated, with as many random live ones ablated (each with its interval), and the paired
+    differences."""
+    top, rand = (json.loads((d / f).read_text()) for f in ("top.json", "random.json"))
+    rate = lambda r, side: r[side]["metrics"].get("english_name_rate")  # noqa: E731
+    return {
+        "features_top": feats,
+        "features_random": rand.get("features"),
+        "english_name_rate_none": rate(top, "baseline"),
+        "english_name_rate_top": rate(top, "ablated"),
+        "english_name_rate_random": rate(rand, "ablated"),
+        "difference_top": top.get("difference", {}).get("english_name_rate"),
+        "difference_random": rand.get("difference", {}).get("english_name_rate"),
+    }
+
+
+def compare_summary(d: Path) -> dict:
+    tsea = json.loads((d / "tsea" / "tsea_compare.json").read_text())
+    counts = {n: {"before": s["before"].get("n_promoting_above_null"),
+                  "after": s["after"].get("n_promoting_above_null")}
+              for n, s in tsea["sets"].items()}  # fmt: skip
+    match = json.loads((d / "match" / "match.json").read_text())
+    keys = ("matched_above_threshold", "lost_before", "new_after", "threshold")
+    return {"tsea": counts, "matching": {k: match.get(k) for k in keys}}

@@ -1,0 +1,216 @@
+"""Do the features an analysis names cause a behaviour? Remove them and sample again.
+
+`FeatureAblation` is an MLPEdit that takes chosen SAE features out of layer `layer`'s MLP hidden
+state while the model writes: with acts = sae.encode(h),
+
+    zero:   h' = h - decode_F(acts)            (decode_F: the features F' decoded part only)
+    clamp:  h' = h - decode_F(acts - X)        (features F set to X on every token)
+
+where decode_F(a) = sae.decode(a masked to F) - sae.decode(0), i.e. a[:, F] @ W_dec[F, :] for the
+plain decoder (and the decoder-norm rescaling of a topk SAE, whatever `decode` does). Only those
+features' decoded part changes: the SAE's error term h - sae.decode(acts) and every other feature
+stay, so the edit tests the features, not the SAE's reconstruction (which splicing the SAE in
+would). Ablating every feature leaves the error term + b_dec.
+
+`ablation_report` samples the same stories (prompts, seeds, batches) with and without the edit,
+so the edit is the only difference, and reads their translation artifacts (English-name rate,
+English-dialogue share, jaxlm.eval.artifacts) side by side, with a paired bootstrap interval of
+the change. Random control features (`--random K`) are drawn, seeded, from the LIVE ones: active
+on rows of a DATADIR, or, without one, firing in the SAE's training (its sparsity.safetensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlm.errors import UserError
+from sae.base import SAE
+from sae.io import SPARSITY
+
+if TYPE_CHECKING:
+    from jaxlm.eval.artifacts import NameLists
+    from jaxlm.generate import SamplingConfig
+    from jaxlm.model import GPTNeo
+    from jaxlm.tokenizer import Tokenizer
+
+Mode = Literal["zero", "clamp"]
+# SAELens and jaxlm write log10(frequency + 1e-10): a latent that never fired reads -10 (up to
+# float32 rounding); anything above -9.999 fired at least once (frequency > 2.3e-13).
+LOG10_NEVER_FIRED = -10.0
+_POOLED = {
+    "english_name_rate": ("english_mentions", "arabic_mentions"),
+    "english_dialogue_share": ("english_turns", "arabic_turns"),
+}  # as artifacts pools them
+
+
+class FeatureAblation(nnx.Module):
+    """MLPEdit removing SAE features' decoded contribution (see the module docstring).
+
+    The chosen features are a 0/1 mask [S] and the clamp value a traced scalar, so sampling with
+    other features reuses the compiled program. An nnx.Module, as `generate` takes edits."""
+
+    def __init__(
+        self,
+        sae: SAE,
+        layer: int,
+        features: Sequence[int],
+        *,
+        mode: Mode = "zero",
+        value: float = 0.0,
+    ):
+        S = sae.cfg.n_latents
+        bad = [f for f in features if not 0 <= int(f) < S]
+        if bad:
+            raise UserError(f"features {bad} are not latents of the SAE (0..{S - 1})")
+        if mode not in ("zero", "clamp"):
+            raise UserError(f"--mode {mode!r}: zero or clamp")
+        mask_s = np.zeros(S, np.float32)
+        mask_s[np.asarray(features, np.int64)] = 1.0
+        # only arrays beyond the layer: a static attribute (mode, the ids) would be part of the
+        # compiled program's key, and other features or modes would compile it again
+        self.sae, self.layer = sae, layer
+        self.mask_s = nnx.Variable(jnp.asarray(mask_s))
+        self.value = nnx.Variable(jnp.float32(value if mode == "clamp" else 0.0))
+
+    def __call__(self, h_btf: jax.Array) -> jax.Array:
+        x_nf = h_btf.reshape(-1, h_btf.shape[-1]).astype(jnp.float32)  # [N, F]
+        acts_ns = self.sae.encode(x_nf)
+        delta_ns = (acts_ns - self.value[...]) * self.mask_s[...]
+        # decode(0) is b_dec exactly, so an empty mask removes exactly 0
+        base_1f = self.sae.decode(jnp.zeros((1, acts_ns.shape[-1]), jnp.float32))
+        return (x_nf - (self.sae.decode(delta_ns) - base_1f)).reshape(h_btf.shape)
+
+
+# --- which features -----------------------------------------------------------------------------
+
+
+def parse_features(spec: str, n_latents: int) -> list[int]:
+    """`3,17,42` (ids, as TSEA and the dashboards number them) -> sorted unique ids."""
+    try:
+        ids = sorted({int(p) for p in spec.split(",") if p.strip()})
+    except ValueError:
+        raise UserError(f"--features {spec!r}: expected comma-separated latent ids") from None
+    if not ids:
+        raise UserError("--features: no ids given")
+    bad = [i for i in ids if not 0 <= i < n_latents]
+    if bad:
+        raise UserError(f"--features: {bad} are not latents of the SAE (0..{n_latents - 1})")
+    return ids
+
+
+def live_from_sparsity(sae_dir: str | Path) -> np.ndarray:
+    """Ids of latents that fired in training: log10 frequency above -10 in sparsity.safetensors
+    (the trainer's last feature-sampling window; SAELens writes the same file)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = Path(sae_dir) / SPARSITY
+    if not path.is_file():
+        raise UserError(f"{path}: missing; pass --data DATADIR to find live features on data")
+    try:
+        log_s = load_file(str(path))["sparsity"]
+    except (OSError, KeyError, SafetensorError) as e:
+        raise UserError(f"{path}: cannot read a 'sparsity' tensor ({e})") from None
+    return np.flatnonzero(log_s > LOG10_NEVER_FIRED + 1e-3)
+
+
+def pick_random(live: np.ndarray, k: int, seed: int) -> list[int]:
+    """`k` distinct live latents, drawn with numpy's generator seeded by `seed`; sorted."""
+    if k < 1:
+        raise UserError(f"--random {k}: must be >= 1")
+    if k > len(live):
+        raise UserError(f"--random {k}: only {len(live)} live features to draw from")
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(np.asarray(live), size=k, replace=False))
+
+
+# --- the experiment -----------------------------------------------------------------------------
+
+
+def paired_difference(
+    per_a: Sequence[dict], per_b: Sequence[dict], *, resamples: int = 1000, seed: int = 0
+) -> dict:
+    """{metric: {"value", "ci95", "n"}}: pooled rate of the stories `per_a` minus that of their
+    pairs `per_b` (story i of both came from the same prompt and seed), with a percentile
+    bootstrap over story pairs (resampled together, so the pairing is kept). The value is None
+    where either side has nothing to count; resamples where one side has nothing are skipped."""
+    n = len(per_a)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(resamples, n)) if n else np.zeros((0, 0), np.int64)
+    out = {}
+    for name, (hit, other) in _POOLED.items():
+        counts = [
+            np.array([[p[hit], p[hit] + p[other]] for p in per], np.float64).reshape(-1, 2)
+            for per in (per_a, per_b)
+        ]
+        (num_a, den_a), (num_b, den_b) = (c.T for c in counts)
+        if not n or den_a.sum() == 0 or den_b.sum() == 0:
+            out[name] = {"value": None, "ci95": None, "n": n}
+            continue
+        value = num_a.sum() / den_a.sum() - num_b.sum() / den_b.sum()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rate_a = num_a[idx].sum(1) / den_a[idx].sum(1)  # [R]
+            diffs = rate_a - num_b[idx].sum(1) / den_b[idx].sum(1)
+        diffs = diffs[np.isfinite(diffs)]
+        lo, hi = np.percentile(diffs, [2.5, 97.5]) if len(diffs) else (value, value)
+        out[name] = {
+            "value": float(value),
+            "ci95": [float(min(lo, value)), float(max(hi, value))],
+            "n": n,
+        }
+    return out
+
+
+def ablation_report(
+    model: GPTNeo,
+    tok: Tokenizer,
+    edit: FeatureAblation,
+    *,
+    n: int,
+    prompts: Sequence[str] | None = None,
+    max_new_tokens: int = 160,
+    sampling: SamplingConfig | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    lists: NameLists | None = None,
+    resamples: int = 1000,
+) -> tuple[list[dict], dict]:
+    """(one row per story: prompt, seed, ablated and baseline text; the report: both sides'
+    artifact metrics and their paired difference). Sampling as `jaxlm.eval.samples` samples (the
+    demo's temperature 0.8, top-k 50 unless `sampling` says otherwise)."""
+    from jaxlm.eval.artifacts import artifact_metrics
+    from jaxlm.eval.samples import DEMO_SAMPLING, sample_stories
+
+    kw = dict(
+        max_new_tokens=max_new_tokens,
+        sampling=sampling or DEMO_SAMPLING,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    baseline = sample_stories(model, tok, n, prompts, **kw)
+    ablated = sample_stories(model, tok, n, prompts, **kw, edit=edit)
+    reports = {
+        side: artifact_metrics(stories, lists, resamples=resamples, seed=seed)
+        for side, stories in (("ablated", ablated), ("baseline", baseline))
+    }
+    per = {side: r.pop("per_story") for side, r in reports.items()}
+    begin = list(prompts) if prompts else [""]
+    rows = [
+        {
+            "i": i,
+            "prompt": begin[i % len(begin)],
+            "seed": seed + i // batch_size,
+            "ablated": a,
+            "baseline": b,
+        }
+        for i, (a, b) in enumerate(zip(ablated, baseline, strict=True))
+    ]
+    diff = paired_difference(per["ablated"], per["baseline"], resamples=resamples, seed=seed)
+    return rows, {**reports, "difference": diff}

@@ -1,0 +1,547 @@
+"""`jaxlm sae tsea | tsea-compare | dashboard | attribute | match`: thin wrappers over sae.analysis.
+
+jaxlm sae tsea --model M --sae SAEDIR [--tokenizer TOKDIR] [--demo-sets]
+    [--names english=FILE[#COLUMN] ...] [--regex NAME=PATTERN ...] [--contrast A:B ...]
+    [--data DATADIR ...] --out DIR
+jaxlm sae tsea-compare --before M1 SAE1 --after M2 SAE2 [sets as above] --out DIR
+jaxlm sae dashboard --model M --sae SAEDIR --data DATADIR [--tokenizer TOKDIR]
+    --features 0-99 --out DIR
+jaxlm sae attribute --model M --sae SAEDIR --data DATADIR [--data ...]
+    [--names english=FILE --names arabic=FILE] [--dashboards] --out DIR
+jaxlm sae match --before M1 SAE1 --after M2 SAE2 --data DATADIR [...] [--names ...] --out DIR
+
+Each --out is an atomic `jaxlm.outputs.Output` (`_output`): identified by its models, SAEs, data,
+tokenizer and word lists (by content or fingerprint) and every other flag; a rerun with the same
+finds it done, one with others is refused unless --overwrite, two at once are refused. The model's
+tokenizer is checked against the hash the model recorded (`jaxlm.tokenizer.load_recorded`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from jaxlm.errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Adds `tsea`, `tsea-compare` and `dashboard`."""
+    p = sub.add_parser("tsea", help="token set enrichment of an SAE's features (JSON + PNG)")
+    p.add_argument("--model", required=True, help="model dir, training workdir or HF dir")
+    p.add_argument(
+        "--sae", required=True, help="SAE directory (cfg.json + sae_weights.safetensors)"
+    )
+    _set_args(p)
+    p.set_defaults(func=cmd_tsea)
+
+    p = sub.add_parser("tsea-compare", help="TSEA of two models' SAEs (e.g. before / after CPT)")
+    p.add_argument("--before", nargs=2, required=True, metavar=("MODEL", "SAE"))
+    p.add_argument("--after", nargs=2, required=True, metavar=("MODEL", "SAE"))
+    _set_args(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("dashboard", help="feature dashboards: top contexts, logit tokens (HTML)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--sae", required=True)
+    p.add_argument("--data", required=True, help="prepared DATADIR (`jaxlm data prepare`)")
+    p.add_argument("--tokenizer", help="TOKDIR (default: the one the model records)")
+    p.add_argument("--features", default="0-99", help="ids and ranges, e.g. 0-99,120")
+    p.add_argument("--layer", type=int, help="default: the SAE's hook_layer")
+    p.add_argument("--split", default="train")
+    p.add_argument("--rows", type=int, default=2048, help="token rows read (at most)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--k", type=int, default=10, help="contexts per feature")
+    p.add_argument("--out", required=True)
+    _overwrite_arg(p)
+    p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("attribute", help="exact per-feature attribution of an MLP layer's direct "
+                       "push toward English vs Arabic names and dialogue (JSON + PNG)")  # fmt: skip
+    p.add_argument("--model", required=True)
+    p.add_argument("--sae", required=True)
+    _attribution_args(p)
+    p.add_argument("--dashboards", action="store_true",
+                   help="also write the listed features' dashboards (DIR/dashboards)")  # fmt: skip
+    _overwrite_arg(p)
+    p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("match", help="match two SAEs' features one to one (before / after CPT), "
+                       "with both attributions and TSEA contrasts (JSON + PNG)")  # fmt: skip
+    p.add_argument("--before", nargs=2, required=True, metavar=("MODEL", "SAE"))
+    p.add_argument("--after", nargs=2, required=True, metavar=("MODEL", "SAE"))
+    _attribution_args(p)
+    p.add_argument("--threshold", type=float, default=0.7,
+                   help="decoder cosine for a counterpart (sae.analysis.matching)")  # fmt: skip
+    _overwrite_arg(p)
+    p.set_defaults(func=cmd_match)
+
+
+def _data_args(p: argparse.ArgumentParser, *, required: bool, help: str) -> None:
+    p.add_argument("--data", action="append", default=[], required=required, metavar="DATADIR",
+                   help=help)  # fmt: skip
+    p.add_argument("--split", default="validation", help="the split of each DATADIR to read")
+    p.add_argument("--rows", type=int, default=4096, help="token rows read per DATADIR (at most)")
+    p.add_argument("--batch-size", type=int, default=32)
+
+
+def _attribution_args(p: argparse.ArgumentParser) -> None:
+    _data_args(p, required=True, help="held-out token rows (repeat: e.g. translated and native)")
+    p.add_argument("--tokenizer", help="TOKDIR (default: the one the model records)")
+    p.add_argument("--layer", type=int, help="default: the SAE's hook_layer")
+    p.add_argument("--names", action="append", default=[], metavar="NAME=FILE[#COLUMN]",
+                   help="two word lists, the first the positive side (default: the demo's "
+                   "English and Arabic names)")  # fmt: skip
+    p.add_argument("--top", type=int, default=10, help="features listed each way")
+    p.add_argument("--out", required=True)
+
+
+def _overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace an --out made otherwise")
+
+
+def _set_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", help="TOKDIR (default: the one the model records)")
+    p.add_argument(
+        "--names",
+        action="append",
+        default=[],
+        metavar="NAME=FILE[#COLUMN]",
+        help="a word-list token set (.txt one per line, or a .tsv/.csv column)",
+    )
+    p.add_argument("--regex", action="append", default=[], metavar="NAME=PATTERN")
+    p.add_argument(
+        "--demo-sets", action="store_true", help="the demo corpus' names and dialogue punctuation"
+    )
+    p.add_argument("--contrast", action="append", default=[], metavar="A:B",
+                   help="contrast two sets per feature (default with --demo-sets: English vs "
+                   "Arabic name starts, Latin vs Arabic quotes; else the first two --names "
+                   "lists' starts)")  # fmt: skip
+    _data_args(p, required=False, help="held-out rows: features never active there are dead "
+               "and left out (default: the SAE's sparsity.safetensors, if any)")  # fmt: skip
+    p.add_argument("--layer", type=int, help="default: the SAE's hook_layer")
+    p.add_argument("--cosine-sim", action="store_true")
+    p.add_argument("--alpha", type=float, default=0.05)
+    p.add_argument("--correction", choices=("bh", "bonferroni"), default="bh")
+    p.add_argument("--top", type=int, default=10, help="features listed per set")
+    p.add_argument("--null-directions", type=int, default=256,
+                   help="random directions for the null baseline (0: none)")  # fmt: skip
+    p.add_argument("--null-quantile", type=float, default=0.99)
+    p.add_argument("--out", required=True)
+    _overwrite_arg(p)
+
+
+# --- the output ---------------------------------------------------------------------------------
+
+# flags naming inputs, identified by content or fingerprint (the rest are settings, as given)
+_INPUTS = ("model", "sae", "before", "after", "data", "tokenizer", "names")
+_NOT_IDENTITY = ("func", "command", "sae_command", "out", "overwrite")
+
+
+def _output(args, kind: str):
+    """The --out of an analysis command, as an atomic `jaxlm.outputs.Output` whose identity is
+    every flag: models by `model_identity`, SAE and data folders and word lists by fingerprint,
+    the tokenizer by content hash, the rest as given. A new command's --out is one line:
+    `with _output(args, "kind") as out:` (write into `out.tmp`, then `out.publish()`)."""
+    from jaxlm.outputs import Output
+
+    flags = {k: v for k, v in vars(args).items() if k not in _NOT_IDENTITY}
+    identity = {k: (_input(k, v) if k in _INPUTS else v) for k, v in flags.items()}
+    return Output(args.out, kind=kind, identity=identity, overwrite=args.overwrite)
+
+
+def _input(flag: str, value):
+    from jaxlm.checkpoint import model_identity
+    from jaxlm.outputs import file_fingerprint, tree_fingerprint
+    from jaxlm.tokenizer import tokenizer_sha256
+
+    if value is None:
+        return None
+    if flag == "model":
+        return model_identity(value)
+    if flag in ("before", "after"):  # MODEL SAE
+        return [model_identity(value[0]), tree_fingerprint(value[1])]
+    if flag == "tokenizer":
+        return tokenizer_sha256(value)
+    if flag == "names":
+        from sae.analysis import tsea
+
+        return [spec + " " + json.dumps(file_fingerprint(tsea.parse_names_spec(spec)[1]))
+                for spec in value]  # fmt: skip
+    if isinstance(value, list | tuple):  # --data DIR ... (repeated)
+        return [tree_fingerprint(v) for v in value]
+    return tree_fingerprint(value)  # sae, data
+
+
+# --- shared steps -------------------------------------------------------------------------------
+
+
+def _load_sae(sae_dir: str, layer: int | None):
+    """(the SAE, as `sae.io.load_sae` gives it, the layer it reads: --layer or its cfg.json's)."""
+    from sae.io import load_sae
+
+    sae, info = load_sae(sae_dir)
+    where = f"{sae_dir}/cfg.json"
+    if sae.cfg.normalize_activations != "none":  # training folds the scale in before saving
+        raise UserError(f"{where}: normalize_activations={sae.cfg.normalize_activations!r} is "
+                        "not supported here (save it with the scale folded in)")  # fmt: skip
+    layer = info.layer if layer is None else layer
+    if layer is None:
+        raise UserError(
+            f"{where}: names no layer (jaxlm.layer, hook_layer, hook_name); pass --layer"
+        )
+    return sae, layer
+
+
+def _load(model_dir: str, sae_dir: str, tokdir: str | None, layer: int | None):
+    from jaxlm.checkpoint import load_model
+    from jaxlm.tokenizer import load_recorded
+
+    sae, layer = _load_sae(sae_dir, layer)
+    model, minfo = load_model(model_dir)
+    tok = load_recorded(minfo, tokdir, required=True)  # the one the model records, unchanged
+    tokdir = tokdir or minfo.tokenizer
+    if tok.vocab_size != model.cfg.vocab_size:
+        raise UserError(
+            f"{tokdir}: {tok.vocab_size} pieces, but {model_dir} has vocab_size "
+            f"{model.cfg.vocab_size}"
+        )
+    if not 0 <= layer < model.cfg.n_layers:
+        raise UserError(
+            f"layer {layer} of {sae_dir}: {model_dir} has layers 0..{model.cfg.n_layers - 1}"
+        )
+    if sae.cfg.d_in != model.cfg.d_ff:
+        raise UserError(
+            f"{sae_dir}: the SAE reads {sae.cfg.d_in} dims; {model_dir}'s MLP has {model.cfg.d_ff}"
+        )
+    return model, sae, layer, tok, tokdir
+
+
+def _word_lists(specs: list[str]) -> dict[str, list[str]]:
+    from sae.analysis import tsea
+
+    lists = {}
+    for spec in specs:
+        name, path, column = tsea.parse_names_spec(spec)
+        lists[name] = tsea.load_word_list(path, column)
+    return lists
+
+
+def _token_sets(args, tok, where: str) -> tuple[dict, list[tuple[str, str]]]:
+    """(the named token sets, the pairs to contrast)."""
+    from sae.analysis import tsea
+
+    words, regexes, contrasts = {}, {}, []
+    if args.demo_sets:
+        words.update(tsea.demo_word_lists())
+        regexes.update({k: tsea.REGEX_SETS[k] for k in tsea.DEMO_REGEX_SETS})
+        contrasts.extend(tsea.DEMO_CONTRASTS)
+    named = _word_lists(args.names)
+    words.update(named)
+    if len(named) >= 2 and not args.demo_sets:
+        contrasts.append(tuple(tsea.starts_name(n) for n in list(named)[:2]))
+    for spec in args.regex:
+        name, sep, pattern = spec.partition("=")
+        if not sep or not name or not pattern:
+            raise UserError(f"--regex {spec!r}: expected NAME=PATTERN")
+        regexes[name] = pattern
+    if not words and not regexes:
+        raise UserError("no token sets: pass --demo-sets, --names NAME=FILE or --regex NAME=RE")
+    if args.contrast:
+        contrasts = []
+        for spec in args.contrast:
+            a, sep, b = spec.partition(":")
+            if not sep or not a or not b:
+                raise UserError(f"--contrast {spec!r}: expected SET_A:SET_B")
+            contrasts.append((a, b))
+    starts = {tsea.starts_name(k): v for k, v in words.items()}
+    sets = tsea.build_token_sets(tok, words=words, regexes=regexes, word_starts=starts,
+                                 where=where)  # fmt: skip
+    for a, b in contrasts:
+        for n in (a, b):
+            if n not in sets:
+                raise UserError(f"--contrast {a}:{b}: no token set {n!r}; sets are "
+                                f"{', '.join(sets)}")  # fmt: skip
+    return sets, contrasts
+
+
+def _batches(args, tokdir: str | None, what: str) -> list:
+    """Every --data DIR's --split rows, at most --rows each, as [B, T] batches (read once)."""
+    from jaxlm.data.pipeline import read_metadata
+    from jaxlm.tokenizer import check_data_tokenizer
+    from sae.analysis import dashboards as db
+
+    if args.rows < 1 or args.batch_size < 1:
+        raise UserError("--rows and --batch-size must be >= 1")
+    out = []
+    for d in args.data:
+        check_data_tokenizer(what, tokdir, read_metadata(d)["tokenizer"]["sha256"])
+        out.extend(
+            db.read_rows(d, split=args.split, max_rows=args.rows, batch_size=args.batch_size)
+        )
+    return out
+
+
+def _live(args, model, sae, sae_dir: str, layer: int, tokdir: str | None, what: str):
+    """(live [S] or None, frequency [S] or None, where that came from)."""
+    import numpy as np
+
+    from sae.io import SPARSITY
+
+    if args.data:
+        from sae.analysis.dashboards import feature_acts_fn
+
+        acts = feature_acts_fn(model, sae, layer, np.arange(sae.cfg.n_latents))
+        count, n = np.zeros(sae.cfg.n_latents, np.int64), 0
+        for batch in _batches(args, tokdir, what):
+            count += (acts(batch) > 0).reshape(-1, sae.cfg.n_latents).sum(0)
+            n += batch.size
+        return count > 0, count / max(n, 1), f"--data {args.split} rows ({n} tokens)"
+    path = Path(sae_dir) / SPARSITY
+    if path.is_file():
+        from safetensors.numpy import load_file
+
+        log10 = np.asarray(load_file(str(path))["sparsity"], np.float64)
+        if log10.shape != (sae.cfg.n_latents,):
+            raise UserError(f"{path}: {log10.shape[0]} values for {sae.cfg.n_latents} features")
+        # training saves log10(frequency + 1e-10): a latent that never fired reads -10
+        return log10 > -9.5, np.maximum(10.0**log10 - 1e-10, 0.0), f"{path} (training)"
+    return None, None, "none (no --data, no sparsity.safetensors): every feature counted"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def _analyse(args, model_dir: str, sae_dir: str):
+    from sae.analysis import tsea
+
+    model, sae, layer, tok, tokdir = _load(model_dir, sae_dir, args.tokenizer, args.layer)
+    sets, contrasts = _token_sets(args, tok, tokdir)
+    live, freq, source = _live(args, model, sae, sae_dir, layer, tokdir, f"--model {model_dir}")
+    res = tsea.tsea(model, sae.W_dec_sf[...], layer, sets, cosine_sim=args.cosine_sim,
+                    correction=args.correction, n_null=args.null_directions,
+                    null_quantile=args.null_quantile, progress=True, contrasts=contrasts,
+                    live=live, frequency=freq)  # fmt: skip
+    res.meta.update(model=str(model_dir), sae=str(sae_dir), dead_features_from=source,
+                    n_dead=int((~live).sum()) if live is not None else 0)  # fmt: skip
+    return res, tsea.display_texts(tok)
+
+
+def _counts(summary_sets: dict, key: str) -> dict:
+    return {n: s.get(key) for n, s in summary_sets.items()}
+
+
+def cmd_tsea(args) -> int:
+    from jaxlm.outputs import say_done
+    from sae.analysis import tsea
+
+    with _output(args, "tsea") as owned:
+        if owned.done:
+            say_done(owned.path)
+            return 0
+        res, texts = _analyse(args, args.model, args.sae)
+        out = owned.tmp
+        summary = res.summary(alpha=args.alpha, top=args.top, texts=texts)
+        _write_json(out / "tsea.json", summary)
+        res.save_npz(out / "tsea.npz")
+        tsea.manhattan_plot({"": res}, out / "tsea.png", alpha=args.alpha)
+        owned.publish()
+    key = "n_promoting_above_null" if args.null_directions else "n_significant_promoting"
+    line = {"out": args.out, "features": res.n_features, key: _counts(summary["sets"], key)}
+    print(json.dumps(line, ensure_ascii=False))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from jaxlm.outputs import say_done
+    from sae.analysis import tsea
+
+    with _output(args, "tsea-compare") as owned:
+        if owned.done:
+            say_done(owned.path)
+            return 0
+        (before, texts_b), (after, texts_a) = (
+            _analyse(args, *args.before),
+            _analyse(args, *args.after),
+        )
+        out = owned.tmp
+        cmp = tsea.compare(before, after, alpha=args.alpha, top=args.top, texts_before=texts_b,
+                           texts_after=texts_a)  # fmt: skip
+        _write_json(out / "tsea_compare.json", cmp)
+        before.save_npz(out / "tsea_before.npz")
+        after.save_npz(out / "tsea_after.npz")
+        tsea.manhattan_plot({"before": before, "after": after}, out / "tsea_compare.png",
+                            alpha=args.alpha)  # fmt: skip
+        owned.publish()
+    key = "n_promoting_above_null" if args.null_directions else "n_significant_promoting"
+    change = {n: s["change"].get(key) for n, s in cmp["sets"].items()}
+    print(json.dumps({"out": args.out, f"change_in_{key}": change}, ensure_ascii=False))
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    from jaxlm.outputs import say_done
+
+    with _output(args, "dashboard") as owned:
+        if owned.done:
+            say_done(owned.path)
+            return 0
+        j, h, n = _dashboard(args, owned.tmp)
+        owned.publish()
+    print(json.dumps({"json": str(owned.path / j.name), "html": str(owned.path / h.name),
+                      "features": n}))  # fmt: skip
+    return 0
+
+
+def _dashboard(args, out: Path) -> tuple[Path, Path, int]:
+    from jaxlm.data.pipeline import read_metadata
+    from jaxlm.tokenizer import check_data_tokenizer
+    from sae.analysis import dashboards as db
+    from sae.analysis.tsea import display_texts
+
+    model, sae, layer, tok, tokdir = _load(args.model, args.sae, args.tokenizer, args.layer)
+    if args.rows < 1 or args.k < 1 or args.batch_size < 1:
+        raise UserError("--rows, --k and --batch-size must be >= 1")
+    # the examples are decoded with `tok`: data of another tokenizer would show other text
+    check_data_tokenizer(
+        f"--model {args.model}", tokdir, read_metadata(args.data)["tokenizer"]["sha256"]
+    )
+    features = db.parse_features(args.features, sae.cfg.n_latents)
+    batches = db.read_rows(
+        args.data, split=args.split, max_rows=args.rows, batch_size=args.batch_size
+    )
+    data = db.dashboards(
+        model, sae, layer, batches, features, display_texts(tok), k=args.k, progress=True
+    )
+    data.update(model=str(args.model), sae=str(args.sae), data=str(args.data))
+    j, h = db.write_dashboards(data, out, title=f"SAE features: {Path(args.sae).name}")
+    return j, h, len(features)
+
+
+# --- attribution and matching -------------------------------------------------------------------
+
+
+def _attribution(args, model_dir: str, sae_dir: str, out: Path, *, dashboards: bool = False):
+    """Load, find contexts, attribute; write DIR/attribution.json + .png (+ dashboards)."""
+    from sae.analysis import attribution as at
+    from sae.analysis.tsea import display_texts
+
+    model, sae, layer, tok, tokdir = _load(model_dir, sae_dir, args.tokenizer, args.layer)
+    if args.top < 1:
+        raise UserError("--top must be >= 1")
+    lists = _word_lists(args.names) if args.names else None
+    if lists is not None and len(lists) != 2:
+        raise UserError(f"--names: give exactly two lists (positive first), got {len(lists)}")
+    contrasts = at.demo_contrasts(tok, lists)
+    batches = _batches(args, tokdir, f"--model {model_dir}")
+    att = at.attribute(model, sae, layer, batches, tok, contrasts, progress=True)
+    att.meta.update(model=str(model_dir), sae=str(sae_dir), data=list(args.data),
+                    split=args.split)  # fmt: skip
+    texts = display_texts(tok)
+    out.mkdir(parents=True, exist_ok=True)
+    link = "dashboards/dashboards.html" if dashboards else None
+    summary = att.summary(top=args.top, texts=texts, dashboard=link)
+    if dashboards:
+        _attribution_dashboards(model, sae, layer, batches, texts, att, summary, out, sae_dir)
+    _write_json(out / "attribution.json", summary)
+    at.bar_plot(att, out / "attribution.png", title=f"{model_dir} · {sae_dir} · layer {layer}")
+    return att, summary, (model, sae, layer, tok)
+
+
+def _attribution_dashboards(model, sae, layer, batches, texts, att, summary, out, sae_dir):
+    """Dashboards of every listed feature; each entry learns how many of its top contexts sit at
+    the contrast's targets (the context position or the target's first token)."""
+    import numpy as np
+
+    from sae.analysis import dashboards as db
+
+    feats = sorted({e["feature"] for c in summary["contrasts"].values()
+                    for e in c["top_features"] + c["bottom_features"]})  # fmt: skip
+    if not feats:
+        return
+    data = db.dashboards(model, sae, layer, batches, np.asarray(feats), texts, progress=True)
+    db.write_dashboards(data, out / "dashboards", title=f"SAE features: {Path(sae_dir).name}")
+    by_feature = {f["feature"]: f["contexts"] for f in data["features"]}
+    for r in att.results:
+        at_targets = {(int(row), int(p) + d) for row, p in zip(r.contexts.row, r.contexts.pos,
+                      strict=True) for d in (0, 1)}  # fmt: skip
+        c = summary["contrasts"][r.contrast.name]
+        for e in c["top_features"] + c["bottom_features"]:
+            ctxs = by_feature[e["feature"]]
+            hits = sum((x["row"], x["position"]) in at_targets for x in ctxs)
+            e["dashboard_contexts_at_targets"] = f"{hits}/{len(ctxs)}"
+
+
+def _line(summary: dict) -> dict:
+    out = {}
+    for name, c in summary["contrasts"].items():
+        out[name] = {"contexts": c["contexts"], "features": c["balanced"]["features"],
+                     "error_share": c["error_share"]}  # fmt: skip
+    return out
+
+
+def cmd_attribute(args) -> int:
+    from jaxlm.outputs import say_done
+
+    with _output(args, "attribution") as owned:
+        if owned.done:
+            say_done(owned.path)
+            return 0
+        _, summary, _ = _attribution(args, args.model, args.sae, owned.tmp,
+                                     dashboards=args.dashboards)  # fmt: skip
+        owned.publish()
+    print(json.dumps({"out": str(args.out), **_line(summary)}, ensure_ascii=False))
+    return 0
+
+
+def cmd_match(args) -> int:
+    if not -1.0 <= args.threshold <= 1.0:
+        raise UserError(f"--threshold {args.threshold}: a cosine is in [-1, 1]")
+    from jaxlm.outputs import say_done
+
+    with _output(args, "matching") as owned:
+        if owned.done:
+            say_done(owned.path)
+            return 0
+        report = _match(args, owned.tmp)
+        owned.publish()
+    keys = ("matched_above_threshold", "lost_before", "new_after")
+    print(json.dumps({"out": str(args.out), **{k: report[k] for k in keys}}))
+    return 0
+
+
+def _match(args, out: Path) -> dict:
+    from sae.analysis import attribution as at
+    from sae.analysis import matching, tsea
+
+    runs = {}
+    for key, (model_dir, sae_dir) in (("before", args.before), ("after", args.after)):
+        att, summary, (model, sae, layer, tok) = _attribution(args, model_dir, sae_dir, out / key)
+        r = att["names"]
+        sets = dict(zip(r.contrast.labels, r.contrast.sets["pooled"], strict=True))
+        freq = att.active_count / max(att.n_tokens, 1)
+        res = tsea.tsea(model, sae.W_dec_sf[...], layer, sets, contrasts=[tuple(sets)],
+                        live=att.live, frequency=freq)  # fmt: skip
+        W_down = model.blocks[layer].mlp.w_down_fd[...]
+        runs[key] = (att, res, at.effective_decoder(sae)[0], W_down)
+    (att_b, res_b, W_b, down_b), (att_a, res_a, W_a, down_a) = runs["before"], runs["after"]
+    m = matching.match_features(W_b, W_a, live_before=att_b.live, live_after=att_a.live)
+    report = matching.match_report(
+        att_b, att_a, m, tsea_before=res_b, tsea_after=res_a, pair_index=0,
+        threshold=args.threshold, top=args.top,
+        write_cos=matching.write_cosine(W_b, W_a, down_b, down_a, m),
+        chance=matching.chance_cosine(m.n_before, m.n_after, W_b.shape[1]),
+    )  # fmt: skip
+    report["tsea_names_contrast"] = {
+        "before": res_b.contrast_summary(0, top=args.top),
+        "after": res_a.contrast_summary(0, top=args.top),
+    }
+    report.update(before={"model": args.before[0], "sae": args.before[1]},
+                  after={"model": args.after[0], "sae": args.after[1]})  # fmt: skip
+    _write_json(out / "match.json", report)
+    matching.scatter_plot(att_b, att_a, m, out / "match.png", threshold=args.threshold)
+    return report

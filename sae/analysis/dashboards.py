@@ -1,0 +1,338 @@
+"""Feature dashboards: what makes an SAE feature fire, and what it makes the model say.
+
+Per feature: activation density over a stream of token rows, the top-k activating contexts (a
+window of tokens around the maximum, each token shaded by the feature's activation there) and the
+tokens its decoder direction promotes and suppresses most
+(`sae.analysis.tsea.feature_vocab_projection`).
+Written as JSON and as one static HTML page (all text escaped; `dir="auto"` lets the browser lay
+out Arabic right to left). Sized for the demo: a few hundred features over a few thousand rows on
+a CPU.
+
+The SAE is a `sae.base.SAE` of any registered architecture, as `sae.io.load_sae` gives it: its
+own `encode` gives the activations (of the model's MLP post-activation, captured by
+`sae.activations.capture_fn`) and its `W_dec_sf` the logit directions, so a new variant needs
+nothing here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlm.errors import UserError
+from sae.activations import capture_fn
+from sae.base import SAE
+
+# --- activations --------------------------------------------------------------------------------
+
+
+def feature_acts_fn(model, sae: SAE, layer: int, features: Sequence[int]):
+    """A tokens [B, T] -> activations [B, T, len(features)] of `features`, through the model's
+    `layer` MLP post-activation (`sae.activations.capture_fn`) and the SAE's own `encode`."""
+    capture = capture_fn(model, layer)
+    graphdef, state = nnx.split(sae)
+    idx = jnp.asarray(np.asarray(features, np.int64))
+
+    @jax.jit
+    def acts(state, h_nf):
+        return nnx.merge(graphdef, state).encode(h_nf)[:, idx]  # [N, C]
+
+    def run(tokens_bt: np.ndarray) -> np.ndarray:
+        B, T = tokens_bt.shape
+        h_nf = capture(jnp.asarray(tokens_bt, jnp.int32))  # [B * T, F]
+        return np.asarray(acts(state, h_nf), np.float32).reshape(B, T, len(idx))
+
+    return run
+
+
+def read_rows(
+    datadir: str | Path, *, split: str = "train", max_rows: int = 2048, batch_size: int = 32
+) -> Iterator[np.ndarray]:
+    """Batches [B, T] of token rows from a prepared DATADIR, in order, at most `max_rows` rows.
+
+    A prepared row holds T + 1 tokens (inputs and shifted targets); the first T are used.
+    """
+    from jaxlm.data.pipeline import make_loader, read_metadata
+
+    meta = read_metadata(datadir)
+    rows = meta["splits"].get(split, {}).get("rows", 0)
+    if rows == 0:
+        raise UserError(f"{datadir}: no rows in split {split!r}")
+    n = min(max_rows, rows)
+    batch_size = min(batch_size, n)
+    loader = make_loader(
+        [(str(datadir), 1.0)],
+        split=split,
+        batch_size=batch_size,
+        seed=0,
+        num_epochs=1,
+        shuffle=False,
+    )
+    seen = 0
+    for batch in loader:
+        take = min(batch_size, n - seen)
+        yield batch["tokens"][:take, :-1]
+        seen += take
+        if seen >= n:
+            return
+
+
+# --- dashboards ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ContextStore:
+    """The running top-k activating contexts of a set of features."""
+
+    k: int
+    left: int
+    right: int
+    n_features: int
+
+    def __post_init__(self):
+        S, k, W = self.n_features, self.k, self.left + self.right + 1
+        self.values = np.full((S, k), -np.inf, np.float32)  # [S, k], best first
+        self.rows = np.full((S, k), -1, np.int64)  # global row index
+        self.positions = np.full((S, k), -1, np.int64)
+        self.window_tokens = np.full((S, k, W), -1, np.int32)  # -1: outside the row
+        self.window_acts = np.zeros((S, k, W), np.float32)
+        self.active = np.zeros(S, np.int64)  # tokens with activation > 0
+        self.tokens = 0
+        self.max_act = np.zeros(S, np.float32)
+
+    def add(self, tokens_bt: np.ndarray, acts_bts: np.ndarray, row0: int) -> None:
+        """Fold in a batch: tokens [B, T], activations [B, T, S], its first row's index."""
+        B, T, S = acts_bts.shape
+        self.tokens += B * T
+        self.active += (acts_bts > 0).reshape(-1, S).sum(0)
+        self.max_act = np.maximum(self.max_act, acts_bts.reshape(-1, S).max(0))
+        flat_ns = acts_bts.reshape(B * T, S)
+        k = min(self.k, B * T)
+        cand_ks = np.argpartition(-flat_ns, k - 1, axis=0)[:k]  # [k, S] positions in the batch
+        vals_ks = np.take_along_axis(flat_ns, cand_ks, 0)
+        b_ks, t_ks = cand_ks // T, cand_ks % T
+        offs = np.arange(-self.left, self.right + 1)  # [W]
+        tpos = t_ks[..., None] + offs  # [k, S, W]
+        inside = (tpos >= 0) & (tpos < T)
+        tclip = np.clip(tpos, 0, T - 1)
+        win_tok = np.where(inside, tokens_bt[b_ks[..., None], tclip], -1)
+        s_idx = np.arange(S)[None, :, None]
+        win_act = np.where(inside, acts_bts[b_ks[..., None], tclip, s_idx], 0.0)
+        self._merge(
+            vals_ks.T,
+            (b_ks + row0).T,
+            t_ks.T,
+            win_tok.transpose(1, 0, 2),
+            win_act.transpose(1, 0, 2),
+        )
+
+    def _merge(self, vals, rows, pos, win_tok, win_act) -> None:
+        vals = np.where(vals > 0, vals, -np.inf)  # a context is one where the feature fires
+        all_v = np.concatenate([self.values, vals], 1)  # old first: ties keep earlier rows
+        all_r = np.concatenate([self.rows, rows], 1)
+        all_p = np.concatenate([self.positions, pos], 1)
+        # best first; among equal values the earlier row, then the earlier position
+        order = np.lexsort((all_p, all_r, -all_v), axis=1)[:, : self.k]
+        pick = lambda a: np.take_along_axis(a, order if a.ndim == 2 else order[..., None], 1)  # noqa: E731
+        self.values, self.rows, self.positions = pick(all_v), pick(all_r), pick(all_p)
+        self.window_tokens = pick(np.concatenate([self.window_tokens, win_tok], 1))
+        self.window_acts = pick(np.concatenate([self.window_acts, win_act], 1))
+        empty = ~np.isfinite(self.values)
+        self.rows[empty], self.positions[empty] = -1, -1
+
+
+def parse_features(spec: str, n_features: int) -> np.ndarray:
+    """`0-99,120,200-209` -> sorted unique ids, each checked against the SAE's size."""
+    ids: set[int] = set()
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if m is None:
+            raise UserError(f"--features {spec!r}: expected ids and ranges like 0-99,120")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo or hi >= n_features:
+            raise UserError(
+                f"--features {part.strip()!r}: the SAE has features 0..{n_features - 1}"
+            )
+        ids.update(range(lo, hi + 1))
+    return np.asarray(sorted(ids), np.int64)
+
+
+def collect_contexts(
+    model,
+    sae: SAE,
+    layer: int,
+    batches: Iterable[np.ndarray],
+    features: Sequence[int],
+    *,
+    k: int = 10,
+    left: int = 12,
+    right: int = 4,
+    progress: bool = False,
+) -> ContextStore:
+    """Density and top-k contexts of `features` over batches of token rows [B, T]."""
+    features = np.asarray(features)
+    acts_fn = feature_acts_fn(model, sae, layer, features)
+    store = ContextStore(k, left, right, len(features))
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="dashboard", unit="batch")
+    row0 = 0
+    for tokens_bt in batches:
+        tokens_bt = np.asarray(tokens_bt)
+        store.add(tokens_bt, acts_fn(tokens_bt), row0)
+        row0 += tokens_bt.shape[0]
+    if row0 == 0:
+        raise UserError("no token rows to build dashboards from")
+    return store
+
+
+def dashboards(
+    model,
+    sae: SAE,
+    layer: int,
+    batches: Iterable[np.ndarray],
+    features: Sequence[int],
+    texts: Sequence[str],
+    *,
+    k: int = 10,
+    left: int = 12,
+    right: int = 4,
+    n_logit_tokens: int = 10,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Everything the dashboards show, JSON-ready: {"features": [...], ...}."""
+    from sae.analysis.tsea import feature_vocab_projection
+
+    features = np.asarray(features)
+    store = collect_contexts(
+        model, sae, layer, batches, features, k=k, left=left, right=right, progress=progress
+    )
+    proj = feature_vocab_projection(model, np.asarray(sae.W_dec_sf[...])[features], layer)
+    n = min(n_logit_tokens, proj.shape[1])
+    out = []
+    for j, f in enumerate(features):
+        out.append(
+            {
+                "feature": int(f),
+                "density": float(store.active[j] / store.tokens),
+                "max_activation": round(float(store.max_act[j]), 5),
+                "promotes": _logit_tokens(proj[j], texts, n),
+                "suppresses": _logit_tokens(-proj[j], texts, n, sign=-1),
+                "contexts": _contexts(store, j, texts),
+            }
+        )
+    return {"layer": layer, "tokens_seen": int(store.tokens), "k": k, "features": out}
+
+
+def _logit_tokens(w_v: np.ndarray, texts: Sequence[str], n: int, sign: int = 1) -> list[dict]:
+    best = np.argsort(-w_v, kind="stable")[:n]
+    return [{"token": texts[t], "weight": round(sign * float(w_v[t]), 5)} for t in best]
+
+
+def _contexts(store: ContextStore, j: int, texts: Sequence[str]) -> list[dict]:
+    """Feature j's contexts, best first; window tokens outside the row are left out."""
+    out = []
+    for c in np.flatnonzero(np.isfinite(store.values[j])):
+        toks = store.window_tokens[j, c]
+        keep = toks >= 0
+        out.append(
+            {
+                "row": int(store.rows[j, c]),
+                "position": int(store.positions[j, c]),
+                "activation": round(float(store.values[j, c]), 5),
+                "tokens": [texts[t] for t in toks[keep]],
+                "acts": [round(float(a), 5) for a in store.window_acts[j, c][keep]],
+                "max_index": int(store.left - np.sum(~keep[: store.left])),
+            }
+        )
+    return out
+
+
+# --- output -------------------------------------------------------------------------------------
+
+_CSS = """
+body { font-family: system-ui, "Noto Naskh Arabic", sans-serif; margin: 1.5em; color: #222; }
+section { border-top: 1px solid #ccc; padding: .6em 0; }
+h2 { font-size: 1.05em; margin: .2em 0; }
+.meta { color: #666; font-size: .85em; }
+.chips span { display: inline-block; margin: 1px 3px; padding: 0 4px; border-radius: 3px;
+  white-space: pre; font-size: .9em; }
+.pos span { background: #fde0c5; } .neg span { background: #d6e6f7; }
+.ctx { margin: 2px 0; font-size: 1.05em; line-height: 1.9; }
+.ctx span { white-space: pre; border-radius: 2px; }
+.ctx mark { outline: 2px solid #c0392b; background: inherit; white-space: pre; }
+.act { color: #888; font-size: .8em; font-family: monospace; margin-inline-end: .5em; }
+"""
+
+
+def _visible(text: str) -> str:
+    return text.replace("\n", "\u21b5")  # show newlines as ↵
+
+
+def _token_span(text: str, act: float, max_act: float, marked: bool) -> str:
+    alpha = 0.0 if max_act <= 0 else min(max(act / max_act, 0.0), 1.0)
+    body = html.escape(_visible(text))
+    title = f' title="{act:.3g}"'
+    style = f' style="background: rgba(255, 140, 0, {alpha:.2f})"' if alpha > 0 else ""
+    if marked:
+        return f"<mark{title}><span{style}>{body}</span></mark>"
+    return f"<span{title}{style}>{body}</span>"
+
+
+def _feature_html(f: dict) -> str:
+    chips = lambda items: "".join(  # noqa: E731
+        f'<span dir="auto" title="{t["weight"]:.3g}">{html.escape(_visible(t["token"]))}</span>'
+        for t in items
+    )
+    lines = []
+    for c in f["contexts"]:
+        spans = "".join(
+            _token_span(t, a, f["max_activation"], i == c["max_index"])
+            for i, (t, a) in enumerate(zip(c["tokens"], c["acts"], strict=True))
+        )
+        lines.append(
+            f'<div class="ctx"><span class="act">{c["activation"]:.3g}</span>'
+            f'<bdi dir="auto">{spans}</bdi></div>'
+        )
+    return (
+        f'<section id="f{f["feature"]}"><h2>Feature {f["feature"]}</h2>'
+        f'<div class="meta">density {100 * f["density"]:.3g}% · max activation '
+        f"{f['max_activation']:.3g}</div>"
+        f'<div class="chips pos">promotes: {chips(f["promotes"])}</div>'
+        f'<div class="chips neg">suppresses: {chips(f["suppresses"])}</div>'
+        + ("".join(lines) or '<div class="meta">never active on these rows</div>')
+        + "</section>"
+    )
+
+
+def render_html(data: dict, title: str = "SAE feature dashboards") -> str:
+    """One static page, every text escaped."""
+    body = "".join(_feature_html(f) for f in data["features"])
+    head = (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+        f'<p class="meta">layer {data["layer"]} · {data["tokens_seen"]} tokens · '
+        f"top {data['k']} contexts per feature</p>"
+    )
+    return head + body + "</body></html>\n"
+
+
+def write_dashboards(data: dict, out_dir: str | Path, title: str = "SAE feature dashboards"):
+    """dashboards.json + dashboards.html in `out_dir`; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    j, h = out / "dashboards.json", out / "dashboards.html"
+    j.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    h.write_text(render_html(data, title), encoding="utf-8")
+    return j, h

@@ -1,0 +1,266 @@
+"""`jaxlm sae eval | ablate`: thin wrappers over sae.evaluate and sae.ablate.
+
+jaxlm sae eval --model M --sae SAEDIR --data DATADIR [--data DATADIR ...] [--split validation]
+    [--rows 256] [--batch-size 8] --out eval.json
+jaxlm sae ablate --model M --sae SAEDIR (--features 3,17,42 | --random K [--seed S] [--data DIR])
+    [--mode zero | --mode clamp --value X] --n 48 --max-new-tokens 160 --out samples.jsonl
+    [--names english=FILE[#COLUMN] --names arabic=FILE[#COLUMN]]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from jaxlm.errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Adds `eval` and `ablate` to the `sae` group."""
+    p = sub.add_parser(
+        "eval",
+        help="SAELens' SAE metrics on held-out rows: CE loss recovered, "
+        "KL, explained variance, L0, dead and dense latents (JSON)",
+    )
+    _model_args(p)
+    p.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="DATADIR",
+        help="prepared data; repeat for several sources (each reported, and pooled)",
+    )
+    p.add_argument(
+        "--split",
+        default="validation",
+        help="validation (falls back to train where a DATADIR has none) or train",
+    )
+    p.add_argument("--rows", type=int, default=256, help="rows per source (at most)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward")
+    p.add_argument("--seed", type=int, default=0, help="which rows, when a split has more")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="the result (JSON); also written into the SAE's "
+        "directory (eval.json and cfg.json's jaxlm.eval)",
+    )
+    p.set_defaults(func=cmd_eval)
+
+    a = sub.add_parser(
+        "ablate",
+        help="sample stories with SAE features removed, and without; "
+        "their translation artifacts side by side",
+    )
+    _model_args(a)
+    pick = a.add_mutually_exclusive_group(required=True)
+    pick.add_argument("--features", help="latent ids, e.g. 3,17,42")
+    pick.add_argument("--random", type=int, metavar="K", help="K random live features (a control)")
+    a.add_argument("--seed", type=int, default=0, help="the --random draw's seed")
+    a.add_argument(
+        "--data",
+        help="with --random: live = active on these rows (default: fired "
+        "in training, from the SAE's sparsity.safetensors)",
+    )
+    a.add_argument("--split", default="validation")
+    a.add_argument("--rows", type=int, default=256)
+    a.add_argument(
+        "--mode",
+        choices=("zero", "clamp"),
+        default="zero",
+        help="zero: remove the features' decoded part; clamp: set them to --value",
+    )
+    a.add_argument("--value", type=float, help="with --mode clamp: the features' activation")
+    a.add_argument("--n", type=int, default=48, help="stories")
+    a.add_argument("--prompts", help="story beginnings: one a line, or JSONL (`text`)")
+    a.add_argument("--tokenizer", help="tokenizer directory (default: the model's own)")
+    a.add_argument("--max-new-tokens", type=int, default=160)
+    a.add_argument("--temperature", type=float, default=0.8)
+    a.add_argument("--top-k", type=int, default=50)
+    a.add_argument("--batch-size", type=int, default=64, help="stories sampled at once")
+    a.add_argument("--sample-seed", type=int, default=0, help="sampling and bootstrap seed")
+    a.add_argument(
+        "--names",
+        action="append",
+        default=[],
+        metavar="SIDE=FILE[#COLUMN]",
+        help="english=... and arabic=... name lists (default: the demo corpus')",
+    )
+    a.add_argument("--english-top", type=int, metavar="K", help="first K English entries only")
+    a.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    a.add_argument("--out", required=True, help="the stories (JSONL: ablated and baseline text)")
+    a.add_argument("--report", help="the metrics (JSON; default: OUT with .artifacts.json)")
+    a.set_defaults(func=cmd_ablate)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        help="model dir, training workdir or HF dir (default: the one the SAE's cfg.json records)",
+    )
+    p.add_argument("--sae", required=True, help="SAE directory (cfg.json + sae_weights)")
+    p.add_argument("--layer", type=int, help="default: the layer the SAE's cfg.json names")
+
+
+def _load(args):
+    """(model, its ModelInfo, the SAE, the SAE's directory info, the layer)."""
+    from jaxlm.checkpoint import load_model
+    from sae.evaluate import check_fits
+    from sae.io import load_sae
+
+    sae, info = load_sae(args.sae)
+    layer = info.layer if args.layer is None else args.layer
+    if layer is None:
+        raise UserError(
+            f"{args.sae}/cfg.json names no layer (jaxlm.layer, hook_name); pass --layer"
+        )
+    model_path = args.model or info.model_path
+    if not model_path:
+        raise UserError(f"{args.sae}/cfg.json records no model: pass --model")
+    model, minfo = load_model(model_path)
+    check_fits(model, sae, layer, where=f"SAE {args.sae}")
+    return model, minfo, sae, info, layer
+
+
+def _check_tokenizer(model_path: str, tokdir: str | None, datadir: str) -> None:
+    from jaxlm.data.pipeline import read_metadata
+    from jaxlm.tokenizer import check_data_tokenizer
+
+    sha = read_metadata(datadir)["tokenizer"]["sha256"]
+    check_data_tokenizer(f"--model {model_path}", tokdir, sha)
+
+
+def _write(path: str | Path, text: str) -> None:
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"{p}: cannot write ({e.strerror})") from None
+
+
+def cmd_eval(args) -> int:
+    from sae.evaluate import evaluate, save_eval
+
+    model, minfo, sae, info, layer = _load(args)
+    for d in args.data:
+        _check_tokenizer(minfo.path, minfo.tokenizer, d)
+    result = evaluate(
+        model,
+        sae,
+        layer,
+        args.data,
+        split=args.split,
+        rows=args.rows,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=True,
+    )
+    result = {"model": minfo.path, "sae": str(args.sae), **result}
+    _write(args.out, json.dumps(result, indent=2) + "\n")
+    save_eval(args.sae, result)
+    keys = ("ce_loss_score", "kl_div_with_sae", "explained_variance", "l0", "dead_fraction")
+    print(json.dumps({"out": args.out, **{k: result["pooled"][k] for k in keys}}))
+    return 0
+
+
+def _features(args, model, sae, info, layer) -> tuple[list[int], dict]:
+    """(the features to ablate, how they were chosen)."""
+    import numpy as np
+
+    from sae import ablate
+    from sae.evaluate import eval_split, firing_counts, read_rows
+
+    if args.features is not None:
+        return ablate.parse_features(args.features, sae.cfg.n_latents), {"how": "given"}
+    if args.data:
+        split, _ = eval_split(args.data, args.split)
+        rows = read_rows(args.data, split=split, max_rows=args.rows, batch_size=8)
+        counts, tokens = firing_counts(model, sae, layer, rows)
+        live = np.flatnonzero(counts)
+        live_from = f"active on {tokens} tokens of {args.data} [{split}]"
+    else:
+        live = ablate.live_from_sparsity(info.path)
+        live_from = f"fired in training ({info.path}/sparsity.safetensors, log10 freq > -10)"
+    feats = ablate.pick_random(live, args.random, args.seed)
+    return feats, {
+        "how": "random live",
+        "k": args.random,
+        "seed": args.seed,
+        "live_from": live_from,
+        "n_live": int(len(live)),
+    }
+
+
+def cmd_ablate(args) -> int:
+    from jaxlm.eval.artifacts import NameLists
+    from jaxlm.eval.samples import load_prompts
+    from jaxlm.generate import SamplingConfig
+    from jaxlm.tokenizer import Tokenizer
+    from sae.ablate import FeatureAblation, ablation_report
+
+    if (args.mode == "clamp") != (args.value is not None):
+        raise UserError("--value goes with --mode clamp (and --mode clamp needs --value)")
+    if args.data and args.features is not None:
+        raise UserError("--data finds live features for --random; --features names them")
+    if args.n < 1 or args.resamples < 1:
+        raise UserError(f"--n {args.n} and --resamples {args.resamples} must be >= 1")
+    lists = NameLists.from_specs(args.names, args.english_top) if args.names else None
+    prompts = load_prompts(args.prompts) if args.prompts else None
+    model, minfo, sae, info, layer = _load(args)
+    tokdir = args.tokenizer or minfo.tokenizer
+    if not tokdir:
+        raise UserError(f"{minfo.path} records no tokenizer: pass --tokenizer")
+    if args.data:
+        _check_tokenizer(minfo.path, tokdir, args.data)
+    features, chosen = _features(args, model, sae, info, layer)
+    edit = FeatureAblation(sae, layer, features, mode=args.mode, value=args.value or 0.0)
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k)
+    rows, report = ablation_report(
+        model,
+        Tokenizer.load(tokdir),
+        edit,
+        n=args.n,
+        prompts=prompts,
+        max_new_tokens=args.max_new_tokens,
+        sampling=sampling,
+        seed=args.sample_seed,
+        batch_size=args.batch_size,
+        lists=lists,
+        resamples=args.resamples,
+    )
+    report_path = args.report or str(Path(args.out).with_suffix(".artifacts.json"))
+    report = {
+        "model": minfo.path,
+        "sae": str(args.sae),
+        "layer": layer,
+        "features": features,
+        "selection": chosen,
+        "mode": args.mode,
+        "value": args.value,
+        "sampling": {
+            "n": args.n,
+            "prompts": args.prompts,
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "top_k": args.top_k,
+            "seed": args.sample_seed,
+            "batch_size": args.batch_size,
+        },
+        "samples": str(args.out),
+        **report,
+    }
+    _write(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    _write(report_path, json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+    print(
+        json.dumps(
+            {
+                "samples": str(args.out),
+                "report": report_path,
+                "features": features,
+                "difference": report["difference"],
+            },
+            ensure_ascii=False,
+        )
+    )
+    return 0

@@ -1,0 +1,357 @@
+"""Attribution of an MLP layer's direct push over SAE features, contexts, the TSEA contrast,
+feature matching, and the `sae attribute | match` commands."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm.config import ModelConfig
+from jaxlm.errors import UserError
+from jaxlm.eval.wordlists import demo_word_lists
+from jaxlm.model import init_model
+from jaxlm.tokenizer import Tokenizer
+from sae.analysis import attribution as at
+from sae.analysis import matching, tsea
+from sae.base import SAEConfig
+from sae.io import save_sae
+from sae.registry import create
+
+TOL = 1e-4  # the issue's bar for the split; fp32 activations, float64 sums
+
+
+def _set(param, value) -> None:
+    param.set_value(jnp.asarray(value, jnp.float32))
+
+
+def _model(V: int, D: int = 32, F: int = 64, layers: int = 2, seed: int = 0):
+    """A random model with weights large enough that every part is O(1), and a non-trivial ln_f."""
+    cfg = ModelConfig(vocab_size=V, d_model=D, n_layers=layers, n_heads=4, d_mlp=F,
+                      max_positions=64)  # fmt: skip
+    model = init_model(cfg, seed)
+    rng = np.random.default_rng(seed + 1)
+    for b in model.blocks:
+        _set(b.mlp.w_up_df, rng.normal(0, 0.3, (D, F)))
+        _set(b.mlp.w_down_fd, rng.normal(0, 0.3, (F, D)))
+        _set(b.mlp.b_down_d, rng.normal(0, 0.2, D))
+    _set(model.ln_f.scale_d, rng.uniform(0.5, 1.5, D))
+    _set(model.ln_f.bias_d, rng.normal(0, 0.1, D))
+    _set(model.wte_vd, rng.normal(0, 0.5, (V, D)))
+    return model
+
+
+def _sae(F: int, S: int, arch: str = "standard", seed: int = 0, **kw):
+    rng = np.random.default_rng(seed)
+    W = rng.normal(size=(F, S)).astype(np.float32)
+    sae = create(SAEConfig(architecture=arch, d_in=F, d_sae=S, **kw))
+    tensors = {
+        "W_enc": W * 0.3,
+        "b_enc": np.full(S, -0.2, np.float32),
+        "W_dec": (W.T * rng.uniform(0.05, 0.3, (S, 1))).astype(np.float32),
+        "b_dec": rng.normal(0, 0.05, F).astype(np.float32),
+    }
+    if arch == "jumprelu":
+        tensors["threshold"] = np.linspace(0, 0.5, S).astype(np.float32)
+    sae.load_tensors(tensors)
+    return sae
+
+
+# --- the exact split ----------------------------------------------------------------------------
+
+
+def _own_forward(model, tokens_bt):
+    """The final residual, block by block, written here (not the model's `_run`)."""
+    B, T = tokens_bt.shape
+    x = model.wte_vd[...][tokens_bt] + model.wpe_pd[...][jnp.arange(T)][None]
+    for block in model.blocks:
+        x, _, _ = block(x, q_slot_t=jnp.arange(T), valid_bs=None, kv=None, write=None)
+    return np.asarray(x, np.float64)
+
+
+SAES = [("standard", {}), ("topk", {"k": 4, "rescale_acts_by_decoder_norm": True}),
+        ("jumprelu", {})]  # fmt: skip
+
+
+@pytest.mark.parametrize(("arch", "kw"), SAES, ids=[a for a, _ in SAES])
+def test_parts_sum_to_the_layers_direct_contribution(arch, kw):
+    V, D, F, S, L = 60, 32, 64, 48, 1
+    model = _model(V, D, F, layers=2, seed=3)
+    sae = _sae(F, S, arch, **kw)
+    rng = np.random.default_rng(4)
+    tokens = jnp.asarray(rng.integers(0, V, (3, 10)), jnp.int32)
+    set_a, set_b = np.array([5, 7, 11]), np.array([20, 21])
+    x_btd, h_btf, a_bts = at.forward_fn(model, sae, L)(tokens)
+    ro = at.Readout.of(model, L)
+    W_eff, b_eff = at.effective_decoder(sae)
+    flat = lambda t: np.asarray(t, np.float64).reshape(-1, t.shape[-1])  # noqa: E731
+    u = ro.direction(set_a, set_b)
+    u_cd = np.broadcast_to(u, (30, D))
+    d = at.decompose(ro, u_cd, flat(x_btd), flat(h_btf), flat(a_bts), W_eff, b_eff)
+
+    # independently: the residual from our own block loop reproduces the model's logits ...
+    x = _own_forward(model, tokens).reshape(-1, D)
+    logits = np.asarray(model(tokens), np.float64).reshape(-1, V)
+    gamma, beta = np.asarray(model.ln_f.scale_d[...]), np.asarray(model.ln_f.bias_d[...])
+    mu, sd = x.mean(1, keepdims=True), np.sqrt(x.var(1, keepdims=True) + model.cfg.layer_norm_eps)
+    wte = np.asarray(model.wte_vd[...], np.float64)
+    assert np.abs(((x - mu) / sd * gamma + beta) @ wte.T - logits).max() < TOL
+    # ... the logit difference is the model's, and layer L's direct part is its centred output
+    # over the frozen std, read along gamma * u
+    want_ld = logits[:, set_a].mean(1) - logits[:, set_b].mean(1)
+    assert np.abs(d["logit_diff"] - want_ld).max() < TOL
+    h = np.asarray(model.mlp_activations(tokens, (L,))[L], np.float64).reshape(-1, F)
+    m = h @ np.asarray(model.blocks[L].mlp.w_down_fd[...]) + np.asarray(
+        model.blocks[L].mlp.b_down_d[...]
+    )
+    direct = ((m - m.mean(1, keepdims=True)) / sd * gamma) @ u
+    assert np.abs(d["total"] - direct).max() < TOL
+    got = d["parts"].sum(1) + d["error"] + d["bias"]
+    assert np.abs(got - direct).max() < TOL
+    assert np.abs(direct).max() > 0.1  # the parts are not all tiny
+    # the whole residual read the same way (plus ln_f's bias) is the model's logit difference:
+    # the frozen 1/std is LayerNorm's own
+    whole = ((x - mu) / sd * gamma) @ u + beta @ u
+    assert np.abs(whole - want_ld).max() < TOL
+    # each feature's part is its activation times its own decoder row's read (topk: the row over
+    # its norm, as the SAE decodes), written out here
+    W_dec = np.asarray(sae.W_dec_sf[...], np.float64)
+    if kw.get("rescale_acts_by_decoder_norm"):
+        W_dec = W_dec / np.linalg.norm(W_dec, axis=1, keepdims=True)
+    a = flat(a_bts)
+    centred = W_dec @ np.asarray(model.blocks[L].mlp.w_down_fd[...])
+    centred = centred - centred.mean(1, keepdims=True)
+    want_parts = a * ((centred @ (gamma * u))[None] / sd)
+    assert np.abs(d["parts"] - want_parts).max() < TOL
+    assert (a > 0).any() and (a == 0).any()
+
+
+def test_a_decode_that_is_not_affine_is_refused():
+    sae = _sae(16, 8)
+
+    class Squared(type(sae)):
+        def decode(self, acts_ns):
+            return jnp.square(acts_ns) @ self.W_dec_sf[...] + self.b_dec_f[...]
+
+    odd = Squared(sae.cfg, rngs=__import__("flax").nnx.Rngs(0))
+    with pytest.raises(UserError, match="decode is not affine"):
+        at.effective_decoder(odd)
+    W, b = at.effective_decoder(sae)  # the base decode: the saved weights as they are
+    assert np.array_equal(W, np.asarray(sae.W_dec_sf[...], np.float64))
+
+
+# --- contexts -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok400(demo_data):
+    return Tokenizer.load(demo_data["tok"])
+
+
+def _expected(tok, text: str, ids, starts: list[tuple[int, int]]) -> set[tuple[int, int]]:
+    """(context position, label) of targets starting at character s after a space. No piece
+    crosses the boundary before a space, so the text before that space is the row's first k
+    tokens; the first token is then "▁X..." at k (context k - 1), or X... at k + 1 after a lone
+    "▁" piece (context k)."""
+    out = set()
+    for s, label in starts:
+        assert text[s - 1] == " "
+        k = len(tok.encode(text[: s - 1]))
+        out.add((k if tok.id_to_piece(ids[k]) == "\u2581" else k - 1, label))
+    return out
+
+
+def test_contexts_on_hand_made_rows(tok400):
+    lists = {"english": ["ليلي", "تيم", "تيمي", "سو"], "arabic": ["سلمى", "ليلى", "سو"]}
+    names = at.name_contrast(tok400, lists)
+    # at 400 pieces a name is several tokens: the context reads its first one
+    assert len(tok400.encode(" تيمي")) > 1 and len(tok400.encode(" سلمى")) > 1
+    text = ('قالت ليلي، "ماذا تفعل؟" قال تيمي. قالت سلمى: «هيا يا ليلى» وليلي '
+            "تيمية سو ذهب مع تيم")  # fmt: skip
+    ids = tok400.encode(text)
+    ctx = at.find_contexts([ids], at.token_bytes(tok400), names)
+    want = _expected(tok400, text, ids, [(text.index("تيمي"), 0), (text.index("سلمى"), 1)])
+    assert set(zip(ctx.pos.tolist(), ctx.label.tolist(), strict=True)) == want
+    # ليلي and ليلى both start with "▁ل" here: that token cannot tell them apart
+    assert ctx.skipped["ambiguous_first_token"] == 2
+    assert tok400.encode(" ليلي")[0] in names.ambiguous["space"]
+    # "وليلي" and "تيمية" are not whole names, "سو" is in both lists, and "تيم" ends the row
+    assert ctx.skipped["row_end"] == 1 and names.notes["words_in_both_lists"] == 1
+    for p in ctx.pos:  # the first token is " X..." of the name's own encoding
+        assert int(ids[p + 1]) in np.concatenate(names.sets["space"])
+    assert tok400.encode(" تيمي")[0] in names.sets["space"][0]
+    assert tok400.encode(" سلمى")[0] in names.sets["space"][1]
+
+    quotes = at.quote_contrast(tok400)
+    q = at.find_contexts([ids], at.token_bytes(tok400), quotes)
+    want = _expected(tok400, text, ids, [(text.index('"'), 0), (text.index("«"), 1)])
+    assert set(zip(q.pos.tolist(), q.label.tolist(), strict=True)) == want  # not the closing "
+    # a row's first token has no context before it
+    assert len(at.find_contexts([tok400.encode("تيمي ذهب")], at.token_bytes(tok400), names)) == 0
+
+
+def test_row_text_maps_byte_pieces(tok400):
+    tb = at.token_bytes(tok400)
+    text = "ب😀 ليلي"  # the emoji is four byte pieces
+    ids = tok400.encode(text)
+    rt = at.row_text(ids, tb)
+    assert rt.text == text
+    assert rt.owner[1] == 1 and rt.start[1] == 1  # the emoji's first byte piece owns it
+    assert (rt.start[2:5] == -1).all()  # its other byte pieces start no character
+    assert at.row_text([3, *ids], tb).text == "\x00" + text  # </s>: a story boundary
+
+
+# --- the TSEA contrast --------------------------------------------------------------------------
+
+
+def test_contrast_on_a_crafted_projection_and_dead_features_left_out():
+    V, D, F = 80, 16, 24
+    model = _model(V, D, F, layers=1, seed=5)
+    rng = np.random.default_rng(5)
+    W_dec = rng.normal(size=(12, F)).astype(np.float32)
+    a, b = np.array([4, 5, 6, 9]), np.array([9, 30, 31])  # 9 is in both: dropped from both
+    proj = tsea.feature_vocab_projection(model, W_dec, 0).astype(np.float64)
+    want = (proj[:, [4, 5, 6]].mean(1) - proj[:, [30, 31]].mean(1)) / proj.std(1)
+    live = np.ones(12, bool)
+    best = int(np.argmax(want))
+    live[best] = False
+    res = tsea.tsea(model, W_dec, 0, {"a": a, "b": b}, contrasts=[("a", "b")], live=live,
+                    n_null=64, chunk=5)  # fmt: skip
+    np.testing.assert_allclose(res.contrast[0], want, rtol=1e-4, atol=1e-5)
+    assert res.null_contrast.shape == (1, 64)
+    s = res.contrast_summary(0, top=3)
+    assert s["n_live"] == 11 and best not in [e["feature"] for e in s["top_positive"]]
+    assert s["top_positive"][0]["feature"] == int(np.argsort(-want)[1])
+    assert abs(s["mean"] - want[live].mean()) < 1e-5
+    summary = res.summary(top=20)
+    assert summary["sets"]["a"]["n_live"] == 11
+    assert best not in [e["feature"] for e in summary["sets"]["a"]["top_features"]]
+    assert set(summary["contrasts"]) == {"a-b"}
+    json.dumps(summary)
+    with pytest.raises(UserError, match="no token set 'c'"):
+        tsea.tsea(model, W_dec, 0, {"a": a, "b": b}, contrasts=[("a", "c")], n_null=0)
+
+
+def test_word_start_sets_read_multi_token_names(tok400):
+    words = demo_word_lists()["english_names"]
+    starts = tsea.word_start_set(tok400, words)
+    spaced = [tok400.encode(" " + w) for w in words]  # "▁" + "X..." where "▁X" is no piece
+    lone = [ids for ids in spaced if tok400.id_to_piece(ids[0]) == "\u2581"]
+    assert lone  # the lone space piece is not the word's start: the next piece is
+    want = {ids[1] if ids in lone else ids[0] for ids in spaced}
+    assert set(starts.tolist()) == want | {tok400.encode(w)[0] for w in words}
+    with pytest.raises(UserError, match="is empty"):  # no name is a whole piece at 400 pieces
+        tsea.build_token_sets(tok400, words={"en": words})
+
+
+# --- matching -----------------------------------------------------------------------------------
+
+
+def test_matching_recovers_a_permuted_copy():
+    rng = np.random.default_rng(0)
+    W = rng.normal(size=(50, 32))
+    perm = rng.permutation(50)
+    W2 = W[perm] * rng.uniform(0.5, 2.0, (50, 1))  # rescaled rows: the cosine ignores norms
+    m = matching.match_features(W, W2)
+    assert np.abs(m.cosine - 1).max() < 1e-9
+    assert np.array_equal(perm[m.after], m.before)  # after row j is before row perm[j]
+    for f in range(50):
+        assert m.counterpart(f)[0] == int(np.flatnonzero(perm == f)[0])
+    live = np.ones(50, bool)
+    live[[3, 7]] = False
+    m = matching.match_features(W, W2, live_before=live)
+    assert m.n_before == 48 and 3 not in m.before and len(m.before) == 48
+    assert matching.chance_cosine(50, 50, 32) < 0.9
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+
+
+def _cli(argv: list[str]) -> int:
+    from jaxlm.cli import main
+
+    return main(["sae", *argv])
+
+
+def test_cli_pulse_and_bad_input(tok400, demo_data, tmp_path, capsys):
+    from jaxlm.checkpoint import save_model
+
+    model = _model(tok400.vocab_size, D=32, F=64, layers=2, seed=6)
+    save_model(tmp_path / "m", model, tokenizer=str(demo_data["tok"]))
+    sae = _sae(64, 40, seed=1)
+    save_sae(tmp_path / "s", sae, layer=1)
+    perm = np.random.default_rng(1).permutation(40)
+    copy = _sae(64, 40, seed=1)
+    _, t = sae.inference_tensors()
+    t = {k: np.asarray(v) for k, v in t.items()}
+    copy.load_tensors({"W_enc": t["W_enc"][:, perm], "b_enc": t["b_enc"][perm],
+                       "W_dec": t["W_dec"][perm], "b_dec": t["b_dec"]})  # fmt: skip
+    save_sae(tmp_path / "s2", copy, layer=1)
+    m, s = str(tmp_path / "m"), str(tmp_path / "s")
+    data = ["--data", str(demo_data["translated"]), "--data", str(demo_data["native"]),
+            "--split", "train", "--rows", "24"]  # fmt: skip
+    assert _cli(["attribute", "--model", m, "--sae", s, *data, "--dashboards",
+                 "--out", str(tmp_path / "a")]) == 0  # fmt: skip
+    out = json.loads((tmp_path / "a/attribution.json").read_text())
+    names, dlg = out["contrasts"]["names"], out["contrasts"]["dialogue"]
+    assert names["contexts"]["english"] > 5 and names["contexts"]["arabic"] > 5
+    assert dlg["contexts"]["english_style"] > 0 and dlg["contexts"]["arabic_style"] > 0
+    assert names["max_decomposition_residual"] < 1e-9
+    assert out["rows"] == 48 and (tmp_path / "a/attribution.png").stat().st_size > 0
+    listed = names["top_features"] + names["bottom_features"]
+    assert listed and all("/" in e["dashboard_contexts_at_targets"] for e in listed)
+    assert (tmp_path / "a/dashboards/dashboards.html").is_file()
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["names"]["error_share"] == names["error_share"]
+
+    assert _cli(["match", "--before", m, s, "--after", m, str(tmp_path / "s2"), *data,
+                 "--out", str(tmp_path / "x")]) == 0  # fmt: skip
+    rep = json.loads((tmp_path / "x/match.json").read_text())
+    assert rep["matched_above_threshold"] == rep["live_before"] == rep["live_after"]
+    for row in rep["top_before"]:  # the permuted copy: every feature found, same behaviour
+        assert row["has_counterpart"] and row["assigned"] == int(
+            np.flatnonzero(perm == row["feature"])[0]
+        )
+        assert row["cosine"] == pytest.approx(1.0, abs=1e-6)
+        assert row["after"]["part"] == pytest.approx(row["before"]["part"], abs=1e-5)
+    assert (tmp_path / "x/match.png").stat().st_size > 0
+
+    # TSEA with dead features found on held-out rows
+    assert _cli(["tsea", "--model", m, "--sae", s, "--regex", "q=[«»]", "--regex", 'l="',
+                 "--contrast", "l:q", *data, "--out", str(tmp_path / "t")]) == 0  # fmt: skip
+    t = json.loads((tmp_path / "t/tsea.json").read_text())
+    assert t["dead_features_from"].startswith("--data train rows")
+    assert t["contrasts"]["l-q"]["n_live"] == 40 - t["n_dead"]
+    # without --data: the training sparsity saved beside the SAE (log10(freq + 1e-10))
+    log_sparsity = np.full(40, -2.0)
+    log_sparsity[[0, 5, 9]] = -10.0
+    save_sae(tmp_path / "s3", sae, layer=1, log_sparsity_s=log_sparsity)
+    assert _cli(["tsea", "--model", m, "--sae", str(tmp_path / "s3"), "--regex", "q=[«»]",
+                 "--out", str(tmp_path / "t3")]) == 0  # fmt: skip
+    t = json.loads((tmp_path / "t3/tsea.json").read_text())
+    assert "sparsity.safetensors (training)" in t["dead_features_from"] and t["n_dead"] == 3
+    assert t["sets"]["q"]["n_live"] == 37
+    assert not {0, 5, 9} & {e["feature"] for e in t["sets"]["q"]["top_features"]}
+    capsys.readouterr()
+    en = tmp_path / "en.txt"
+    en.write_text("ليلي\n")
+    bad = [
+        (["attribute", "--model", m, "--sae", s, *data, "--names", "x=/nope.txt", "--out", "o"],
+         "nope.txt: cannot read"),
+        (["attribute", "--model", m, "--sae", s, *data, "--names", f"x={en}", "--out", "o"],
+         "give exactly two lists (positive first), got 1"),
+        (["attribute", "--model", m, "--sae", s, "--data", str(tmp_path), "--out", "o"],
+         "not a prepared DATADIR"),
+        (["attribute", "--model", m, "--sae", s, *data, "--top", "0", "--out", "o"],
+         "--top must be >= 1"),
+        (["match", "--before", m, s, "--after", m, s, *data, "--threshold", "2", "--out", "o"],
+         "a cosine is in [-1, 1]"),
+        (["tsea", "--model", m, "--sae", s, "--regex", "q=«", "--contrast", "q", "--out", "o"],
+         "expected SET_A:SET_B"),
+    ]  # fmt: skip
+    for argv, msg in bad:
+        assert _cli(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and msg in lines[0], lines

@@ -1,0 +1,450 @@
+"""SAE evaluation and feature ablation.
+
+Evaluation: SAELens' metrics (CE loss recovered, KL, explained variance, losses, L0, dead and
+dense latents) against a straightforward reference on a transformers GPT-Neo whose `mlp.act`
+forward hook returns the SAE's reconstruction (computed in numpy) or zeros; a perfect SAE scores
+1 and KL 0, a zero SAE 0; the result lands beside the SAE with cfg.json still SAELens-loadable;
+the CLI. Ablation: the edit's algebra (all features ablated leaves the error term + b_dec),
+ablating nothing samples exactly what plain sampling does, random features are live and seeded,
+the paired difference, the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm.checkpoint import save_model
+from jaxlm.cli import main as jaxlm_main
+from jaxlm.config import ModelConfig
+from jaxlm.errors import UserError
+from jaxlm.eval.artifacts import artifact_metrics
+from jaxlm.hf import load_hf
+from jaxlm.tokenizer import Tokenizer
+from sae import ablate
+from sae.ablate import FeatureAblation, ablation_report, paired_difference, pick_random
+from sae.base import SAEConfig
+from sae.evaluate import eval_split, evaluate, firing_counts, read_rows, save_eval
+from sae.io import load_sae, save_sae
+from sae.registry import create
+
+torch = pytest.importorskip("torch")
+from jaxlm.testing import random_hf_gpt_neo  # noqa: E402
+
+LOSS_RTOL = 1e-4  # losses and KL (fp32 logits; never loosened)
+SIMPLE_TOL = 1e-5  # simple ops on fp32 activations
+LAYER, F, S = 1, 64, 128
+# init_std 0.2: peaked next-token distributions and an MLP that moves them, so the scores'
+# denominators (ablated - clean) are far from float noise
+CFG = ModelConfig(vocab_size=400, d_model=32, n_layers=2, n_heads=4, d_mlp=F, max_positions=64,
+                  init_std=0.2)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    """(transformers GPTNeoForCausalLM, the same weights as a jaxlm model)."""
+    d = tmp_path_factory.mktemp("hf_neo")
+    ref = random_hf_gpt_neo(CFG, seed=3)
+    with torch.no_grad():  # an MLP whose output dominates its residual stream: ablating it hurts
+        ref.transformer.h[LAYER].mlp.c_proj.weight.mul_(4.0)
+    ref.save_pretrained(d)
+    return ref, load_hf(d)
+
+
+def _identity_pair() -> np.ndarray:
+    """[F, 2F] = [I, -I]: relu(x W) @ W.T = relu(x) - relu(-x) = x exactly."""
+    return np.concatenate([np.eye(F), -np.eye(F)], 1).astype(np.float32)
+
+
+def _sae(kind: str = "noisy", arch: str = "standard", seed: int = 0, **kw):
+    """A standard SAE: `noisy` (the identity pair with independent noise on W_enc and W_dec, a
+    threshold-like b_enc and some dead latents: imperfect, but far from useless), `perfect`
+    (the identity pair) or `zero` (all weights 0)."""
+    rng = np.random.default_rng(seed)
+    E = _identity_pair()
+    t = {"W_enc": E, "W_dec": E.T.copy(), "b_enc": np.zeros(S, np.float32),
+         "b_dec": np.zeros(F, np.float32)}  # fmt: skip
+    if kind == "noisy":
+        t["W_enc"] = E + rng.normal(0, 0.05, E.shape).astype(np.float32)
+        t["W_dec"] = (E.T + rng.normal(0, 0.05, E.T.shape)).astype(np.float32)
+        t["b_enc"] = np.full(S, -0.05, np.float32)
+        t["b_enc"][:8] = -1e3  # never fire
+        t["b_dec"] = rng.normal(0, 0.02, F).astype(np.float32)
+    elif kind == "zero":
+        t = {k: np.zeros_like(v) for k, v in t.items()}
+    sae = create(SAEConfig(architecture=arch, d_in=F, d_sae=S, **kw))
+    if arch == "jumprelu":
+        t["threshold"] = np.full(S, 0.02, np.float32)
+    sae.load_tensors(t)
+    return sae
+
+
+def _np(sae) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v, np.float64) for k, v in sae.inference_tensors()[1].items()}
+
+
+# --- the reference ------------------------------------------------------------------------------
+
+
+def _reference_batch(ref, sae, rows_bt1: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-token losses and KLs from transformers, the SAE written out in numpy (standard ReLU)."""
+    fn = torch.nn.functional
+    t = _np(sae)
+    inputs = torch.tensor(rows_bt1[:, :-1], dtype=torch.long)
+    targets = torch.tensor(rows_bt1[:, 1:], dtype=torch.long).reshape(-1)
+    act = ref.transformer.h[LAYER].mlp.act
+    seen = {}
+
+    def run(hook):
+        handle = act.register_forward_hook(hook)
+        with torch.no_grad():
+            logits = ref(inputs).logits
+        handle.remove()
+        return logits.reshape(-1, CFG.vocab_size)
+
+    clean = run(lambda m, a, out: seen.__setitem__("h", out.numpy().copy()))
+    h_nf = seen["h"].reshape(-1, F).astype(np.float64)
+    acts_ns = np.maximum((h_nf - t["b_dec"]) @ t["W_enc"] + t["b_enc"], 0)
+    recon_nf = acts_ns @ t["W_dec"] + t["b_dec"]
+    as_out = lambda x, out: torch.from_numpy(x.reshape(out.shape).astype(np.float32))  # noqa: E731
+    spliced = run(lambda m, a, out: as_out(recon_nf, out))
+    zero = run(lambda m, a, out: torch.zeros_like(out))
+
+    def kl(new):  # SAELens' _kl: kl_div(log q, p) summed over the vocabulary = KL(p || q)
+        return fn.kl_div(fn.log_softmax(new, -1), fn.softmax(clean, -1), reduction="none").sum(-1)
+
+    ce = lambda lg: fn.cross_entropy(lg, targets, reduction="none")  # noqa: E731
+    return {"h": h_nf, "recon": recon_nf, "acts": acts_ns, "ce_clean": ce(clean).numpy(),
+            "ce_sae": ce(spliced).numpy(), "ce_zero": ce(zero).numpy(),
+            "kl_sae": kl(spliced).numpy(), "kl_zero": kl(zero).numpy()}  # fmt: skip
+
+
+def _reference_metrics(parts: list[dict]) -> dict:
+    r = {k: np.concatenate([p[k] for p in parts]).astype(np.float64) for k in parts[0]}
+    m = {k: r[k].mean() for k in ("ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero")}
+    h, fired = r["h"], r["acts"] > 0
+    return {
+        "ce_loss_without_sae": m["ce_clean"],
+        "ce_loss_with_sae": m["ce_sae"],
+        "ce_loss_with_ablation": m["ce_zero"],
+        "ce_loss_score": 1 - (m["ce_sae"] - m["ce_clean"]) / (m["ce_zero"] - m["ce_clean"]),
+        "kl_div_with_sae": m["kl_sae"],
+        "kl_div_with_ablation": m["kl_zero"],
+        "explained_variance": 1
+        - np.square(h - r["recon"]).sum(1).mean() / np.square(h - h.mean(0)).sum(1).mean(),
+        "l0": fired.sum(1).mean(),
+        "dead_fraction": (fired.sum(0) == 0).mean(),
+        "dense_fraction": (fired.mean(0) > 0.1).mean(),
+        "tokens": len(h),
+    }
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+def test_metrics_match_a_transformers_reference(hf_pair, demo_data):
+    ref, model = hf_pair
+    sae = _sae("noisy")
+    sources = [demo_data["translated"], demo_data["native"]]
+    got = evaluate(model, sae, LAYER, sources, rows=13, batch_size=5)  # batches of 5, 5, 3
+    parts = {}
+    for name, d in zip(("data_translated", "data_native"), sources, strict=True):
+        batches = read_rows(d, split="validation", max_rows=13, batch_size=5)
+        parts[name] = [_reference_batch(ref, sae, b) for b in batches]
+    parts["pooled"] = parts["data_translated"] + parts["data_native"]
+    for name, want_parts in parts.items():
+        have = got["pooled"] if name == "pooled" else got["sources"][name]
+        want = _reference_metrics(want_parts)
+        assert have["tokens"] == want["tokens"]
+        for k in ("ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation",
+                  "kl_div_with_sae", "kl_div_with_ablation"):  # fmt: skip
+            assert have[k] == pytest.approx(want[k], rel=LOSS_RTOL), (name, k)
+        # the score's error, propagated from 1e-4 relative on each loss
+        c = want
+        bound = (
+            LOSS_RTOL
+            * (c["ce_loss_with_sae"] + c["ce_loss_with_ablation"])
+            / abs(c["ce_loss_with_ablation"] - c["ce_loss_without_sae"])
+        )
+        assert have["ce_loss_score"] == pytest.approx(want["ce_loss_score"], abs=bound)
+        assert have["explained_variance"] == pytest.approx(want["explained_variance"], abs=1e-4)
+        assert have["l0"] == pytest.approx(want["l0"], abs=1e-2)
+        assert have["dead_fraction"] == want["dead_fraction"] >= 8 / S
+        assert have["dense_fraction"] == pytest.approx(want["dense_fraction"], abs=1 / S)
+    pooled = got["pooled"]
+    # a useful but imperfect SAE, on a model whose MLP matters: the test discriminates
+    assert 0.2 < pooled["explained_variance"] < 0.95 and 0 < pooled["kl_div_score"] < 1
+    assert abs(pooled["ce_loss_with_ablation"] - pooled["ce_loss_without_sae"]) > 0.05
+    assert got["sources"]["data_native"]["split"] == "validation"
+    assert got["sources"]["data_native"]["rows"] == 10 and pooled["rows"] == 13 + 10  # all 10
+    assert pooled["kl_div_score"] == pytest.approx(
+        1 - pooled["kl_div_with_sae"] / pooled["kl_div_with_ablation"]
+    )
+
+
+def test_perfect_sae_recovers_everything_and_zero_sae_nothing(hf_pair, demo_data):
+    from jaxlm.train.sections import DataSource
+
+    _, model = hf_pair
+    src = [DataSource(str(demo_data["native"]))]  # as the trainers' data section holds them
+    perfect = evaluate(model, _sae("perfect"), LAYER, src, rows=8, batch_size=8)["pooled"]
+    assert perfect["ce_loss_score"] == pytest.approx(1.0, abs=1e-6)
+    assert perfect["ce_loss_with_sae"] == pytest.approx(perfect["ce_loss_without_sae"], rel=1e-7)
+    assert abs(perfect["kl_div_with_sae"]) < 1e-7 and perfect["kl_div_score"] == pytest.approx(1)
+    assert perfect["explained_variance"] == pytest.approx(1.0, abs=SIMPLE_TOL)
+    assert perfect["mse"] < 1e-10
+    zero = evaluate(model, _sae("zero"), LAYER, src, rows=8, batch_size=8)["pooled"]
+    assert zero["ce_loss_score"] == pytest.approx(0.0, abs=1e-6)
+    assert zero["kl_div_with_sae"] == pytest.approx(zero["kl_div_with_ablation"], rel=1e-6)
+    assert zero["l0"] == 0 and zero["dead_fraction"] == 1 and zero["dense_fraction"] == 0
+    assert zero["explained_variance"] < 0  # predicting 0 is worse than predicting the mean
+
+
+def test_split_falls_back_to_train_and_says_so(demo_data, tmp_path):
+    stories = [json.loads(x) for x in (demo_data["dir"] / "native.jsonl").read_text().splitlines()]
+    (tmp_path / "few.jsonl").write_text(
+        "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in stories[:20])
+    )
+    assert jaxlm_main(["data", "prepare", "--input", str(tmp_path / "few.jsonl"), "--tokenizer",
+                       str(demo_data["tok"]), "--seq-len", "32", "--val-fraction", "0",
+                       "--workers", "1", "--out", str(tmp_path / "d")]) == 0  # fmt: skip
+    split, note = eval_split(tmp_path / "d")
+    assert split == "train" and "no validation rows" in note
+    assert eval_split(demo_data["native"]) == ("validation", None)
+    with pytest.raises(UserError, match="no rows in split 'test'"):
+        eval_split(tmp_path / "d", "test")
+
+
+def test_rows_are_a_seeded_sample_of_the_split(demo_data):
+    d = demo_data["translated"]
+    a = np.concatenate(list(read_rows(d, split="validation", max_rows=7, batch_size=3)))
+    b = np.concatenate(list(read_rows(d, split="validation", max_rows=7, batch_size=7)))
+    c = np.concatenate(list(read_rows(d, split="validation", max_rows=7, batch_size=3, seed=1)))
+    assert a.shape == (7, 33) and np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_result_is_saved_beside_the_sae_and_sae_lens_still_loads_it(tmp_path):
+    from tests.helpers_sae_lens import sae_lens
+
+    sae = _sae("noisy")
+    save_sae(tmp_path, sae, layer=LAYER, model_path="/m", extra={"steps": 3})
+    before = json.loads((tmp_path / "cfg.json").read_text())
+    result = {"layer": LAYER, "pooled": {"ce_loss_score": 0.9, "kl_div_score": None}}
+    save_eval(tmp_path, result)
+    assert json.loads((tmp_path / "eval.json").read_text()) == result
+    after = json.loads((tmp_path / "cfg.json").read_text())
+    assert after["jaxlm"].pop("eval") == result and after == before  # only jaxlm.eval is new
+    loaded, info = load_sae(tmp_path)
+    assert info.layer == LAYER and np.array_equal(loaded.W_dec_sf[...], sae.W_dec_sf[...])
+    sae_lens()
+    from sae_lens.saes.sae import SAE as SAELensSAE
+
+    assert SAELensSAE.load_from_disk(str(tmp_path)).cfg.d_sae == S
+
+
+# --- feature ablation ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu"])
+def test_ablation_removes_exactly_the_features_decoded_part(arch):
+    sae = _sae("noisy", arch)
+    t = _np(sae)
+    h_btf = np.random.default_rng(1).normal(0, 1, (2, 5, F)).astype(np.float32)
+    acts = np.asarray(sae.encode(jnp.asarray(h_btf.reshape(-1, F))), np.float64)  # [N, S]
+    h = h_btf.reshape(-1, F).astype(np.float64)
+    feats = [9, 17, 40]
+    cases = {
+        FeatureAblation(sae, LAYER, range(S)): h - (acts @ t["W_dec"] + t["b_dec"]) + t["b_dec"],
+        FeatureAblation(sae, LAYER, feats): h - acts[:, feats] @ t["W_dec"][feats],
+        FeatureAblation(sae, LAYER, feats, mode="clamp", value=2.5): h
+        + (2.5 - acts[:, feats]) @ t["W_dec"][feats],
+    }
+    for edit, want in cases.items():
+        got = np.asarray(edit(jnp.asarray(h_btf))).reshape(-1, F)
+        np.testing.assert_allclose(got, want, atol=SIMPLE_TOL, rtol=SIMPLE_TOL)
+    assert np.array_equal(np.asarray(FeatureAblation(sae, LAYER, [])(jnp.asarray(h_btf))), h_btf)
+    with pytest.raises(UserError, match="not latents"):
+        FeatureAblation(sae, LAYER, [S])
+
+
+def test_all_features_ablated_leaves_error_plus_b_dec_in_the_model(hf_pair):
+    """Through the whole forward: transformers with a hook returning (h - recon) + b_dec."""
+    ref, model = hf_pair
+    sae = _sae("noisy")
+    t = _np(sae)
+    ids = np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 24))
+    act = ref.transformer.h[LAYER].mlp.act
+
+    def hook(m, a, out):
+        h = out.numpy().reshape(-1, F).astype(np.float64)
+        recon = np.maximum((h - t["b_dec"]) @ t["W_enc"] + t["b_enc"], 0) @ t["W_dec"] + t["b_dec"]
+        return torch.from_numpy((h - recon + t["b_dec"]).reshape(out.shape).astype(np.float32))
+
+    handle = act.register_forward_hook(hook)
+    with torch.no_grad():
+        want = ref(torch.tensor(ids)).logits.numpy()
+    handle.remove()
+    got = np.asarray(model(jnp.asarray(ids), edit=FeatureAblation(sae, LAYER, range(S))))
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    assert np.abs(got - np.asarray(model(jnp.asarray(ids)))).max() > 1e-2  # the edit matters
+
+
+def test_ablating_nothing_samples_exactly_what_plain_sampling_does(hf_pair, demo_data):
+    """`ablation_report`'s baseline is plain sampling (same prompts, seeds, batches); with nothing
+    ablated its edited stories are the same tokens, with every feature ablated they are not."""
+    from jaxlm.eval.samples import DEMO_SAMPLING, sample_stories
+
+    _, model = hf_pair
+    sae, tok = _sae("noisy"), Tokenizer.load(demo_data["tok"])
+    kw = dict(n=4, prompts=["كان", "في يوم"], max_new_tokens=10, batch_size=2, resamples=20)
+    rows, report = ablation_report(model, tok, FeatureAblation(sae, LAYER, []), **kw)
+    plain = sample_stories(model, tok, 4, ["كان", "في يوم"], max_new_tokens=10, batch_size=2,
+                           sampling=DEMO_SAMPLING)  # fmt: skip
+    assert [r["baseline"] for r in rows] == [r["ablated"] for r in rows] == plain
+    assert [(r["prompt"], r["seed"]) for r in rows] == [("كان", 0), ("في يوم", 0), ("كان", 1),
+                                                        ("في يوم", 1)]  # fmt: skip
+    assert report["ablated"]["metrics"] == report["baseline"]["metrics"]
+    rows, _ = ablation_report(model, tok, FeatureAblation(sae, LAYER, range(S)), **kw)
+    assert [r["baseline"] for r in rows] == plain
+    assert [r["ablated"] for r in rows] != plain
+
+
+def test_random_features_are_live_and_seeded(hf_pair, demo_data, tmp_path):
+    _, model = hf_pair
+    sae = _sae("noisy")
+    rows = read_rows(demo_data["native"], split="validation", max_rows=10, batch_size=4)
+    counts, tokens = firing_counts(model, sae, LAYER, rows)
+    assert tokens == 320 and (counts[:8] == 0).all()  # the latents that cannot fire
+    live = np.flatnonzero(counts)
+    want = _reference_metrics(
+        [_reference_batch(hf_pair[0], sae, b) for b in
+         read_rows(demo_data["native"], split="validation", max_rows=10, batch_size=10)]
+    )  # fmt: skip
+    assert 1 - len(live) / S == want["dead_fraction"]
+    picks = {tuple(pick_random(live, 5, seed)) for seed in range(4)}
+    assert len(picks) > 1 and all(set(p) <= set(live.tolist()) for p in picks)
+    assert pick_random(live, 5, 7) == pick_random(live, 5, 7)
+    with pytest.raises(UserError, match="live features"):
+        pick_random(live, len(live) + 1, 0)
+    # from the training's log10 firing frequencies: never firing reads log10(1e-10) = -10
+    freq = np.where(np.arange(S) % 3 == 0, 0.0, 1e-6).astype(np.float32)
+    save_sae(tmp_path, sae, layer=LAYER, log_sparsity_s=np.log10(freq + 1e-10))
+    assert ablate.live_from_sparsity(tmp_path).tolist() == [i for i in range(S) if i % 3]
+
+
+def test_paired_difference_is_the_difference_of_the_pooled_rates():
+    a = ['قال توم، "مرحبا"', "ليلي وسلمى", "لا أسماء"]
+    b = ["قالت سلمى: «مرحبا»", "ليلي ويوسف", "لا أسماء"]
+    ra, rb = artifact_metrics(a, resamples=50), artifact_metrics(b, resamples=50)
+    diff = paired_difference(ra["per_story"], rb["per_story"], resamples=200)
+    for k in ("english_name_rate", "english_dialogue_share"):
+        want = ra["metrics"][k]["value"] - rb["metrics"][k]["value"]
+        assert diff[k]["value"] == pytest.approx(want) and want > 0
+        lo, hi = diff[k]["ci95"]
+        assert lo <= want <= hi and diff[k]["n"] == 3
+    same = paired_difference(ra["per_story"], ra["per_story"], resamples=50)
+    assert same["english_name_rate"] == {"value": 0.0, "ci95": [0.0, 0.0], "n": 3}
+    none = paired_difference([{"english_mentions": 0, "arabic_mentions": 0, "english_turns": 0,
+                               "arabic_turns": 0}] * 2, rb["per_story"][:2])  # fmt: skip
+    assert none["english_name_rate"]["value"] is None
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(hf_pair, demo_data, tmp_path_factory):
+    """A saved model (with the demo tokenizer) and a saved SAE that names it and its layer."""
+    d = tmp_path_factory.mktemp("sae_eval_cli")
+    save_model(d / "m", hf_pair[1], tokenizer=str(demo_data["tok"]))
+    save_sae(d / "sae", _sae("noisy"), layer=LAYER, model_path=str(d / "m"))
+    return d
+
+
+def _sae_cli(argv: list[str]) -> int:
+    return jaxlm_main(["sae", *argv])
+
+
+def test_eval_cli_pulse(saved, demo_data, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--sae", str(saved / "sae"), "--data", str(demo_data["translated"]),
+            "--data", str(demo_data["native"]), "--rows", "6", "--batch-size", "3",
+            "--out", str(out)]  # fmt: skip
+    assert _sae_cli(argv) == 0  # the model: the one the SAE's cfg.json records
+    result = json.loads(out.read_text())
+    assert set(result["sources"]) == {"data_translated", "data_native"}
+    assert result["pooled"]["rows"] == 12 and result["model"] == str(saved / "m")
+    assert json.loads(capsys.readouterr().out)["ce_loss_score"] == result["pooled"]["ce_loss_score"]
+    assert json.loads((saved / "sae/eval.json").read_text()) == result
+    assert json.loads((saved / "sae/cfg.json").read_text())["jaxlm"]["eval"] == result
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--rows", "0"], "--rows 0"),
+        (["--layer", "5"], "layer 5"),
+        (["--data", "/nonexistent"], "not a prepared DATADIR"),
+        (["--split", "test"], "no rows in split 'test'"),
+    ],
+)
+def test_eval_cli_bad_input_is_one_line(saved, demo_data, tmp_path, capsys, flags, needle):
+    data = [] if "--data" in flags else ["--data", str(demo_data["native"])]
+    argv = ["eval", "--sae", str(saved / "sae"), *data, *flags, "--out", str(tmp_path / "e.json")]
+    assert _sae_cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_ablate_cli_pulse(saved, tmp_path, capsys):
+    out = tmp_path / "samples.jsonl"
+    common = ["ablate", "--model", str(saved / "m"), "--sae", str(saved / "sae"), "--n", "4",
+              "--max-new-tokens", "6", "--batch-size", "2", "--resamples", "20"]  # fmt: skip
+    argv = [*common, "--features", "0,1,2,3", "--out", str(out)]  # latents that never fire
+    assert _sae_cli(argv) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["seed"] for r in rows] == [0, 0, 1, 1]
+    # removing features that are 0 everywhere changes nothing: the edit is the only difference
+    assert all(r["ablated"] == r["baseline"] for r in rows)
+    report = json.loads((tmp_path / "samples.artifacts.json").read_text())
+    assert report["features"] == [0, 1, 2, 3] and report["selection"] == {"how": "given"}
+    for side in ("ablated", "baseline"):
+        assert report[side]["stories"] == 4 and "english_name_rate" in report[side]["metrics"]
+    assert set(report["difference"]) == {"english_name_rate", "english_dialogue_share"}
+    assert json.loads(capsys.readouterr().out)["report"] == str(tmp_path / "samples.artifacts.json")
+
+
+def test_ablate_cli_draws_random_live_features(hf_pair, saved, demo_data):
+    """`--random K --data DIR`: K latents active on the rows, seeded (no sampling here)."""
+    import argparse
+
+    from sae.eval_cli import _features
+
+    sae, info = load_sae(saved / "sae")
+    model = hf_pair[1]  # the saved model's weights
+    args = argparse.Namespace(features=None, random=3, seed=5, data=str(demo_data["native"]),
+                              split="validation", rows=8)  # fmt: skip
+    feats, how = _features(args, model, sae, info, LAYER)
+    assert len(feats) == 3 and min(feats) >= 8  # latents 0..7 never fire
+    assert how["how"] == "random live" and how["n_live"] == S - 8 and how["seed"] == 5
+    assert _features(args, model, sae, info, LAYER)[0] == feats
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--features", "3,999"], "[999] are not latents"),
+        (["--features", "3,x"], "comma-separated"),
+        (["--features", "3", "--mode", "clamp"], "--value goes with --mode clamp"),
+        (["--random", "2"], "sparsity.safetensors: missing"),
+    ],
+)
+def test_ablate_cli_bad_input_is_one_line(saved, tmp_path, capsys, flags, needle):
+    argv = ["ablate", "--sae", str(saved / "sae"), "--n", "2", "--max-new-tokens", "4", *flags,
+            "--out", str(tmp_path / "s.jsonl")]  # fmt: skip
+    assert _sae_cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
