@@ -127,12 +127,26 @@ class FeatureSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalSection:
+    """SAELens' reconstruction and downstream metrics (`sae.evaluate`: CE loss recovered, KL,
+    explained variance, L0, dead and dense latents) of each trained SAE, on held-out rows of every
+    training source, written to SAE_DIR/eval.json as `jaxlm sae eval` would (SAELens evaluates at
+    the end of training too). rows=0 turns it off."""
+
+    rows: int = 256  # rows (contexts) per data source
+    batch_size: int = 8
+    split: str = "validation"  # the train split when a source has no validation rows
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class SAETrainConfig:
     model: ModelSection = ModelSection()
     sae: SAEConfig = SAEConfig()
     data: DataSection = DataSection()
     optim: OptimSection = OptimSection()
     features: FeatureSection = FeatureSection()
+    eval: EvalSection = EvalSection()
     checkpoint: CheckpointSection = CheckpointSection(every=1000)
     log: LogSection = LogSection(tensorboard=False)
     mesh: MeshSection = MeshSection()  # latents split over fsdp x tensor
@@ -147,6 +161,8 @@ class SAETrainConfig:
         check_sections(self.data.sources, self.checkpoint, self.log)
         if self.features.feature_sampling_window < 1:
             raise UserError("features.feature_sampling_window must be >= 1")
+        if self.eval.rows < 0 or self.eval.batch_size < 1:
+            raise UserError("eval.rows must be >= 0 (0: no evaluation) and eval.batch_size >= 1")
 
     @property
     def steps(self) -> int:
@@ -394,11 +410,37 @@ def _train(cfg: SAETrainConfig, out: Path, model, info, layers, sources, mesh, r
     mlog.close(plot=cfg.log.plot)
     if result.preempted:
         return {**result.final, "preempted": True}
+    trained = []
     for i, layer in enumerate(layers):
         final = _layer_row(result.final, layer) if multi else result.final
-        _save_final(_sae_dir(out, layer, multi), cfg, layer, graphdef, states[i], scales[i],
-                    store.context_size, final)  # fmt: skip
+        trained.append(_save_final(_sae_dir(out, layer, multi), cfg, layer, graphdef, states[i],
+                                   scales[i], store.context_size, final))  # fmt: skip
+    if cfg.eval.rows:
+        with use_mesh(mesh, rules):
+            scores = _evaluate(cfg, out, model, trained, layers, sources, multi)
+        return {**result.final, **scores}
     return result.final
+
+
+def _evaluate(cfg: SAETrainConfig, out: Path, model, saes: list[SAE], layers, sources,
+              multi: bool) -> dict:  # fmt: skip
+    """Each trained SAE (activation scale folded in, as saved) evaluated on held-out rows and
+    written beside it; returns the headline scores, with `layer-N/` prefixes for several."""
+    from sae.evaluate import evaluate, save_eval
+
+    e, scores = cfg.eval, {}
+    for sae, layer in zip(saes, layers, strict=True):
+        d = _sae_dir(out, layer, multi)
+        result = evaluate(model, sae, layer, sources, split=e.split, rows=e.rows,
+                          batch_size=e.batch_size, seed=e.seed)  # fmt: skip
+        save_eval(d, {"model": str(Path(cfg.model.path).resolve()), "sae": str(d), **result})
+        prefix = f"layer-{layer}/" if multi else ""
+        for k in ("ce_loss_score", "kl_div_with_sae", "explained_variance", "l0"):
+            scores[f"{prefix}eval/{k}"] = result["pooled"][k]
+        pooled = result["pooled"]
+        logging.info("SAE layer %d: CE loss recovered %s, KL %s", layer,
+                     pooled["ce_loss_score"], pooled["kl_div_with_sae"])  # fmt: skip
+    return scores
 
 
 def _store(cfg: SAETrainConfig, model, layers: tuple[int, ...], sources, mesh):
@@ -576,8 +618,8 @@ def _compile(graphdef, tx, sae: SAE, cfg: SAETrainConfig, states: list):
 
 
 def _save_final(out: Path, cfg: SAETrainConfig, layer: int, graphdef, state: tuple, scale: float,
-                context_size: int, final: dict) -> None:  # fmt: skip
-    """One trained SAE for inference on raw activations, in SAELens's layout."""
+                context_size: int, final: dict) -> SAE:  # fmt: skip
+    """One trained SAE for inference on raw activations, in SAELens's layout; returns it."""
     from sae.io import save_sae
 
     writable = lambda t: jax.tree.map(np.array, jax.device_get(t))  # noqa: E731  (for the fold)
@@ -599,3 +641,4 @@ def _save_final(out: Path, cfg: SAETrainConfig, layer: int, graphdef, state: tup
             "final_metrics": {k: v for k, v in final.items() if k != "time"},
         },
     )
+    return trained

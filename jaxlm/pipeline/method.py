@@ -54,8 +54,20 @@ class Method:
     def model(self, label: str) -> Path:
         return self.w / "models" / label
 
-    def sae_dir(self, label: str) -> Path:
-        return self.w / "sae" / label
+    def sae_layers(self, label: str) -> list[int]:
+        """The configured MLP layers of `label`'s SAEs (-1: the last), deduplicated, in the
+        config's order: the first is the one the analyses read."""
+        from jaxlm.checkpoint import read_meta
+
+        n_layers = read_meta(self.model(label))[0].n_layers
+        return list(dict.fromkeys(x % n_layers for x in self.cfg.sae.layers))
+
+    def sae_dir(self, label: str, layer: int | None = None) -> Path:
+        """The SAE of `layer` (default: the analysed one): RUN/sae/LABEL for one layer,
+        RUN/sae/LABEL/layer-N when several were trained from one pass (`--layers`)."""
+        layers = self.sae_layers(label)
+        root = self.w / "sae" / label
+        return root if len(layers) == 1 else root / f"layer-{layers[0] if layer is None else layer}"
 
     def path(self, configured: str) -> Path:
         return resolve(configured, self.config_file)
@@ -308,23 +320,25 @@ class Method:
         config = self.path(s.config)
 
         def run(ctx: Context) -> dict:
-            from jaxlm.checkpoint import read_meta
-
-            n_layers = read_meta(self.model(label))[0].n_layers
-            layers = sorted({x % n_layers for x in s.layers})
-            out = self.sae_dir(label)
-            args = ["sae", "train", "--model", str(self.model(label)), "--layer",
-                    str(layers[0]), "--data", f"{self.data('translated')}:1", "--data",
-                    f"{self.data('native')}:1", "--config", str(config), "--set",
-                    "log.progress=false", "--out", str(out)]  # fmt: skip
+            layers = self.sae_layers(label)
+            which = (["--layer", str(layers[0])] if len(layers) == 1
+                     else ["--layers", ",".join(map(str, sorted(layers)))])  # fmt: skip
+            args = ["sae", "train", "--model", str(self.model(label)), *which, "--data",
+                    f"{self.data('translated')}:1", "--data", f"{self.data('native')}:1",
+                    "--config", str(config), "--set", "log.progress=false", "--out",
+                    str(self.w / "sae" / label)]  # fmt: skip
             for x in s.set:
                 args += ["--set", x]
+            # the trainer evaluates each SAE on held-out rows of both sources (its `eval`
+            # section: `jaxlm sae eval`'s defaults) and writes SAE_DIR/eval.json
             ctx.jaxlm(*args, fresh_process=True)
-            ctx.jaxlm("sae", "eval", "--model", str(self.model(label)), "--sae", str(out),
-                      *self._eval_data(), "--out", str(out / "eval.json"),
-                      fresh_process=True)  # fmt: skip
-            ev = json.loads((out / "eval.json").read_text())
-            return {"layer": layers[0], "dir": str(out), **sae_eval_summary(ev)}
+            per_layer = [{"layer": layer, "dir": str(self.sae_dir(label, layer)),
+                          **_sae_cfg(self.sae_dir(label, layer)),
+                          **sae_eval_summary(json.loads(
+                              (self.sae_dir(label, layer) / "eval.json").read_text()))}
+                         for layer in layers]  # fmt: skip
+            first = per_layer[0]
+            return {**first, "other_layers": per_layer[1:]} if len(layers) > 1 else first
 
         settings = {"sae": {**_asdict(s), "config": _sha(config)}}
         settings["sae"].pop("ablation_features"), settings["sae"].pop("dashboards")
@@ -463,6 +477,12 @@ def sae_eval_summary(ev: dict) -> dict:
     out["per_source"] = {n: {ours: s.get(theirs) for ours, theirs in SAE_KEYS.items()}
                          for n, s in ev.get("sources", {}).items()}  # fmt: skip
     return out
+
+
+def _sae_cfg(sae_dir: Path) -> dict:
+    """The SAE's architecture and width, from its SAELens cfg.json."""
+    cfg = json.loads((sae_dir / "cfg.json").read_text())
+    return {"architecture": cfg.get("architecture"), "d_sae": cfg.get("d_sae")}
 
 
 def _asdict(section) -> dict:

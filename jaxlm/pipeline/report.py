@@ -1271,24 +1271,24 @@ def sae_section(b: Builder) -> Section | None:
     if have:
         blocks.append(
             Para(
-                "Each model's SAE on one MLP layer: the variance of the activations it "
+                "Each model's SAE on an MLP layer (the analysed layer first): the variance it "
                 "explains, active latents per token (L0), dead and dense latent "
                 "fractions, the share of the language-model loss recovered when the "
                 "reconstruction is spliced in, and the KL divergence it adds."
             )
         )
         rows = []
-        for m in have:
-            sae = m.rec["sae"]
-            rows.append(
-                [
-                    text_cell(m.label),
-                    num_cell(sae.get("layer"), -1),
-                    text_cell(sae.get("architecture")),
-                    num_cell(sae.get("d_sae"), -1),
-                    *(num_cell(sae["eval"].get(k), d) for k, _, d in SAE_KEYS),
-                ]
-            )
+        for m in have:  # the analysed layer first, then any other layers trained with it
+            for sae in [m.rec["sae"], *_list(m.rec["sae"].get("other_layers"))]:
+                rows.append(
+                    [
+                        text_cell(m.label),
+                        num_cell(sae.get("layer"), -1),
+                        text_cell(sae.get("architecture")),
+                        num_cell(sae.get("d_sae"), -1),
+                        *(num_cell(_dict(sae.get("eval")).get(k), d) for k, _, d in SAE_KEYS),
+                    ]
+                )
         heads = ["model", "layer", "architecture", "latents", *(h for _, h, _ in SAE_KEYS)]
         blocks.append(Table(heads, rows))
         if (per := _sae_per_source(have)) is not None:

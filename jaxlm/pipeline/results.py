@@ -95,9 +95,8 @@ def gather(method, outcomes: dict[str, Outcome], config_file: str | None) -> dic
         sae = result(f"sae-{label}")
         if sae:
             dash = w / "analysis" / label / "dashboards" / "dashboards.html"
-            rec["sae"] = {"dir": _rel(method.sae_dir(label), w), "layer": sae.get("layer"),
-                          "eval": {k: v for k, v in sae.items() if k not in ("layer", "dir")},
-                          "dashboards": _rel(dash, w) if dash.exists() else None}  # fmt: skip
+            rec["sae"] = _sae_rec(sae, w)
+            rec["sae"]["dashboards"] = _rel(dash, w) if dash.exists() else None
         analysis = result(f"analysis-{label}")
         if analysis:
             plot = w / "analysis" / label / "attribution.png"
@@ -155,3 +154,12 @@ def write(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1, default=str) + "\n")
     tmp.replace(path)
+
+
+def _sae_rec(sae: dict, w: Path) -> dict:
+    """One SAE's record for the report (the analysed layer; others under `other_layers`)."""
+    own = ("layer", "dir", "architecture", "d_sae", "other_layers")
+    return {"dir": _rel(Path(sae["dir"]), w), "layer": sae.get("layer"),
+            "architecture": sae.get("architecture"), "d_sae": sae.get("d_sae"),
+            "eval": {k: v for k, v in sae.items() if k not in own},
+            "other_layers": [_sae_rec(o, w) for o in sae.get("other_layers", [])]}  # fmt: skip
