@@ -6,7 +6,7 @@ BASE := $(VENV)/.installed-base
 DEV := $(VENV)/.installed-dev
 PIP := $(BIN)/python -m pip install -q
 
-.PHONY: demo test check lint format install clean chromium
+.PHONY: demo test check lint types format install clean chromium
 
 $(BASE): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,18 +37,22 @@ chromium:
 		$(CHROMIUM_INSTALL) apt-get install -y -qq chromium; } || \
 		echo "chromium could not be installed: the report's browser test will be skipped"
 
-test: $(DEV) chromium
+# CI's gate (.ci/run): lint, format, types, then the tests; any failure fails it.
+test: lint types $(DEV) chromium
 	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n 2 -q tests
 
 lint: $(DEV)
 	$(BIN)/ruff check jaxlm sae scripts tests tpu
 	$(BIN)/ruff format --check jaxlm sae scripts tests tpu
 
+types: $(DEV)
+	$(BIN)/mypy
+
 format: $(DEV)
 	$(BIN)/ruff format jaxlm sae scripts tests tpu
 	$(BIN)/ruff check --fix jaxlm sae scripts tests tpu
 
-check: lint test
+check: test
 
 clean:
 	rm -rf $(VENV) runs
