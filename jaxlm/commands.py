@@ -135,6 +135,7 @@ def cmd_export(args) -> int:
             save_hf(model, out.tmp, **ids)
         if tok is not None:
             tok_dir = args.tokenizer or info.tokenizer
+            assert tok_dir is not None  # load_recorded returns a tokenizer only from one of these
             export_hf(tok_dir, out.tmp)
             src = Path(tok_dir) if Path(tok_dir).is_dir() else tok.path.parent
             shutil.copytree(src, out.tmp / "jaxlm_tokenizer", dirs_exist_ok=True,
@@ -199,7 +200,7 @@ def cmd_generate(args) -> int:
     )
     text = tok.decode([t for t in new if t != eos]) if tok is not None else None
     if args.json:
-        out = {"token_ids": new}
+        out: dict[str, object] = {"token_ids": new}
         if text is not None:
             out["text"] = text
         print(json.dumps(out, ensure_ascii=False))

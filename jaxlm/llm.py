@@ -263,7 +263,7 @@ class OpenAIClient(LLMClient):
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}
         ]
-        body = {"model": self.model, "messages": messages}
+        body: dict[str, object] = {"model": self.model, "messages": messages}
         body |= {"temperature": temperature, "max_tokens": max_tokens}
         headers = {"Content-Type": "application/json"}
         if self._key:

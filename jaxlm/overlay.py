@@ -10,18 +10,21 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
 from jaxlm.errors import UserError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")  # a config dataclass
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a dataclass, not an instance
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
@@ -122,7 +125,8 @@ def parse_override(text: str, cls: type | None = None) -> dict:
                 where, known = ".".join(keys[:i]) or "the config", ", ".join(sorted(names))
                 raise UserError(f"--set {text}: {where} has no key {k!r}; known keys: {known}")
             tp = typing.get_type_hints(cls)[k]
-            cls = tp if dataclasses.is_dataclass(tp) and i < len(keys) - 1 else None
+            last = i == len(keys) - 1
+            cls = tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) and not last else None
         if i < len(keys) - 1:
             cur = cur.setdefault(k, {})
     cur[keys[-1]] = value

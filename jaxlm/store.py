@@ -14,6 +14,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from jaxlm.errors import UserError
 from jaxlm.outputs import Lock
@@ -73,7 +74,7 @@ class JsonlStore:
 
     def __init__(self, path: str | Path, *, lock: bool = True):
         self.path = Path(path)
-        self._f = None
+        self._f: BinaryIO | None = None
         self._lock = Lock(self.path.resolve()) if lock else None
         self.repaired_bytes = 0
 
@@ -93,6 +94,8 @@ class JsonlStore:
         """Write records (one line each), then flush and fsync; returns how many were written."""
         data = b"".join((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8") for r in records)
         if data:
+            if self._f is None:
+                raise RuntimeError(f"{self.path}: append before open")
             self._f.write(data)
             self._f.flush()
             os.fsync(self._f.fileno())

@@ -16,10 +16,14 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from jaxlm.errors import UserError
+
+if TYPE_CHECKING:
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
 
 _SOURCE_SHIFT = 40  # index code = source << 40 | row: up to 2**40 rows per source
 
@@ -52,7 +56,7 @@ class _ReadBatch:
 
     def __init__(self, paths: list[list[str]], row_len: int):
         self.paths, self.row_len = paths, row_len
-        self._sources = None
+        self._sources: list[ArrayRecordDataSource] | None = None
 
     def __getstate__(self):  # picklable for worker processes: reopen there
         return {"paths": self.paths, "row_len": self.row_len, "_sources": None}

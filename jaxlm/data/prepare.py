@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,6 +33,9 @@ from jaxlm.data.cleaning import CleanConfig, CleanStats, clean
 from jaxlm.errors import UserError
 from jaxlm.outputs import disk_errors
 from jaxlm.tokenizer import EOS_ID, Tokenizer
+
+if TYPE_CHECKING:
+    from array_record.python.array_record_module import ArrayRecordWriter
 
 SPLITS = ("train", "validation")
 WRITER_OPTIONS = "group_size:1"
@@ -69,7 +73,7 @@ def prepare(
         "tokenizer_sha256": tok.sha256, "seq_len": seq_len, "val_fraction": val_fraction,
         "rows_per_shard": rows_per_shard,
     }  # fmt: skip
-    with Output(out_dir, kind="datadir", identity=identity, overwrite=overwrite) as out:
+    with Output(os.fspath(out_dir), kind="datadir", identity=identity, overwrite=overwrite) as out:
         if out.done:
             from jaxlm.data.pipeline import read_metadata
 
@@ -197,7 +201,7 @@ class _SplitWriter:
         self.pending_len = 0
         self.stories = self.tokens = 0
         self.shard_rows: list[int] = []
-        self.writer = None
+        self.writer: ArrayRecordWriter | None = None
 
     def add(self, ids: np.ndarray) -> None:
         self.stories += 1

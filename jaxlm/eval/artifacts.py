@@ -177,7 +177,7 @@ class NameCounts:
     """One story's name matches: (kind, name) -> mentions, kind english, arabic, ambiguous (in
     both lists) or function_word (a listed function word, never counted as a name)."""
 
-    matches: Counter = dataclasses.field(default_factory=Counter)
+    matches: Counter[tuple[str, str]] = dataclasses.field(default_factory=Counter)
 
     def of(self, kind: str) -> int:
         return sum(c for (k, _), c in self.matches.items() if k == kind)
@@ -278,7 +278,7 @@ def story_metrics(text: str, lists: NameLists) -> dict:
     return _story(text, lists)[0]
 
 
-def _story(text: str, lists: NameLists) -> tuple[dict, Counter]:
+def _story(text: str, lists: NameLists) -> tuple[dict, Counter[tuple[str, str]]]:
     names, (en_turns, ar_turns), ws = count_names(text, lists), count_dialogue(text), words(text)
     en, ar, d4 = names.of("english"), names.of("arabic"), _distinct(ws, 4)
     values = {
@@ -340,7 +340,8 @@ def artifact_metrics(
     and which name lists were used (the demo's when `lists` is None). `per_story` holds each
     story's own values."""
     lists = lists or NameLists.demo()
-    per, matches = [], Counter()
+    per: list[dict] = []
+    matches: Counter[tuple[str, str]] = Counter()
     for s in stories:
         values, found = _story(s, lists)
         per.append(values)

@@ -43,7 +43,7 @@ def pairs_within(records: list[dict]) -> Pairs:
     by_story: dict = {}
     for r in records:
         by_story.setdefault(r["id"], []).append(r)
-    out = []
+    out: Pairs = []
     for rs in by_story.values():
         out += combinations(sorted(rs, key=lambda r: r["repeat"]), 2)
     return out
@@ -54,8 +54,12 @@ def pairs_between(a: list[dict], b: list[dict]) -> tuple[Pairs, dict]:
     ids, unmatched = match_stories(per_story(a), per_story(b), same_completion=True)
     index = {(r["id"], r["repeat"]): r for r in b}
     keep = set(ids)
-    pairs = [(r, index.get((r["id"], r["repeat"]))) for r in a if r["id"] in keep]
-    return [p for p in pairs if p[1] is not None], unmatched
+    pairs: Pairs = []
+    for r in a:
+        other = index.get((r["id"], r["repeat"])) if r["id"] in keep else None
+        if other is not None:
+            pairs.append((r, other))
+    return pairs, unmatched
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float | None:
@@ -81,7 +85,7 @@ def figures(pairs: Pairs, *, resamples: int = RESAMPLES, seed: int = 0) -> dict:
         raise UserError("no item is graded twice: nothing to measure agreement on")
     x = np.array([[p[0][k] for k in SCORES] for p in pairs], dtype=np.float64)  # [P, 4]
     y = np.array([[p[1][k] for k in SCORES] for p in pairs], dtype=np.float64)  # [P, 4]
-    stories = {}
+    stories: dict[str | int, int] = {}  # story id -> its index
     story = np.array([stories.setdefault(p[0]["id"], len(stories)) for p in pairs])  # [P]
     absdiff = np.abs(y - x)
     sums = np.zeros((len(stories), len(SCORES)))  # [N, 4] per-story sums of |diff|

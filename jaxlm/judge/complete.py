@@ -94,15 +94,17 @@ def make_judge_inputs(
 def _complete(
     checkpoint, stories, tokenizer, *, n, fraction, min_words, field, max_new_tokens, temperature,
     top_k, seed, batch_size,
-) -> tuple[list[dict], Counter]:  # fmt: skip
+) -> tuple[list[dict], Counter[str]]:  # fmt: skip
     from jaxlm.checkpoint import load_model
     from jaxlm.generate import SamplingConfig, generate
     from jaxlm.tokenizer import load_recorded
 
     model, info = load_model(checkpoint)
     tok = load_recorded(info, tokenizer, vocab_size=model.cfg.vocab_size, required=True)
+    assert tok is not None  # required=True: load_recorded raises rather than return None
     budget = model.cfg.max_positions - max_new_tokens
-    items, skipped = [], Counter()
+    items: list[dict] = []  # id, prompt, reference, ids; completion once generated
+    skipped: Counter[str] = Counter()
     for i, story in enumerate(_stories(str(stories), field)):
         if len(items) >= n:
             break

@@ -259,7 +259,8 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _check_input(where: str, obj) -> None:
+def _check_input(where: str, obj: object) -> dict:
+    """`obj` itself once it is a valid input record (else one line naming `where`)."""
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected an object with id, prompt, completion")
     for key in ("id", "prompt", "completion"):
@@ -272,6 +273,7 @@ def _check_input(where: str, obj) -> None:
             raise UserError(f"{where}: field {key!r} must be a string")
     if not isinstance(obj.get("checkpoint"), str | None):
         raise UserError(f"{where}: field 'checkpoint' must be a string")
+    return obj
 
 
 def read_inputs(path: str | Path) -> list[dict]:
@@ -281,9 +283,10 @@ def read_inputs(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such inputs file")
-    items, seen = [], set()
-    for where, obj in json_lines(path):  # a byte order mark is dropped
-        _check_input(where, obj)
+    items: list[dict] = []
+    seen: set[str | int] = set()
+    for where, line in json_lines(path):  # a byte order mark is dropped
+        obj = _check_input(where, line)
         if obj["id"] in seen:
             raise UserError(f"{where}: duplicate id {obj['id']!r}")
         if items and obj.get("checkpoint") != items[0].get("checkpoint"):
@@ -366,22 +369,25 @@ def _resume(target: Path, inputs: Path, items: list[dict], src: dict, overwrite:
 
 
 def _grade_all(
-    store: JsonlStore, client: LLMClient, todo: list, src: dict, o: GradeOptions, bar: tqdm
-) -> tuple[Counter, list]:
+    store: JsonlStore, client: LLMClient, todo: list[tuple[dict, int]], src: dict,
+    o: GradeOptions, bar: tqdm,
+) -> tuple[Counter[str], list[str | int]]:  # fmt: skip
     """Grade (item, repeat) pairs `o.concurrency` at a time, appending each grade as it lands;
     returns (failures by kind, failed ids). An auth or request error stops the run."""
-    kw = {"max_retries_malformed": o.max_retries_malformed, "temperature": o.temperature}
-    kw["max_tokens"] = o.max_tokens
-    failures, failed_ids = Counter(), []
-    pending, in_flight = iter(todo), {}
+    failures: Counter[str] = Counter()
+    failed_ids: list[str | int] = []
+    pending = iter(todo)
+    in_flight: dict[Future, tuple[dict, int]] = {}  # -> (item, repeat)
     with ThreadPoolExecutor(o.concurrency) as pool:
         try:
             while True:
                 while len(in_flight) < o.concurrency and (job := next(pending, None)) is not None:
                     it = job[0]
                     fut: Future = pool.submit(
-                        grade_one, client, it["prompt"], it["completion"], **kw
-                    )
+                        grade_one, client, it["prompt"], it["completion"],
+                        max_retries_malformed=o.max_retries_malformed,
+                        temperature=o.temperature, max_tokens=o.max_tokens,
+                    )  # fmt: skip
                     in_flight[fut] = job
                 if not in_flight:
                     return failures, failed_ids

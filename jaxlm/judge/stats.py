@@ -18,6 +18,7 @@ import json
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -98,7 +99,9 @@ def load_grades(path: str | Path, *, allow_empty: bool = False) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such grades file")
-    records, items, seen = [], {}, set()
+    records: list[dict] = []
+    items: dict[str | int, tuple[str, str]] = {}  # story id -> (prompt, completion) sha256
+    seen: set[tuple[str | int, int]] = set()  # (story id, repeat)
     for where, r in read_records(path):
         check_grade(where, r)
         if records and source(r) != source(records[0]):
@@ -188,7 +191,7 @@ def summarize(records: list[dict], *, resamples: int = RESAMPLES, seed: int = 0)
     values = np.array([[s[k] for k in SCORES] for s in stories.values()])  # [N, 4]
     mean, ci = mean_ci(values, resamples=resamples, seed=seed)
     std = values.std(0, ddof=1) if len(values) > 1 else np.zeros(len(SCORES))
-    out = {"n_stories": len(stories), "n_grades": len(records)}
+    out: dict[str, Any] = {"n_stories": len(stories), "n_grades": len(records)}
     out |= source(records[0])  # one source per file (load_grades)
     for j, k in enumerate(SCORES):
         out[k] = {
@@ -255,7 +258,7 @@ def compare(paths: list[str | Path], *, resamples: int = RESAMPLES, seed: int = 
     if len(paths) != len({str(Path(p).resolve()) for p in paths}):
         raise UserError("the same grades file is named twice")
     records = [load_grades(p) for p in paths]
-    out = {"files": [str(p) for p in paths], "warnings": []}
+    out: dict[str, Any] = {"files": [str(p) for p in paths], "warnings": []}
     out["summaries"] = [summarize(r, resamples=resamples, seed=seed) for r in records]
     tables = [per_story(r) for r in records]
     out["comparisons"] = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def _jsonl_rows(path: Path, text_field: str, id_field: str) -> list[tuple[str | 
 
 
 def read_stories(
-    paths: list[str | Path], text_field: str = "text", id_field: str = "id"
+    paths: Sequence[str | Path], text_field: str = "text", id_field: str = "id"
 ) -> list[Story]:
     """All stories of the inputs, in order, with unique stable ids."""
     rows: list[tuple[str | None, str]] = []
@@ -66,7 +67,8 @@ def read_stories(
             except UnicodeDecodeError as e:
                 raise UserError(f"{p}: not UTF-8 text (byte {e.start})") from e
             rows += [(None, t) for t in _split_text(raw)]
-    stories, seen = [], {}
+    stories: list[Story] = []
+    seen: dict[str, int] = {}  # id -> how many stories had it (a repeated text: -2, -3, ...)
     for given, text in rows:
         sid = given if given is not None else content_id(text)
         if sid in seen:

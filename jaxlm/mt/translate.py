@@ -38,6 +38,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -199,8 +200,8 @@ def run(cfg: TranslateConfig) -> dict:
 def _run(cfg: TranslateConfig, out: Path) -> dict:
     chunks, n_mine, n_done = _plan(cfg, out)
     todo = sum(len(c.write) for c in chunks)
-    stats = {"out": str(out), "shard_stories": n_mine, "already_done": n_done, "todo": todo}
-    stats |= {"accepted": 0, "rejected": {r: 0 for r in cfg.filters.enabled}}
+    stats: dict[str, Any] = {"out": str(out), "shard_stories": n_mine, "already_done": n_done}
+    stats |= {"todo": todo, "accepted": 0, "rejected": {r: 0 for r in cfg.filters.enabled}}
     if not todo:
         return stats
     backend = load_backend(cfg.backend)
@@ -241,11 +242,15 @@ def merge(
         raise UserError(f"--out {out} is one of the parts; merge into another file")
     for p in parts:  # a part still being translated is refused, naming its worker
         refuse_if_being_written(Path(p).resolve())
-    kw = {"identity": identity, "directory": False, "overwrite": overwrite}
     with (
-        Output(out, kind="translation-merge", **kw) as merged,
-        Output(rejected_path(Path(out)), kind="translation-merge-rejected", **kw) as rejects,
-    ):
+        Output(
+            out, kind="translation-merge", identity=identity, directory=False, overwrite=overwrite
+        ) as merged,
+        Output(
+            rejected_path(Path(out)), kind="translation-merge-rejected", identity=identity,
+            directory=False, overwrite=overwrite,
+        ) as rejects,
+    ):  # fmt: skip
         if merged.done and rejects.done:
             say_done(merged.path)
             n = sum(1 for _ in read_jsonl(merged.path))

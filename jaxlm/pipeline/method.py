@@ -76,7 +76,7 @@ class Method:
 
     def labels(self) -> list[tuple[str, str, str, str | None]]:
         """(label, role, preset, parent) of every model, in training order."""
-        out = []
+        out: list[tuple[str, str, str, str | None]] = []
         for p in self.cfg.models.presets:
             out.append((f"pretrain-{p}", "pretrain", p, None))
             out.append((f"cpt-{p}", "cpt", p, f"pretrain-{p}"))
@@ -164,7 +164,9 @@ class Method:
     def _translate(self, ctx: Context) -> dict:
         t = self.cfg.translate
         out = self.w / "corpus" / "translated.full.jsonl"
-        ctx.jaxlm("translate", "--input", str(self.path(self.cfg.corpus.english)), "--out",
+        english = self.cfg.corpus.english
+        assert english is not None  # a stage only when corpus.english is set (_data_stages)
+        ctx.jaxlm("translate", "--input", str(self.path(english)), "--out",
                   str(out), "--model", t.model, "--src", t.src, "--tgt", t.tgt, "--backend",
                   t.backend, "--batch-size", str(t.batch_size), "--device", t.device,
                   overwrite_flag=False)  # fmt: skip

@@ -146,7 +146,9 @@ class Est:
         return cls(v, lo, hi, n) if lo is not None and hi is not None else cls(v, n=n)
 
     def ci(self, digits: int) -> str:
-        return "" if self.lo is None else f"[{_fmt(self.lo, digits)}, {_fmt(self.hi, digits)}]"
+        if self.lo is None or self.hi is None:  # both or neither
+            return ""
+        return f"[{_fmt(self.lo, digits)}, {_fmt(self.hi, digits)}]"
 
     def text(self, digits: int) -> str:
         return f"{_fmt(self.value, digits)} {self.ci(digits)}".strip()
@@ -163,7 +165,7 @@ class Change:
     @classmethod
     def between(cls, before: Est, after: Est) -> Change:
         d = after.value - before.value
-        if before.lo is None or after.lo is None:
+        if before.lo is None or before.hi is None or after.lo is None or after.hi is None:
             return cls(d)
         lo = d - math.hypot(after.value - after.lo, before.hi - before.value)
         hi = d + math.hypot(after.hi - after.value, before.value - before.lo)
@@ -172,14 +174,12 @@ class Change:
     @property
     def clear(self) -> bool | None:
         """Does the interval exclude 0? None without an interval."""
-        return None if self.lo is None else (self.lo > 0 or self.hi < 0)
+        return None if self.lo is None or self.hi is None else (self.lo > 0 or self.hi < 0)
 
     def ci(self, digits: int) -> str:
-        return (
-            ""
-            if self.lo is None
-            else f"[{_fmt(self.lo, digits, True)}, {_fmt(self.hi, digits, True)}]"
-        )
+        if self.lo is None or self.hi is None:  # both or neither
+            return ""
+        return f"[{_fmt(self.lo, digits, True)}, {_fmt(self.hi, digits, True)}]"
 
     def words(self, digits: int, up: str = "rises", down: str = "falls") -> str:
         """ "falls (-0.94 [-1.00, -0.81])", "no clear change (+0.01 [-0.02, +0.04])"."""
@@ -572,12 +572,13 @@ def findings(b: Builder) -> list[str]:
     for g, ms in b.groups.items():
         lead = f"{g}: " if len(b.groups) > 1 else ""
         pre = next((m for m in ms if m.role == "pretrain"), None)
-        children = [m for m in ms if pre is not None and m.parent == pre.label]
-        controls = [m for m in children if m.role == "control"]
-        for cpt in (m for m in children if m.role == "cpt"):
-            found = _artifact_findings(pre, cpt, controls) + _loss_findings(b, cpt, controls)
-            found += _judge_findings(b.pair(pre, cpt)) + _tsea_findings(b.pair(pre, cpt))
-            out += [lead + s for s in found]
+        if pre is not None:  # no pretrained model in the group: no CPT to compare with it
+            children = [m for m in ms if m.parent == pre.label]
+            controls = [m for m in children if m.role == "control"]
+            for cpt in (m for m in children if m.role == "cpt"):
+                found = _artifact_findings(pre, cpt, controls) + _loss_findings(b, cpt, controls)
+                found += _judge_findings(b.pair(pre, cpt)) + _tsea_findings(b.pair(pre, cpt))
+                out += [lead + s for s in found]
         out += [lead + s for s in _ablation_findings(ms)]
     return out
 
@@ -667,6 +668,7 @@ def _judge_diff(s: Any) -> Change | None:
     if d is None:
         return None
     e = Est.of({"value": d, "ci95": _get(s, "ci95")})
+    assert e is not None  # a dict with a numeric "value" always reads as an Est
     return Change(d, e.lo, e.hi)
 
 
@@ -674,7 +676,8 @@ def _judge_findings(p: Pair | None) -> list[str]:
     jp = judge_pair(p.comparison.get("judge")) if p else None
     if jp is None:
         return []
-    clear, unclear = [], []
+    clear: list[str] = []
+    unclear: list[str] = []
     for score, s in jp["scores"].items():
         if (c := _judge_diff(s)) is not None:
             shown = f"{score} {_fmt(c.d, JUDGE_DIGITS, True)} {c.ci(JUDGE_DIGITS)}".strip()
@@ -1000,7 +1003,7 @@ def eval_loss_section(b: Builder) -> Section | None:
 
 def _err(e: Est) -> list[list[float]] | None:
     """matplotlib's [[below], [above]] of an estimate's interval."""
-    return None if e.lo is None else [[e.value - e.lo], [e.hi - e.value]]
+    return None if e.lo is None or e.hi is None else [[e.value - e.lo], [e.hi - e.value]]
 
 
 def _eval_bars(b: Builder, plot: list[tuple[Model, str, Est, Est]]) -> Image:
@@ -1242,7 +1245,7 @@ def _agreement_plot(b: Builder, p: Pair, plot: list[tuple[str, Change, Est]]) ->
     ax = fig.subplots()
     for i, (_, c, noise) in enumerate(plot):
         ax.fill_betweenx([i - 0.3, i + 0.3], -noise.value, noise.value, color="0.85", lw=0)
-        err = None if c.lo is None else [[c.d - c.lo], [c.hi - c.d]]
+        err = None if c.lo is None or c.hi is None else [[c.d - c.lo], [c.hi - c.d]]
         ax.errorbar([c.d], [i], xerr=err, fmt="o", capsize=4, color="tab:orange")
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(range(len(plot)), [s for s, _, _ in plot])
