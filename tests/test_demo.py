@@ -69,14 +69,21 @@ def test_pipeline_runs_every_stage_skips_them_on_rerun_and_reruns_only_what_chan
     assert again.returncode == 0, again.stderr[-3000:]
     assert _ran(again.stdout) == set(), again.stdout
 
-    # only the SAE settings change: the SAEs, their analyses and the report run again
-    changed = _pipeline(cfg, w, "--set", "sae.set=[data.training_tokens=3072]")
+    # only the SAE settings change (a longer run, and SAEs on two layers from one pass): the
+    # SAEs, their analyses and the report run again
+    changed = _pipeline(cfg, w, "--set", "sae.set=[data.training_tokens=3072]", "--set",
+                        "sae.layers=[-1,0]")  # fmt: skip
     assert changed.returncode == 0, changed.stderr[-3000:]
     ran = _ran(changed.stdout)
     assert ran, changed.stdout
     assert all(s.startswith(("sae-", "analysis-", "ablation-", "compare-")) or s == "report"
                for s in ran), ran  # fmt: skip
     assert {"sae-pretrain-ts-1m", "sae-cpt-ts-1m", "report"} <= ran
+    sae = json.loads((w / "results.json").read_text())["models"]["cpt-ts-1m"]["sae"]
+    assert sae["layer"] == 7 and [o["layer"] for o in sae["other_layers"]] == [0]
+    for layer in (0, 7):  # each SAE evaluated at the end of its training, beside it
+        ev = json.loads((w / "sae" / "cpt-ts-1m" / f"layer-{layer}" / "eval.json").read_text())
+        assert ev["layer"] == layer and ev["pooled"]["ce_loss_score"] is not None
 
 
 def test_plan_of_the_papers_setting_names_every_figures_source():
