@@ -136,6 +136,23 @@ _VM = ["gcloud", "compute", "tpus", "tpu-vm"]
 _QR = ["gcloud", "compute", "tpus", "queued-resources"]
 
 
+def storage_rsync(src: str, dst: str, *, mirror: bool = False) -> list[str]:
+    """Copy a directory tree between here and gs:// (either way), only what differs; `mirror`
+    also deletes what `src` lacks, so `dst` ends up exactly `src` (no stale checkpoints)."""
+    delete = ["--delete-unmatched-destination-objects"] if mirror else []
+    return ["gcloud", "storage", "rsync", "--recursive", *delete, src, dst]
+
+
+def storage_cp(src: str, dst: str) -> list[str]:
+    """Copy one file between here and gs://."""
+    return ["gcloud", "storage", "cp", src, dst]
+
+
+def storage_rm(url: str) -> list[str]:
+    """Delete a gs:// prefix and everything under it (gcloud fails when nothing matches)."""
+    return ["gcloud", "storage", "rm", "--recursive", url]
+
+
 class Gcloud:
     """Runs argv lists, or with `dry_run` prints them (shlex.join, one a line) and runs nothing.
 

@@ -3,6 +3,7 @@
     jaxlm pipeline                                   # configs/pipeline/demo.yaml into runs/demo
     jaxlm pipeline --config configs/paper/full.yaml --plan
     jaxlm pipeline --config configs/pipeline/sweep-tiny.yaml --presets ts-1m --only 'sae-*'
+    jaxlm pipeline --config configs/paper/full.yaml --dry-run   # the TPU stages' commands
 
 Rerunning skips the stages done with the same settings, reruns the ones whose settings (or
 inputs) changed, and resumes an interrupted one (jaxlm/pipeline/engine.py).
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import sys
 from pathlib import Path
 
 from jaxlm.errors import UserError
@@ -28,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--plan", action="store_true", help="print the stages and their costs; run nothing"
     )
+    p.add_argument("--dry-run", action="store_true",
+                   help="run nothing: say which stages would run, and print the commands of "
+                   "the TPU stages (gcloud, tpu/babysit.py with its own --dry-run)")  # fmt: skip
     p.add_argument("--only", metavar="STAGES", help="only these stages (globs: 'sae-*,report')")
     p.add_argument("--presets", help="a subset of models.presets, e.g. ts-1m,ts-33m")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -91,7 +96,7 @@ def load(args):
 
 def cmd_pipeline(args) -> int:
     from jaxlm.pipeline import results
-    from jaxlm.pipeline.engine import run_stages
+    from jaxlm.pipeline.engine import Outcome, run_stages
     from jaxlm.pipeline.method import Method
     from jaxlm.train.metrics_log import log_to_stderr
 
@@ -111,14 +116,42 @@ def cmd_pipeline(args) -> int:
             if not fnmatch.filter(names, pat):
                 raise UserError(f"--only {pat}: no such stage; the stages: {', '.join(names)}")
         only = lambda name: any(fnmatch.fnmatch(name, p) for p in patterns)  # noqa: E731
+    if args.dry_run or cfg.tpu.dry_run:
+        planned = run_stages(stages, workdir, only=only, dry_run=True)
+        if method.slice and method.slice.used and cfg.tpu.delete_when_done:
+            from jaxlm.pipeline import on_tpu
+
+            on_tpu.delete(method.slice, print, dry_run=True)
+        n = sum(o.status == "dry run" for o in planned.values())
+        print(f"# dry run: {n} stage(s) would run; nothing was run or written")
+        return 0
     log_to_stderr()
     workdir.mkdir(parents=True, exist_ok=True)
     rel = str(config_file)
+    tpu_stages = [s.name for s in stages if s.where == "tpu"]
+
+    def release(outcomes, final: bool = False) -> None:
+        """Delete the slice once no TPU stage is left to run (tpu.delete_when_done)."""
+        sl = method.slice
+        if sl is None or not sl.used or not cfg.tpu.delete_when_done:
+            return
+        if final or all(name in outcomes for name in tpu_stages):
+            from jaxlm.pipeline import on_tpu
+
+            on_tpu.delete(sl, print)
 
     def save(outcomes):
         results.write(workdir / "results.json", results.gather(method, outcomes, rel))
+        release(outcomes)
 
-    run_stages(stages, workdir, only=only, after_each=save)
+    outcomes: dict[str, Outcome] = {}
+    try:
+        outcomes = run_stages(stages, workdir, only=only, after_each=save)
+    finally:  # stopped by an error, or the last stages not selected: the slice goes too
+        try:
+            release(outcomes, final=True)
+        except UserError as e:
+            print(f"warning: {e}; delete the slice by hand (tpu/delete.py)", file=sys.stderr)
     _summary(workdir, json.loads((workdir / "results.json").read_text()))
     return 0
 

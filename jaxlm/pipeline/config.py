@@ -82,7 +82,7 @@ class ModelsSection:
     cpt_set: tuple[str, ...] = ()
     control: bool = True  # CPT's budget on translated-style stories: what CPT alone explains
     replay: float = 0.0  # > 0: also CPT with this share of translated rows mixed in
-    where: Literal["local", "tpu"] = "local"  # for --plan: where training runs
+    where: Literal["local", "tpu"] = "local"  # tpu: training runs on the `tpu` section's slice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +144,59 @@ class PlanSection:
     synth_rejection: float = 0.15  # share of generated stories the checks reject (assumed)
 
 
+# the tpu section's fields without which no slice can be driven, and a hint for each
+_TPU_REQUIRED = {
+    "name": "the TPU VM name",
+    "zone": "e.g. us-west4-a",
+    "repo": "a git URL the workers can clone",
+    "runs": "gs://BUCKET/PREFIX",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSection:
+    """Where training runs with `models.where: tpu`: a Cloud TPU slice driven by the tpu/ scripts
+    (tpu/babysit.py creates it when missing, sets it up at `commit`, runs the train command and
+    reruns it after a preemption). Workdirs and the prepared data live under `runs` (gs://),
+    which setup mounts read-write at `runs_dir` on every worker; the finished workdir is copied
+    back to RUN/models/LABEL. See jaxlm/pipeline/on_tpu.py."""
+
+    name: str | None = None  # the TPU VM (and queued-resource) name; required
+    zone: str | None = None  # e.g. us-west4-a (v5e); required
+    project: str | None = None  # None: gcloud's core/project
+    accelerator: str | None = None  # v5litepod-8 (alias v5e-8), v4-32...; None: plan.accelerator
+    runtime_version: str | None = None  # None: the generation's (tpu/gcloud.py)
+    spot: bool = False  # spot capacity: cheap, preemptible (babysit recreates and resumes)
+    reserved: bool = False  # the project's reservation
+    queued: bool = False  # a queued resource instead of a plain TPU VM
+    repo: str | None = None  # git URL the workers clone; required
+    commit: str | None = None  # None: this checkout's HEAD (push it to `repo` first)
+    dir: str = "~/jaxlm"  # the checkout (and its venv) on each worker
+    runs: str | None = None  # gs://BUCKET/PREFIX for workdirs and data; required
+    runs_dir: str = "/tmp/jaxlm-runs"  # where setup mounts `runs` on the workers (gcsfuse)
+    prefix: str | None = None  # this run's folder under `runs`; None: the workdir's name
+    log_dir: str | None = None  # workers' logs (gs:// or a local dir); None: RUNS/PREFIX/tpu-logs
+    env: tuple[str, ...] = ()  # KEY=VALUE exported on the workers (JAX_COMPILATION_CACHE_DIR=...)
+    max_restarts: int = 50  # babysit gives up after this many reruns of one stage
+    poll_s: float = 60.0  # seconds between babysit's describe polls
+    delete_when_done: bool = True  # delete the slice once no TPU stage is left to run
+    dry_run: bool = False  # print the TPU stages' commands, run nothing (as --dry-run)
+
+    def check(self) -> None:
+        """One line naming the field when the section cannot drive a slice."""
+        for field, hint in _TPU_REQUIRED.items():
+            if not getattr(self, field):
+                raise UserError(f"tpu.{field} is required with models.where=tpu ({hint})")
+        if not str(self.runs).startswith("gs://"):
+            raise UserError(f"tpu.runs={self.runs}: expected gs://BUCKET/PREFIX")
+        if self.spot and self.reserved:
+            raise UserError("tpu.spot and tpu.reserved are mutually exclusive: pick one")
+        if not self.runs_dir.startswith("/"):
+            raise UserError(f"tpu.runs_dir={self.runs_dir}: an absolute path on the workers")
+        if self.prefix is not None and (not self.prefix or self.prefix.startswith("/")):
+            raise UserError(f"tpu.prefix={self.prefix!r}: a folder name under tpu.runs")
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """The whole method: what `jaxlm pipeline` runs, stage by stage."""
@@ -160,6 +213,7 @@ class PipelineConfig:
     sae: SAESection = SAESection()
     export: bool = True  # Hugging Face exports of every model
     plan: PlanSection = PlanSection()
+    tpu: TpuSection = TpuSection()
 
     def __post_init__(self) -> None:
         bad = [p for p in (*self.models.presets, *self.sae.presets) if p not in PRESETS]
@@ -178,6 +232,8 @@ class PipelineConfig:
             raise UserError(f"models.replay={self.models.replay} must be in [0, 1)")
         if self.judge.repeat < 1 or self.judge.n < 1 or self.samples.n < 1:
             raise UserError("judge.repeat, judge.n and samples.n must be >= 1")
+        if self.models.where == "tpu":
+            self.tpu.check()
 
     @property
     def sae_presets(self) -> tuple[str, ...]:

@@ -11,6 +11,9 @@ fingerprint and every stage downstream of it, and nothing else:
 * started with this fingerprint but not done (killed): run again without replacing, so the
   commands resume (training and SAE runs continue from their checkpoints, translation and
   synthesis from their JSON Lines).
+
+A dry run (`dry_run=True`) writes nothing: it says which stages would be skipped or run, and
+the stages that run elsewhere (`where="tpu"`) print the commands they would run.
 """
 
 from __future__ import annotations
@@ -51,6 +54,38 @@ class Context:
     log: Callable[[str], None]
     commands: list[str] = dataclasses.field(default_factory=list)
     stage: str = ""
+    dry_run: bool = False  # `run` prints its commands and runs none
+
+    def run(self, argv: Sequence[str], *, tolerate: str | None = None) -> None:
+        """Run a command that is not jaxlm (gcloud, tpu/babysit.py), recorded and logged into
+        logs/STAGE.log like `jaxlm`'s; a failure is one line naming the log, unless its output
+        says `tolerate` (e.g. gcloud's "matched no objects" for a removal of nothing). A dry
+        run prints the command and runs nothing."""
+        line = shlex.join(argv)
+        if self.dry_run:
+            print(line, flush=True)
+            return
+        self.commands.append(line)
+        log_path = self.workdir / "logs" / f"{self.stage}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as f:
+            f.write(f"$ {line}\n")
+            f.flush()
+            start = f.tell()
+            try:
+                code = subprocess.run(list(argv), stdout=f, stderr=subprocess.STDOUT).returncode
+            except OSError as e:  # not installed (gcloud: the Google Cloud CLI), not executable
+                raise UserError(f"{argv[0]}: cannot run it ({e.strerror or e})") from None
+        if code == 0:
+            return
+        with open(log_path) as f:
+            f.seek(start)
+            said = f.read()
+        if tolerate and tolerate in said:
+            return
+        last = said.strip().splitlines()[-1:] or ["(no output)"]
+        raise UserError(f"{Path(argv[0]).name} {' '.join(argv[1:3])} failed (exit {code}): "
+                        f"{last[0]} (log: {log_path})")  # fmt: skip
 
     def jaxlm(self, *args: str, fresh_process: bool = False, overwrite_flag: bool = True) -> None:
         """Run `jaxlm ARGS` (with `--overwrite` when the stage replaces its outputs), its output
@@ -115,11 +150,14 @@ def run_stages(
     only: Callable[[str], bool] | None = None,
     log: Callable[[str], None] = print,
     after_each: Callable[[dict[str, Outcome]], None] | None = None,
+    dry_run: bool = False,
 ) -> dict[str, Outcome]:
     """Run `stages` in order (each after its deps); `only(name)` selects some (their inputs must
-    be done already, with the settings they have now)."""
+    be done already, with the settings they have now). `dry_run`: write nothing, say what would
+    run, and let the stages that run elsewhere print their commands (`_dry_one`)."""
     markers = workdir / ".stages"
-    markers.mkdir(parents=True, exist_ok=True)
+    if not dry_run:
+        markers.mkdir(parents=True, exist_ok=True)
     prints: dict[str, str] = {}
     out: dict[str, Outcome] = {}
     for stage in stages:
@@ -127,7 +165,7 @@ def run_stages(
         done = _read(markers / f"{stage.name}.json")
         started = _read(markers / f"{stage.name}.started.json")
         if done is not None and done.get("fingerprint") == fp:
-            log(f"[{stage.name}] done already")
+            log(f"{'# ' if dry_run else ''}[{stage.name}] done already")
             result, secs = done.get("result", {}), done.get("seconds", 0.0)
             out[stage.name] = Outcome(stage.name, "skipped", result, secs, done.get("commands", []))
         elif only is not None and not only(stage.name):
@@ -139,7 +177,10 @@ def run_stages(
                 raise UserError(f"stage {stage.name} needs {stale[0]}, which is not done with "
                                 "these settings: run it too (or without --only)")  # fmt: skip
             changed = (done is not None) or (started is not None and started["fingerprint"] != fp)
-            out[stage.name] = _run_one(stage, fp, workdir, changed, log)
+            if dry_run:
+                out[stage.name] = _dry_one(stage, workdir, changed, log)
+            else:
+                out[stage.name] = _run_one(stage, fp, workdir, changed, log)
         if after_each is not None:
             after_each(out)
     return out
@@ -160,6 +201,19 @@ def _run_one(stage: Stage, fp: str, workdir: Path, changed: bool, log) -> Outcom
     (markers / f"{stage.name}.started.json").unlink(missing_ok=True)
     log(f"[{stage.name}] {brief(result)}; {seconds} s")
     return Outcome(stage.name, "done", result, seconds, ctx.commands)
+
+
+def _dry_one(stage: Stage, workdir: Path, changed: bool, log) -> Outcome:
+    """What running `stage` would do: the commands of a stage that runs elsewhere (printed by
+    its own `run` with a dry Context), one comment line for a local one; nothing written."""
+    again = " again (its settings or inputs changed)" if changed else ""
+    if stage.where != "tpu":
+        log(f"# [{stage.name}] would run{again} on this machine: {stage.describe}")
+        return Outcome(stage.name, "dry run", {}, 0.0, [])
+    log(f"# [{stage.name}] would run{again} on the TPU slice: {stage.describe}")
+    ctx = Context(workdir, overwrite=changed, log=log, stage=stage.name, dry_run=True)
+    stage.run(ctx)
+    return Outcome(stage.name, "dry run", {}, 0.0, ctx.commands)
 
 
 def brief(result: Any, depth: int = 0) -> str:

@@ -14,12 +14,17 @@ could not do by hand, and a stage's outputs are where the commands put them:
     RUN/corpus/*.jsonl  RUN/tokenizer/  RUN/data/{translated,native,control,eval_*}/
     RUN/models/{pretrain,cpt,control,replay}-PRESET/  RUN/samples/  RUN/judge/  RUN/sae/LABEL/
     RUN/analysis/  RUN/hf/LABEL/  RUN/report/  RUN/results.json
+
+With `models.where: tpu` the training stages run the same train command on a Cloud TPU slice
+(jaxlm/pipeline/on_tpu.py: data up, tpu/babysit.py, the workdir back to RUN/models/LABEL); their
+fingerprints do not depend on where they run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from jaxlm.errors import UserError
@@ -42,6 +47,11 @@ class Method:
 
     def __init__(self, cfg: PipelineConfig, workdir: Path, config_file: str | Path | None):
         self.cfg, self.w, self.config_file = cfg, workdir, config_file
+        self.slice = None  # where training runs when not here (models.where: tpu)
+        if cfg.models.where == "tpu":
+            from jaxlm.pipeline.on_tpu import Slice
+
+            self.slice = Slice(cfg, workdir)
 
     # --- paths ---------------------------------------------------------------------------------
 
@@ -221,20 +231,23 @@ class Method:
                     "replay": m.replay if role == "replay" else None}  # fmt: skip
         deps = ("prepare",) if parent is None else ("prepare", parent)
 
-        def run(ctx: Context) -> dict:
-            data = {
-                "pretrain": ["translated"],
-                "cpt": ["native"],
-                "control": ["control"],
-                "replay": [f"native:{1 - m.replay:g}", f"translated:{m.replay:g}"],
-            }[role]
-            evals = "[" + ", ".join(f"{{path: {self.data(e)}}}" for e in EVAL) + "]"
-            args = [
+        data = {
+            "pretrain": ["translated"],
+            "cpt": ["native"],
+            "control": ["control"],
+            "replay": [f"native:{1 - m.replay:g}", f"translated:{m.replay:g}"],
+        }[role]
+
+        def args(at: Callable[[Path], str], config_at: str) -> list[str]:
+            """The train command's arguments, every run folder path through `at` (str here;
+            the slice's mount for a TPU stage)."""
+            evals = "[" + ", ".join(f"{{path: {at(self.data(e))}}}" for e in EVAL) + "]"
+            out = [
                 "train",
                 "--config",
-                str(config),
+                config_at,
                 "--workdir",
-                str(self.model(label)),
+                at(self.model(label)),
                 "--set",
                 "log.progress=false",
                 "--set",
@@ -242,20 +255,32 @@ class Method:
             ]
             for d in data:
                 name, _, weight = d.partition(":")
-                args += ["--data", f"{self.data(name)}" + (f":{weight}" if weight else "")]
+                out += ["--data", f"{at(self.data(name))}" + (f":{weight}" if weight else "")]
             if parent is None:
-                args += ["--preset", preset]
+                out += ["--preset", preset]
             else:
-                args += ["--init-from", str(self.model(parent)), "--set", "eval.at_start=true"]
+                out += ["--init-from", at(self.model(parent)), "--set", "eval.at_start=true"]
             for s in sets:
-                args += ["--set", s]
-            ctx.jaxlm(*args)
-            return _train_summary(self.model(label))
+                out += ["--set", s]
+            return out
+
+        def run(ctx: Context) -> dict:
+            if self.slice is None:
+                ctx.jaxlm(*args(str, str(config)))
+                return _train_summary(self.model(label))
+            from jaxlm.pipeline import on_tpu
+
+            inputs = [self.data(d.partition(":")[0]) for d in data] + [self.data(e) for e in EVAL]
+            inputs += [self.model(parent)] if parent else []
+            on_tpu.train(ctx, self.slice, label, args, config=config, inputs=inputs,
+                         out=self.model(label))  # fmt: skip
+            return {} if ctx.dry_run else _train_summary(self.model(label))
 
         what = {"pretrain": "pretraining on translated stories", "cpt": "continual pre-training "
                 "on native stories", "control": "the same budget on held-out translated stories",
                 "replay": f"CPT with {m.replay:.0%} translated rows"}[role]  # fmt: skip
-        return Stage(label, settings, deps, run, m.where, f"{preset}: {what}")
+        where = f", on {self.slice.describe()}" if self.slice else ""
+        return Stage(label, settings, deps, run, m.where, f"{preset}: {what}{where}")
 
     def _name_flags(self) -> list[str]:
         s = self.cfg.samples

@@ -560,7 +560,10 @@ def _resume(run: _Run, ckpt: Checkpoints, params, opt_state, loader):
 def _write_run_files(run: _Run) -> None:
     if jax.process_index() == 0:
         run.workdir.mkdir(parents=True, exist_ok=True)
-        write_meta(run.workdir, run.model_cfg, run.tokenizer, seq_len=run.seq_len)
+        # the data's tokenizer hash, not one computed from its folder: on a TPU slice that
+        # folder (recorded by `jaxlm data prepare` where the data was made) is not there
+        write_meta(run.workdir, run.model_cfg, run.tokenizer, run.tokenizer_sha,
+                   seq_len=run.seq_len)  # fmt: skip
         (run.workdir / "config.json").write_text(
             json.dumps(overlay.to_dict(run.cfg), indent=2) + "\n"
         )
