@@ -37,9 +37,11 @@ chromium:
 		$(CHROMIUM_INSTALL) apt-get install -y -qq chromium; } || \
 		echo "chromium could not be installed: the report's browser test will be skipped"
 
-# CI's gate (.ci/run): lint, format, types, then the tests; any failure fails it.
+# CI's gate (.ci/run): lint, format, types, then the tests; any failure fails it. Native
+# tracebacks: pytest's own formatting re-parses sources, which CPython 3.11.7 can crash on
+# (gh-106905), taking the whole xdist run down with one failure.
 test: lint types $(DEV) chromium
-	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n 2 -q tests
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n 2 -q --tb=native tests
 
 lint: $(DEV)
 	$(BIN)/ruff check jaxlm sae scripts tests tpu
