@@ -21,7 +21,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -186,7 +186,13 @@ class AotReport:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-BuildFn = Callable[[Mesh], tuple[Callable[..., Any], tuple[Any, ...]]]
+class Lowerable(Protocol):
+    """The step a builder returns: `jax.jit`'s result, or a wrapper that lowers it in a context."""
+
+    def lower(self, *args: Any) -> Any: ...
+
+
+BuildFn = Callable[[Mesh], tuple[Lowerable, tuple[Any, ...]]]
 
 
 def compile_for_topology(

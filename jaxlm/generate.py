@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +62,7 @@ def sample_logits(logits_bv: jax.Array, key: jax.Array, s: SamplingConfig) -> ja
     return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
 
 
-@partial(nnx.jit, static_argnames=("max_new_tokens", "sampling"))
+@nnx.jit(static_argnames=("max_new_tokens", "sampling"))
 def _generate(
     model, edit, tokens_bp, valid_bp, key, eos_id, *, max_new_tokens: int,
     sampling: SamplingConfig,

@@ -152,7 +152,7 @@ def from_hf_tensors(
 
     model = nnx.eval_shape(lambda: GPTNeo(cfg, rngs=nnx.Rngs(0)))
     F, V, P = cfg.d_ff, cfg.vocab_size, cfg.max_positions
-    vals = {
+    vals: dict[tuple[str | int, ...], np.ndarray] = {
         ("wte_vd",): get("transformer.wte.weight", (V, D)),
         ("wpe_pd",): get("transformer.wpe.weight", (P, D)),
         ("ln_f", "scale_d"): get("transformer.ln_f.weight", (D,)),
@@ -160,7 +160,7 @@ def from_hf_tensors(
     }
     for i in range(cfg.n_layers):
         p = f"transformer.h.{i}."
-        b = ("blocks", i)
+        b: tuple[str | int, ...] = ("blocks", i)
         vals[b + ("ln_1", "scale_d")] = get(p + "ln_1.weight", (D,))
         vals[b + ("ln_1", "bias_d")] = get(p + "ln_1.bias", (D,))
         vals[b + ("ln_2", "scale_d")] = get(p + "ln_2.weight", (D,))
@@ -184,7 +184,7 @@ def from_hf_tensors(
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
     for path, var in flat.items():
-        key = tuple(int(k) if isinstance(k, int) else k for k in path)
+        key = tuple(int(k) if isinstance(k, int) else str(k) for k in path)
         if key not in vals:
             raise UserError(f"{where}: no tensor for parameter {'/'.join(map(str, key))}")
         var.set_value(np.ascontiguousarray(vals[key]))

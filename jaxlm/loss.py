@@ -74,7 +74,8 @@ def linear_cross_entropy(
     x_btd: final hidden states [B, T, D]; w_vd: the (tied) output embedding [V, D], float32 master
     weights; dtype: the matmul input dtype; rows: about how many (b, t) rows one chunk holds.
     """
-    c = _chunk_len(*targets_bt.shape, rows)
+    B, T = targets_bt.shape
+    c = _chunk_len(B, T, rows)
     x_kbcd, t_kbc = _chunks(x_btd, targets_bt, c)
 
     def body(total, inp):

@@ -55,7 +55,7 @@ class KVCache(NamedTuple):
     k_lbsnh: Array  # [L, B, S, N, H]
     v_lbsnh: Array  # [L, B, S, N, H]
     valid_bs: Array  # [B, S] bool: slot written with a real (non-pad) token
-    index: Array  # [] int32: first free slot
+    next_slot: Array  # [] int32: first free slot (not `index`, which would shadow tuple.index)
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, length: int) -> KVCache:
@@ -161,6 +161,7 @@ class Attention(nnx.Module):
         if kv is None:
             k_bsnh, v_bsnh = k_btnh, v_btnh
         else:  # write this step's keys and values into the cache at slot `index`
+            assert write is not None, "a cached step needs its write slot"
             index = write[0]
             k_bsnh = jax.lax.dynamic_update_slice_in_dim(
                 kv[0], k_btnh.astype(kv[0].dtype), index, 1
@@ -233,8 +234,8 @@ class Attention(nnx.Module):
     def _cudnn(self, q_btnh, k_bsnh, v_bsnh) -> Array:
         # Fused flash attention (float32 softmax accumulators) with GPT-Neo's scale of 1. A window
         # that spans every key is the causal mask: cuDNN's plain causal kernel then.
-        span = self.window is None or self.window >= k_bsnh.shape[1]
-        window = None if span else (self.window - 1, 0)
+        w = self.window
+        window = None if w is None or w >= k_bsnh.shape[1] else (w - 1, 0)
         return jax.nn.dot_product_attention(
             q_btnh,
             k_bsnh,
@@ -350,11 +351,11 @@ class GPTNeo(nnx.Module):
         valid_bt: Array | None = None,
         edit: MLPEdit | None = None,
     ) -> tuple[Array, KVCache]:
-        """Logits [B, T, V] of `tokens_bt` written into cache slots [cache.index, cache.index +
-        T), and the new cache. `valid_bt` marks real tokens (False for left padding);
-        `positions_bt` defaults to the slot numbers."""
+        """Logits [B, T, V] of `tokens_bt` written into cache slots [cache.next_slot,
+        cache.next_slot + T), and the new cache. `valid_bt` marks real tokens (False for left
+        padding); `positions_bt` defaults to the slot numbers."""
         B, T = tokens_bt.shape
-        start = cache.index
+        start = cache.next_slot
         valid_new = jnp.ones((B, T), bool) if valid_bt is None else valid_bt.astype(bool)
         valid_bs = jax.lax.dynamic_update_slice_in_dim(cache.valid_bs, valid_new, start, 1)
         x_btd, new_cache = self._run(
@@ -381,7 +382,7 @@ class GPTNeo(nnx.Module):
             raise ValueError(f"{T} tokens exceed the model's {cfg.max_positions} positions")
         if edit is not None and not 0 <= edit.layer < cfg.n_layers:
             raise ValueError(f"edit.layer={edit.layer}: layers are 0..{cfg.n_layers - 1}")
-        start = jnp.int32(0) if cache is None else cache.index
+        start = jnp.int32(0) if cache is None else cache.next_slot
         q_slot_t = start + jnp.arange(T, dtype=jnp.int32)
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(q_slot_t, (B, T))
@@ -409,6 +410,7 @@ class GPTNeo(nnx.Module):
                 new_v.append(v_bsnh)
         if cache is None:
             return x_btd, None
+        assert valid_bs is not None, "decode() passes the cache's updated valid slots"
         return x_btd, KVCache(jnp.stack(new_k), jnp.stack(new_v), valid_bs, start + T)
 
 

@@ -76,7 +76,7 @@ def logical_to_pspec(
         return PartitionSpec()
     table = dict(rules)
     used: set[str] = set()
-    out = []
+    out: list[str | tuple[str, ...] | None] = []
     for name in names:
         axes = table.get(name) if name is not None else None
         if axes is None:

@@ -24,6 +24,7 @@ import os
 import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Literal, overload
 
 from jaxlm.errors import UserError
 
@@ -145,6 +146,20 @@ def model_file(tokdir: str | os.PathLike) -> Path:
 def tokenizer_sha256(tokdir: str | os.PathLike) -> str:
     """The content hash of TOKDIR's model file: what ties data and models to a tokenizer."""
     return hashlib.sha256(model_file(tokdir).read_bytes()).hexdigest()
+
+
+@overload
+def load_recorded(
+    info, tokdir: str | os.PathLike | None = None, *, vocab_size: int | None = None,
+    required: Literal[True],
+) -> Tokenizer: ...  # fmt: skip
+
+
+@overload
+def load_recorded(
+    info, tokdir: str | os.PathLike | None = None, *, vocab_size: int | None = None,
+    required: bool = False,
+) -> Tokenizer | None: ...  # fmt: skip
 
 
 def load_recorded(

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -144,7 +144,7 @@ def paired_difference(
     n = len(per_a)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(resamples, n)) if n else np.zeros((0, 0), np.int64)
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for name, (hit, other) in _POOLED.items():
         counts = [
             np.array([[p[hit], p[hit] + p[other]] for p in per], np.float64).reshape(-1, 2)
@@ -188,14 +188,21 @@ def ablation_report(
     from jaxlm.eval.artifacts import artifact_metrics
     from jaxlm.eval.samples import DEMO_SAMPLING, sample_stories
 
-    kw = dict(
-        max_new_tokens=max_new_tokens,
-        sampling=sampling or DEMO_SAMPLING,
-        seed=seed,
-        batch_size=batch_size,
-    )
-    baseline = sample_stories(model, tok, n, prompts, **kw)
-    ablated = sample_stories(model, tok, n, prompts, **kw, edit=edit)
+    def sample(ablation: FeatureAblation | None) -> list[str]:
+        return sample_stories(
+            model,
+            tok,
+            n,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling or DEMO_SAMPLING,
+            seed=seed,
+            batch_size=batch_size,
+            edit=ablation,
+        )
+
+    baseline = sample(None)
+    ablated = sample(edit)
     reports = {
         side: artifact_metrics(stories, lists, resamples=resamples, seed=seed)
         for side, stories in (("ablated", ablated), ("baseline", baseline))

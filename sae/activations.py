@@ -138,7 +138,7 @@ class ActivationStore:
                 f"{train_batch_size_tokens}"
             )
         self.stacked = not isinstance(layer, int)  # serve [L, N, F], not [N, F]
-        self.layers = tuple(layer) if self.stacked else (layer,)
+        self.layers = (layer,) if isinstance(layer, int) else tuple(layer)
         self.batch = train_batch_size_tokens
         self.n_batches_in_buffer, self.mesh = n_batches_in_buffer, mesh
         self.d_in = model.cfg.d_ff
@@ -190,10 +190,12 @@ class ActivationStore:
     def __next__(self) -> jax.Array:
         if self.refill_due:
             self._refill()
-        out = _take(self._batches, jnp.int32(self._served), self._row_sharding, self.stacked)
+        batches = self._batches
+        assert batches is not None  # `_refill` made one
+        out = _take(batches, jnp.int32(self._served), self._row_sharding, self.stacked)
         self._served += 1
         if self.prefetch:  # the next fill's forwards, spread over this fill's batches
-            K, n = self._batches.shape[1], self.n_batches_in_buffer
+            K, n = batches.shape[1], self.n_batches_in_buffer
             self._read_ahead(-(-n * self._served // K))
         return out
 

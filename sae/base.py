@@ -17,11 +17,13 @@ Every parameter names its logical axes; `SAE_RULES` maps them onto the jaxlm mes
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.typing import ArrayLike
 
 from jaxlm.errors import UserError
 from jaxlm.sharding import DEFAULT_RULES, Rules, constrain
@@ -225,7 +227,7 @@ class SAE(nnx.Module):
             "b_dec": self.b_dec_f[...],
         }
 
-    def load_tensors(self, tensors: dict[str, Array]) -> None:
+    def load_tensors(self, tensors: Mapping[str, ArrayLike]) -> None:
         """Set the weights from SAELens tensor names (the inverse of `inference_tensors`)."""
         self.W_enc_fs[...] = jnp.asarray(tensors["W_enc"])
         self.W_dec_sf[...] = jnp.asarray(tensors["W_dec"])

@@ -43,7 +43,6 @@ import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +145,7 @@ def source_names(paths: Sequence[str | Path]) -> list[str]:
 # --- one batch ----------------------------------------------------------------------------------
 
 
-@partial(nnx.jit, static_argnames=("layer",))
+@nnx.jit(static_argnames=("layer",))
 def _batch_stats(model: GPTNeo, sae: SAE, tokens_bt1: jax.Array, *, layer: int) -> dict:
     """Per-token values [N] (summed in float64 on the host) and per-latent firing counts [S]."""
     inputs_bt, targets_bt = tokens_bt1[:, :-1], tokens_bt1[:, 1:]

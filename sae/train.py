@@ -374,7 +374,8 @@ def _train(cfg: SAETrainConfig, out: Path, model, info, layers, sources, mesh, r
     if start:
         scales = list(np.atleast_1d(meta["scaling_factor"]).tolist())
     elif sae_cfg.normalize_activations == "expected_average_only_in":
-        scales = estimate_norm_scaling_factor(store, cfg.data.n_batches_for_norm_estimate)
+        factors = estimate_norm_scaling_factor(store, cfg.data.n_batches_for_norm_estimate)
+        scales = factors if isinstance(factors, list) else [factors]  # the store is stacked
     else:
         scales = [1.0] * len(layers)
     step_fn = _compile(graphdef, tx, sae, cfg, states)
@@ -569,7 +570,8 @@ def _init_state(sae_cfg: SAEConfig, cfg: SAETrainConfig, mesh, rules) -> tuple:
     """(graphdef, (params, buffers, opt_state, stats), the SAE), parameters sharded by the
     rules."""
     sae = create(sae_cfg, seed=cfg.seed)
-    graphdef, params, buffers = nnx.split(sae, nnx.Param, Buffer)
+    # flax types a split by several filters as a variadic tuple; two filters give three parts
+    graphdef, params, buffers = nnx.split(sae, nnx.Param, Buffer)  # type: ignore[misc]
     tx, _ = make_optimizer(cfg.optim, cfg.steps)
     with use_mesh(mesh, rules):
         params = jax.device_put(params, param_shardings(params, mesh, rules))

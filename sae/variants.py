@@ -13,12 +13,14 @@ This module does not import the registry, so a new variant can subclass these wi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import ArrayLike
 
 from sae.base import SAE, Array, Buffer, SAEConfig, StepOutput, _param
 
@@ -46,7 +48,8 @@ class StandardSAE(SAE):
         return {"l1_loss": (coefficients.get("l1", self.cfg.l1_coefficient) * sparsity_n).mean()}
 
 
-def _scatter_rows(values_nk: Array, index_nk: Array, shape: tuple[int, int]) -> Array:
+def _scatter_rows(values_nk: Array, index_nk: Array, shape: tuple[int, ...]) -> Array:
+    """[N, S] zeros with row n's `values_nk[n]` at `index_nk[n]` (`shape` is [N, S])."""
     # top_k's indices are distinct in each row: saying so spares the scatter's derivative the
     # pass that finds which of several updates to one place wins
     rows_n1 = jnp.arange(shape[0])[:, None]
@@ -243,6 +246,7 @@ class JumpReLUSAE(SAE):
             l0_n = step(pre_ns, th_s, c.jumprelu_bandwidth, c.jumprelu_ste_to_input).sum(-1)
             per_row = l0_n
             if c.jumprelu_sparsity_loss_mode == "quadratic":
+                assert c.target_l0  # the config refuses quadratic mode without target_l0 > 0
                 per_row = 2 / c.target_l0 * jnp.square(l0_n - c.target_l0)
         losses = {"l0_loss": (coef * per_row).mean()}
         if c.pre_act_loss_coefficient is not None:
@@ -257,6 +261,6 @@ class JumpReLUSAE(SAE):
         _, t = SAE.inference_tensors(self)
         return "jumprelu", {**t, "threshold": self.threshold_s[...]}
 
-    def load_tensors(self, tensors: dict[str, Array]) -> None:
+    def load_tensors(self, tensors: Mapping[str, ArrayLike]) -> None:
         super().load_tensors(tensors)
         self.threshold_s[...] = jnp.asarray(tensors["threshold"])

@@ -125,6 +125,17 @@ class Loop:
 
 
 @dataclasses.dataclass
+class _State:
+    """What the loop carries between steps: the latest metrics row and the checkpoints' state."""
+
+    final: dict  # the latest metrics row (with the summary keys)
+    last_good: int  # the newest checkpoint known to be on disk (0: none)
+    pending: int | None = None  # the newest checkpoint, whose save may still run
+    t0: float = 0.0  # when the steps since the last metrics row began
+    t0_step: int = 0  # the step they began after
+
+
+@dataclasses.dataclass
 class LoopResult:
     final: dict  # the last metrics row (with the summary keys)
     step: int
@@ -138,9 +149,9 @@ def run_loop(
     `log.every` steps (one sync), checked, logged; a checkpoint every `checkpoint_every` steps,
     at the end and on SIGTERM. `where` is the checkpoint directory named in messages."""
     pending: list[tuple[int, Mapping[str, Any]]] = []
-    # last_good: the newest checkpoint known to be on disk; pending: one whose save may still run
-    state = {"final": dict(loop.initial_metrics), "last_good": loop.start, "pending": None}
-    clock = {"t0": time.perf_counter(), "step": loop.start}
+    state = _State(
+        dict(loop.initial_metrics), loop.start, t0=time.perf_counter(), t0_step=loop.start
+    )
 
     def flush(step: int) -> None:
         rows = [{"step": s, **{k: _py(v) for k, v in m.items()}} for s, m in pending]
@@ -150,13 +161,13 @@ def run_loop(
         if any(not _finite(row, loop.watch) for row in rows):
             _settle(loop, state, where)  # the saves before stay good: let them finish
             for row in rows:
-                _check_finite(row, loop.watch, state["last_good"], where)
-        seconds = time.perf_counter() - clock["t0"]
+                _check_finite(row, loop.watch, state.last_good, where)
+        seconds = time.perf_counter() - state.t0
         final = dict(rows[-1])
-        final.update(loop.summarize(final, step - clock["step"], seconds))
-        state["final"] = final
+        final.update(loop.summarize(final, step - state.t0_step, seconds))
+        state.final = final
         mlog.write(final, step_rows=rows)
-        clock.update(t0=time.perf_counter(), step=step)
+        state.t0, state.t0_step = time.perf_counter(), step
 
     step = loop.start
     with Preemption(loop.multihost) as preempt:
@@ -179,32 +190,32 @@ def run_loop(
             if stop:
                 _settle(loop, state, where)
                 mlog.note(f"SIGTERM: saved step {step} to {where}; exiting")
-                return LoopResult(state["final"], step, True)
+                return LoopResult(state.final, step, True)
     _settle(loop, state, where)
-    return LoopResult(state["final"], step, False)
+    return LoopResult(state.final, step, False)
 
 
-def _save(loop: Loop, step: int, state: dict, where: Path) -> None:
+def _save(loop: Loop, step: int, state: _State, where: Path) -> None:
     """Save a checkpoint; a failed save (the disk is full) stops the run in one line naming the
     last good checkpoint, which stays (Orbax renames a save into place only when it is whole).
     A save starts only once the one before has finished, so that one is then known good."""
     try:
-        loop.save(step, state["final"])
+        loop.save(step, state.final)
     except SaveFailed as e:
-        raise SaveFailed(f"{e}; stopped: {_good(state['last_good'], where)}") from None
-    if state["pending"] is not None:
-        state["last_good"] = state["pending"]
-    state["pending"] = step
+        raise SaveFailed(f"{e}; stopped: {_good(state.last_good, where)}") from None
+    if state.pending is not None:
+        state.last_good = state.pending
+    state.pending = step
 
 
-def _settle(loop: Loop, state: dict, where: Path) -> None:
+def _settle(loop: Loop, state: _State, where: Path) -> None:
     """Wait for the saves in flight; the one pending is then good."""
     try:
         loop.wait()
     except SaveFailed as e:
-        raise SaveFailed(f"{e}; stopped: {_good(state['last_good'], where)}") from None
-    if state["pending"] is not None:
-        state["last_good"], state["pending"] = state["pending"], None
+        raise SaveFailed(f"{e}; stopped: {_good(state.last_good, where)}") from None
+    if state.pending is not None:
+        state.last_good, state.pending = state.pending, None
 
 
 def _good(step: int, where: Path) -> str:

@@ -80,6 +80,7 @@ class MetricsLog:
     def write(self, row: dict, step_rows: list[dict] | None = None) -> None:
         if not self.enabled:
             return
+        assert self._file is not None  # opened whenever enabled
         rec = {"time": time.time(), **row}
         if step_rows:  # every step's loss, for exact-resume checks and the curve
             for r in step_rows[:-1]:
@@ -102,6 +103,7 @@ class MetricsLog:
         self._bar.close()
         if not self.enabled:
             return
+        assert self._file is not None  # opened whenever enabled
         self._file.close()
         if self._tb is not None:
             self._tb.close()

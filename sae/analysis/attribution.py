@@ -190,7 +190,10 @@ class Contrast:
 def _split_sets(per_form: Mapping[str, tuple[set, set]]):
     """Per direction (each form, and both pooled): each label's ids less those in both."""
     per_form = dict(per_form)
-    per_form["pooled"] = tuple(set().union(*(per_form[f][j] for f in FORMS)) for j in (0, 1))
+    per_form["pooled"] = (
+        set().union(*(per_form[f][0] for f in FORMS)),
+        set().union(*(per_form[f][1] for f in FORMS)),
+    )
     sets, ambiguous = {}, {}
     for form, (a, b) in per_form.items():
         both = a & b
@@ -213,9 +216,9 @@ def name_contrast(tok, lists: Mapping[str, Iterable[str]], name: str = "names") 
     tbytes = token_bytes(tok)
     per_form: dict[str, tuple[set, set]] = {f: (set(), set()) for f in FORMS}
     for j, ws in enumerate(words):
-        for w in ws:
+        for word in ws:
             for prefix in ("", " "):
-                ids = tok.encode(prefix + w)
+                ids = tok.encode(prefix + word)
                 ft = first_token(row_text(ids, tbytes), len(prefix))
                 if ft is not None:
                     per_form[ft[1]][j].add(int(ids[ft[0]]))
@@ -296,7 +299,7 @@ class Contexts:
 
 
 def find_contexts(
-    rows: Sequence[Sequence[int]],
+    rows: Sequence[Sequence[int]] | np.ndarray,
     tbytes: Sequence[bytes],
     contrast: Contrast,
     *,
@@ -309,7 +312,8 @@ def find_contexts(
     skipped = dict.fromkeys(
         ("unaligned", "row_start", "ambiguous_first_token", "no_contrast", "row_end"), 0
     )
-    outside, examples = 0, []
+    outside = 0
+    examples: list[dict] = []
     for r, ids in enumerate(rows):
         rt = row_text(ids, tbytes)
         for j, pattern in enumerate(contrast.patterns):
@@ -642,7 +646,7 @@ class _Accumulator:
             return
         take = lambda arr: np.asarray(arr[local_row, ctx.pos], np.float64)  # noqa: E731
         a_cs = take(a_bts)
-        u_cd = np.stack([self.u[DIRECTIONS[f]] for f in ctx.form])
+        u_cd = np.stack([self._direction(f) for f in ctx.form])
         d = decompose(ro, u_cd, take(x_btd), take(h_btf), a_cs, W_eff, b_eff)
         feats = d["parts"].sum(-1)
         resid = np.abs(feats + d["error"] + d["bias"] - d["total"]).max()
@@ -656,14 +660,21 @@ class _Accumulator:
             self.act_sum[j] += a_cs[sel].sum(0)
             self.active[j] += (a_cs[sel] > 0).sum(0)
 
+    def _direction(self, form: int) -> np.ndarray:
+        u = self.u[DIRECTIONS[form]]
+        # find_contexts keeps a context only in a direction whose two sets are both non-empty
+        assert u is not None, f"a context in direction {DIRECTIONS[form]!r}, which has no side"
+        return u
+
     def result(self) -> ContrastAttribution:
         cs = self.contexts
         skipped = {k: sum(c.skipped[k] for c in cs) for k in cs[0].skipped} if cs else {}
+        arrays = {
+            k: np.concatenate([getattr(c, k) for c in cs]) if cs else np.zeros(0, np.int64)
+            for k in ("row", "pos", "label", "form", "token")
+        }
         ctx = Contexts(
-            *(
-                np.concatenate([getattr(c, k) for c in cs]) if cs else np.zeros(0, np.int64)
-                for k in ("row", "pos", "label", "form", "token")
-            ),  # fmt: skip
+            **arrays,
             skipped=skipped,
             outside_set=sum(c.outside_set for c in cs),
             examples=[e for c in cs for e in c.examples][:6],

@@ -21,8 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jaxlm.errors import UserError
+
+if TYPE_CHECKING:  # numpy is imported where it is used: the CLI starts without it
+    import numpy as np
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -231,7 +235,9 @@ def _token_sets(args, tok, where: str) -> tuple[dict, list[tuple[str, str]]]:
     """(the named token sets, the pairs to contrast)."""
     from sae.analysis import tsea
 
-    words, regexes, contrasts = {}, {}, []
+    words: dict[str, list[str]] = {}
+    regexes: dict[str, str] = {}
+    contrasts: list[tuple[str, str]] = []
     if args.demo_sets:
         words.update(tsea.demo_word_lists())
         regexes.update({k: tsea.REGEX_SETS[k] for k in tsea.DEMO_REGEX_SETS})
@@ -239,7 +245,8 @@ def _token_sets(args, tok, where: str) -> tuple[dict, list[tuple[str, str]]]:
     named = _word_lists(args.names)
     words.update(named)
     if len(named) >= 2 and not args.demo_sets:
-        contrasts.append(tuple(tsea.starts_name(n) for n in list(named)[:2]))
+        first, second = list(named)[:2]
+        contrasts.append((tsea.starts_name(first), tsea.starts_name(second)))
     for spec in args.regex:
         name, sep, pattern = spec.partition("=")
         if not sep or not name or not pattern:
@@ -265,7 +272,7 @@ def _token_sets(args, tok, where: str) -> tuple[dict, list[tuple[str, str]]]:
     return sets, contrasts
 
 
-def _batches(args, tokdir: str | None, what: str) -> list:
+def _batches(args, tokdir: str | None, what: str) -> list[np.ndarray]:
     """Every --data DIR's --split rows, at most --rows each, as [B, T] batches (read once)."""
     from jaxlm.data.pipeline import read_metadata
     from jaxlm.tokenizer import check_data_tokenizer
@@ -273,7 +280,7 @@ def _batches(args, tokdir: str | None, what: str) -> list:
 
     if args.rows < 1 or args.batch_size < 1:
         raise UserError("--rows and --batch-size must be >= 1")
-    out = []
+    out: list[np.ndarray] = []
     for d in args.data:
         check_data_tokenizer(what, tokdir, read_metadata(d)["tokenizer"]["sha256"])
         out.extend(

@@ -36,7 +36,7 @@ from sae.base import SAE
 # --- activations --------------------------------------------------------------------------------
 
 
-def feature_acts_fn(model, sae: SAE, layer: int, features: Sequence[int]):
+def feature_acts_fn(model, sae: SAE, layer: int, features: Sequence[int] | np.ndarray):
     """A tokens [B, T] -> activations [B, T, len(features)] of `features`, through the model's
     `layer` MLP post-activation (`sae.activations.capture_fn`) and the SAE's own `encode`."""
     capture = capture_fn(model, layer)
@@ -172,7 +172,7 @@ def collect_contexts(
     sae: SAE,
     layer: int,
     batches: Iterable[np.ndarray],
-    features: Sequence[int],
+    features: Sequence[int] | np.ndarray,
     *,
     k: int = 10,
     left: int = 12,
@@ -202,7 +202,7 @@ def dashboards(
     sae: SAE,
     layer: int,
     batches: Iterable[np.ndarray],
-    features: Sequence[int],
+    features: Sequence[int] | np.ndarray,
     texts: Sequence[str],
     *,
     k: int = 10,

@@ -61,7 +61,7 @@ import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -331,7 +331,9 @@ def enrichment_scores(
     return np.concatenate(scores, 1), np.concatenate(signs, 1)
 
 
-def ks_pvalues(scores_ns: np.ndarray, sizes_n: Sequence[int], vocab_size: int) -> np.ndarray:
+def ks_pvalues(
+    scores_ns: np.ndarray, sizes_n: Sequence[int] | np.ndarray, vocab_size: int
+) -> np.ndarray:
     """Two-sided KS p-values of enrichment scores, as `ks_2samp(method="asymp")` computes them."""
     from scipy.stats import kstwo
 
@@ -438,7 +440,7 @@ class TseaResult:
         above = self.beats_null()[i] & live
         scores = np.where(live, self.scores[i], -np.inf)
         best = np.argsort(-scores, kind="stable")[: min(top, int(live.sum()))]
-        out = {
+        out: dict[str, Any] = {
             "size": self.set_sizes[i],
             "n_features": self.n_features,
             "n_live": int(live.sum()),
@@ -463,6 +465,7 @@ class TseaResult:
         """Contrast pair k over live features: mean (plain and frequency-weighted), where the
         null directions put it, and the top features toward each set."""
         a, b = self.contrast_pairs[k]
+        assert self.contrast is not None, "contrast_pairs without their contrast"
         c_s = self.contrast[k]
         live = self.live_mask
         out: dict = {"positive": a, "negative": b, "n_live": int(live.sum())}
@@ -487,7 +490,8 @@ class TseaResult:
         return out
 
     def contrast_entry(self, f: int, k: int, texts: Sequence[str] | None = None) -> dict:
-        entry = {"feature": f, "contrast": round(float(self.contrast[k, f]), 6)}
+        assert self.contrast is not None, "contrast_pairs without their contrast"
+        entry: dict[str, Any] = {"feature": f, "contrast": round(float(self.contrast[k, f]), 6)}
         if self.frequency is not None:
             entry["frequency"] = float(f"{self.frequency[f]:.4g}")
         if texts is not None:
@@ -496,7 +500,7 @@ class TseaResult:
 
     def feature_entry(self, f: int, set_index: int, texts: Sequence[str] | None = None) -> dict:
         i = set_index
-        entry = {
+        entry: dict[str, Any] = {
             "feature": f,
             "score": round(float(self.scores[i, f]), 6),
             "log_score": round(float(-np.log(max(1.0 - self.scores[i, f], 1e-12))), 4),
@@ -522,8 +526,9 @@ class TseaResult:
 
     def save_npz(self, path: str | Path) -> None:
         """Every per-feature array, for plots and further analysis."""
-        np.savez_compressed(
-            path,
+        # Any, not np.ndarray: numpy's stub would match a dict of arrays against savez's own
+        # `allow_pickle: bool` keyword
+        arrays: dict[str, Any] = dict(
             set_names=np.asarray(self.set_names),
             set_sizes=np.asarray(self.set_sizes),
             scores=self.scores,
@@ -544,6 +549,7 @@ class TseaResult:
             ),
             **{f"stat_{k}": v for k, v in self.stats.items()},
         )
+        np.savez_compressed(path, **arrays)
 
 
 @partial(jax.jit, static_argnames="k")
@@ -707,7 +713,7 @@ def compare(
             if a.get(k) is not None and b.get(k) is not None  # None: no live feature
         }
         out[name] = {"before": b, "after": a, "change": change}
-    result = {
+    result: dict[str, Any] = {
         "alpha": alpha,
         "correction": before.correction,
         "before": before.meta,
