@@ -8,6 +8,7 @@ by an Orbax CheckpointManager. `load_model` accepts either, or a Hugging Face GP
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -201,6 +202,7 @@ class Checkpoints:
         try:  # an asynchronous save's failure (a full disk) surfaces at the next save or wait
             self._mngr.save(step, args=ocp.args.Composite(**args), force=True)
         except Exception as e:
+            self._abandon()
             raise SaveFailed(f"{self.directory}: saving step {step} failed ({_why(e)})") from None
 
     def steps(self) -> list[int]:
@@ -265,7 +267,15 @@ class Checkpoints:
         try:
             self._mngr.wait_until_finished()
         except Exception as e:
+            self._abandon()
             raise SaveFailed(f"{self.directory}: saving a checkpoint failed ({_why(e)})") from None
+
+    def _abandon(self) -> None:
+        """After a failed save (already reported): end Orbax's background threads and their event
+        loop now, so that none outlives the error and prints past its one-line message when the
+        interpreter exits ("Event loop is closed")."""
+        with contextlib.suppress(Exception):
+            self._mngr.close()
 
     def close(self) -> None:
         self.wait()
