@@ -10,6 +10,12 @@ not divide over the mesh). `--set section.key=value` overrides the config, e.g.
 `--set model.preset=ts-33m --set model.dtype=bfloat16`. `--builder MODULE:FN` or
 `--builder path/to/file.py:FN` compiles any `FN(mesh) -> (jitted_fn, abstract_args)` instead
 of jaxlm's train step.
+
+`--sae-latents S` compiles the SAE trainer's step instead (sae/aot.py): `--config` is then an SAE
+train config (configs/sae/default.yaml; default: SAELens' defaults) and `--set` overrides it:
+
+    python tpu/aot_check.py --topology v5e-8 --sae-d-in 3072 --sae-latents 24576 \\
+        --sae-batch 4096 --sae-architecture topk --set sae.k=64
 """
 
 from __future__ import annotations
@@ -42,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=int, default=1, help="mesh size of the data axis")
     p.add_argument("--tensor", type=int, default=1, help="mesh size of the tensor axis")
     p.add_argument("--builder", help="MODULE:FN or FILE.py:FN; FN(mesh) -> (jitted, args)")
+    sae = p.add_argument_group("SAE step (sae/aot.py), chosen by --sae-latents")
+    sae.add_argument("--sae-latents", type=int, help="d_sae: the SAE's latents")
+    sae.add_argument("--sae-d-in", type=int, default=3072,
+                     help="the SAE's input width (default 3072: ts-33m's MLP)")  # fmt: skip
+    sae.add_argument("--sae-batch", type=int, help="activation rows per step (default: config's)")
+    sae.add_argument("--sae-architecture", help="standard, topk, batchtopk, jumprelu (config's)")
+    sae.add_argument("--sae-layers", type=int, default=1,
+                     help="SAEs trained by one step, as with model.layers (default 1)")  # fmt: skip
     return p
 
 
@@ -74,13 +88,38 @@ def train_step_builder(config: str | None, overrides: list[str], global_batch: i
     return lambda mesh: abstract_train_step(cfg, mesh, global_batch)
 
 
+def sae_builder(args: argparse.Namespace) -> BuildFn:
+    """The SAE trainer's step (sae/aot.py) for the --sae-* flags over --config and --set."""
+    from jaxlm.overlay import parse_override
+    from sae.aot import sae_config, sae_step_builder
+    from sae.train import load_config
+
+    if args.global_batch is not None:
+        raise UserError("--global-batch is the LM step's; the SAE step's batch is --sae-batch")
+    if args.sae_layers < 1:
+        raise UserError(f"--sae-layers={args.sae_layers} must be >= 1")
+    base = load_config(args.config, [parse_override(o) for o in args.set])
+    cfg = sae_config(
+        args.sae_d_in,
+        args.sae_latents,
+        args.sae_batch or base.data.train_batch_size_tokens,
+        args.sae_architecture or base.sae.architecture,
+        base,
+    )
+    return sae_step_builder(cfg, args.sae_layers)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 with one line on stderr for a usage error)."""
     args = build_parser().parse_args(argv)
 
     def run() -> int:
+        if args.builder and args.sae_latents is not None:
+            raise UserError("--builder and --sae-latents each choose the step: give one")
         if args.builder:
             build = load_builder(args.builder)
+        elif args.sae_latents is not None:
+            build = sae_builder(args)
         else:
             build = train_step_builder(args.config, args.set, args.global_batch)
         try:
