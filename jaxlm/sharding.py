@@ -154,6 +154,27 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Rules = DEFAULT_RULES) -> N
     return NamedSharding(mesh, logical_to_pspec(("batch",) + (None,) * (ndim - 1), rules))
 
 
+def opt_state_shardings(opt_abstract, params, p_sh, mesh: Mesh):
+    """Shardings of an optimizer state (`opt_abstract`, e.g. `jax.eval_shape(tx.init, params)`):
+    moments shard like their parameters (`p_sh`), scalars (counts) are replicated. Left to
+    itself, `jax.jit(tx.init)` replicates Adam's zero-initialised moments on every device."""
+    by_shape_path: dict[str, tuple] = {}
+    flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat_s = jax.tree.leaves(p_sh)
+    for (path, leaf), sh in zip(flat_p, flat_s, strict=True):
+        by_shape_path[jax.tree_util.keystr(path)] = (leaf.shape, sh)
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def pick(path, leaf):
+        key = jax.tree_util.keystr(path)
+        for pkey, (shape, sh) in by_shape_path.items():
+            if key.endswith(pkey) and shape == leaf.shape:
+                return sh
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, opt_abstract)
+
+
 def describe(mesh: Mesh) -> str:
     return (
         " x ".join(f"{k}={v}" for k, v in mesh.shape.items())

@@ -4,11 +4,10 @@ Why: "do 49,152 latents on ts-33m's MLP at batch 4,096 fit a v5e-8" is answered 
 rented. The program compiled is the trainer's own: `sae.train._compile` over
 `make_layers_step`/`make_train_step`, the optimizer from `make_optimizer`, parameters sharded by
 the trainer's rules table (`_rules`, SAE_RULES: latents over fsdp x tensor), buffers and counters
-replicated, the optimizer state sharded as `jax.jit(tx.init)` leaves it (the trainer's
-`_init_state` does exactly that; XLA leaves Adam's zero-initialised moments replicated, which is
-most of the plan), and the [L, N, F] activation batch sharded as the activation
-store serves it (rows over `data`). Only the arrays are abstract (`jax.ShapeDtypeStruct`), since
-compile-only TPU devices hold no data.
+replicated, the optimizer state sharded as the trainer's `_init_state` shards it (Adam's moments
+like their parameters, `jaxlm.sharding.opt_state_shardings`), and the [L, N, F] activation batch
+sharded as the activation store serves it (rows over `data`). Only the arrays are abstract
+(`jax.ShapeDtypeStruct`), since compile-only TPU devices hold no data.
 
     python tpu/aot_check.py --topology v5e-8 --sae-d-in 3072 --sae-latents 24576 --sae-batch 4096
     report = compile_for_topology("v5p-8", sae_step_builder(sae_config(3072, 49152, 4096)))
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlm.sharding import logical_to_pspec, param_shardings, use_mesh
+from jaxlm.sharding import logical_to_pspec, opt_state_shardings, param_shardings, use_mesh
 from sae.base import SAE, SAE_RULES, Buffer
 from sae.registry import create
 from sae.train import SAETrainConfig, _compile, _rules, init_stats, make_optimizer
@@ -81,12 +80,13 @@ def _abstract_state(cfg: SAETrainConfig, mesh: Mesh, rules) -> tuple:
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
     buffers = jax.tree.map(lambda x: sds(x, replicated), buffers)
-    # The trainer runs `jax.jit(tx.init)(params)` and keeps whatever shardings XLA gives the
-    # moments; compiling that small program here reads them off the same way.
+    # the optimizer state sharded as the trainer's `_init_state` shards it
     tx, _ = make_optimizer(cfg.optim, cfg.steps)
-    with use_mesh(mesh, rules):
-        init = jax.jit(tx.init).lower(params).compile()
-    opt_state = jax.tree.map(sds, init.out_info, init.output_shardings)
+    p_sh = param_shardings(params, mesh, rules)
+    opt_abstract = jax.eval_shape(tx.init, params)
+    opt_state = jax.tree.map(
+        sds, opt_abstract, opt_state_shardings(opt_abstract, params, p_sh, mesh)
+    )
     stats = jax.tree.map(
         lambda x: sds(x, replicated), jax.eval_shape(lambda: init_stats(cfg.sae.n_latents))
     )

@@ -40,7 +40,14 @@ from jaxlm import overlay
 from jaxlm.checkpoint import Checkpoints
 from jaxlm.errors import UserError
 from jaxlm.outputs import Output
-from jaxlm.sharding import Rules, load_rules, make_mesh, param_shardings, use_mesh
+from jaxlm.sharding import (
+    Rules,
+    load_rules,
+    make_mesh,
+    opt_state_shardings,
+    param_shardings,
+    use_mesh,
+)
 from jaxlm.train.loop import Loop, run_loop
 from jaxlm.train.metrics_log import MetricsLog
 from jaxlm.train.sections import (
@@ -574,10 +581,14 @@ def _init_state(sae_cfg: SAEConfig, cfg: SAETrainConfig, mesh, rules) -> tuple:
     graphdef, params, buffers = nnx.split(sae, nnx.Param, Buffer)  # type: ignore[misc]
     tx, _ = make_optimizer(cfg.optim, cfg.steps)
     with use_mesh(mesh, rules):
-        params = jax.device_put(params, param_shardings(params, mesh, rules))
+        p_sh = param_shardings(params, mesh, rules)
+        params = jax.device_put(params, p_sh)
         replicated = NamedSharding(mesh, PartitionSpec())
         buffers = jax.device_put(buffers, replicated)
-        opt_state = jax.jit(tx.init)(params)
+        # Adam's moments sharded like the latents they follow (jit alone replicates them: at
+        # 24,576 latents on ts-33m's MLP, 1.2 GB on every chip)
+        opt_sh = opt_state_shardings(jax.eval_shape(tx.init, params), params, p_sh, mesh)
+        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
         stats = jax.device_put(init_stats(sae_cfg.n_latents), replicated)
     return graphdef, (params, buffers, opt_state, stats), sae
 

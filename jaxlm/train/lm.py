@@ -39,7 +39,15 @@ from jaxlm.errors import UserError
 from jaxlm.loss import linear_cross_entropy
 from jaxlm.model import GPTNeo, init_model
 from jaxlm.outputs import Output, differences, read_identity
-from jaxlm.sharding import DEFAULT_RULES, Rules, batch_sharding, load_rules, make_mesh, use_mesh
+from jaxlm.sharding import (
+    DEFAULT_RULES,
+    Rules,
+    batch_sharding,
+    load_rules,
+    make_mesh,
+    opt_state_shardings,
+    use_mesh,
+)
 from jaxlm.tokenizer import check_data_tokenizer
 from jaxlm.train.loop import Loop, init_distributed, run_loop
 from jaxlm.train.metrics_log import MetricsLog
@@ -539,7 +547,7 @@ def _init_state(run: _Run, tx: optax.GradientTransformation):
         graphdef, params = nnx.split(model, nnx.Param)
     with use_mesh(run.mesh, run.rules):
         p_sh = jax.tree.map(lambda x: x.sharding, params)
-        opt_sh = _opt_shardings(jax.eval_shape(tx.init, params), params, p_sh, run.mesh)
+        opt_sh = opt_state_shardings(jax.eval_shape(tx.init, params), params, p_sh, run.mesh)
         opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
     return graphdef, params, opt_state
 
@@ -685,7 +693,7 @@ def abstract_train_step(
     )
     p_sh = jax.tree.map(lambda x: x.sharding, params_sds)
     opt_abstract = jax.eval_shape(tx.init, params_sds)
-    opt_sh = _opt_shardings(opt_abstract, params_sds, p_sh, mesh)
+    opt_sh = opt_state_shardings(opt_abstract, params_sds, p_sh, mesh)
     opt_sds = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_abstract, opt_sh
     )
@@ -694,25 +702,6 @@ def abstract_train_step(
     tokens = jax.ShapeDtypeStruct((B, seq_len + 1), jnp.int32, sharding=tok_sh)
     step = _jit_train_step(graphdef, tx, cfg, p_sh, opt_sh, tok_sh, mesh.devices.flat[0].platform)
     return _MeshJit(step, mesh, rules), (params_sds, opt_sds, tokens)
-
-
-def _opt_shardings(opt_abstract, params, p_sh, mesh):
-    """Optimizer moments shard like their parameters; scalars (counts) are replicated."""
-    by_shape_path = {}
-    flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
-    flat_s = jax.tree.leaves(p_sh)
-    for (path, leaf), sh in zip(flat_p, flat_s, strict=True):
-        by_shape_path[jax.tree_util.keystr(path)] = (leaf.shape, sh)
-    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def pick(path, leaf):
-        key = jax.tree_util.keystr(path)
-        for pkey, (shape, sh) in by_shape_path.items():
-            if key.endswith(pkey) and shape == leaf.shape:
-                return sh
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(pick, opt_abstract)
 
 
 class _MeshJit:
