@@ -67,7 +67,8 @@ def _abstract_state(cfg: SAETrainConfig, mesh: Mesh, rules) -> tuple:
     """(graphdef, (params, buffers, opt_state, stats) as sharded ShapeDtypeStructs, the abstract
     SAE): `sae.train._init_state`'s state without computing it."""
     abstract: SAE = nnx.eval_shape(lambda: create(cfg.sae, seed=cfg.seed))
-    graphdef, params, buffers = nnx.split(abstract, nnx.Param, Buffer)
+    # flax types a split by several filters as a variadic tuple; two filters give three parts
+    graphdef, params, buffers = nnx.split(abstract, nnx.Param, Buffer)  # type: ignore[misc]
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def sds(x, sharding):

@@ -168,7 +168,7 @@ def _process_chunk(chunk: list[str]) -> tuple[list[tuple[bytes, np.ndarray]], Cl
     return out, stats
 
 
-def _map_chunks(chunks, model_path, clean_cfg, workers):
+def _map_chunks(chunks, model_path, clean_cfg, workers) -> Iterator:
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers <= 1:
         _init_worker(model_path, clean_cfg)
