@@ -256,9 +256,10 @@ class Method:
             for d in data:
                 name, _, weight = d.partition(":")
                 out += ["--data", f"{at(self.data(name))}" + (f":{weight}" if weight else "")]
-            if parent is None:
-                out += ["--preset", preset]
-            else:
+            # the preset always (a CPT config's own preset would be wrong for a sweep's others;
+            # with --init-from it is checked against the parent's architecture)
+            out += ["--preset", preset]
+            if parent is not None:
                 out += ["--init-from", at(self.model(parent)), "--set", "eval.at_start=true"]
             for s in sets:
                 out += ["--set", s]
