@@ -337,18 +337,19 @@ def test_cli_pulse_and_bad_input(tok400, demo_data, tmp_path, capsys):
     capsys.readouterr()
     en = tmp_path / "en.txt"
     en.write_text("ليلي\n")
+    o = str(tmp_path / "o")  # a refused run still takes its output's lock beside it
     bad = [
-        (["attribute", "--model", m, "--sae", s, *data, "--names", "x=/nope.txt", "--out", "o"],
+        (["attribute", "--model", m, "--sae", s, *data, "--names", "x=/nope.txt", "--out", o],
          "nope.txt: cannot read"),
-        (["attribute", "--model", m, "--sae", s, *data, "--names", f"x={en}", "--out", "o"],
+        (["attribute", "--model", m, "--sae", s, *data, "--names", f"x={en}", "--out", o],
          "give exactly two lists (positive first), got 1"),
-        (["attribute", "--model", m, "--sae", s, "--data", str(tmp_path), "--out", "o"],
+        (["attribute", "--model", m, "--sae", s, "--data", str(tmp_path), "--out", o],
          "not a prepared DATADIR"),
-        (["attribute", "--model", m, "--sae", s, *data, "--top", "0", "--out", "o"],
+        (["attribute", "--model", m, "--sae", s, *data, "--top", "0", "--out", o],
          "--top must be >= 1"),
-        (["match", "--before", m, s, "--after", m, s, *data, "--threshold", "2", "--out", "o"],
+        (["match", "--before", m, s, "--after", m, s, *data, "--threshold", "2", "--out", o],
          "a cosine is in [-1, 1]"),
-        (["tsea", "--model", m, "--sae", s, "--regex", "q=«", "--contrast", "q", "--out", "o"],
+        (["tsea", "--model", m, "--sae", s, "--regex", "q=«", "--contrast", "q", "--out", o],
          "expected SET_A:SET_B"),
     ]  # fmt: skip
     for argv, msg in bad:
