@@ -60,8 +60,20 @@ def _train(w: Path, workdir: Path) -> dict:
                   "metrics": _rel(metrics, w), "loss_plot": _rel(workdir / "loss.png", w)},
         "eval_loss": named(ev.get("end")) or _losses(end),
         "eval_loss_start": named(ev.get("start")) or _losses(start),
+        "params": _params(workdir),
     }  # fmt: skip
     return out
+
+
+def _params(workdir: Path) -> int | None:
+    """The model's parameter count, from its recorded architecture (the sweep table's column)."""
+    from jaxlm.checkpoint import read_meta
+    from jaxlm.errors import UserError
+
+    try:
+        return read_meta(workdir)[0].num_params()
+    except UserError:
+        return None
 
 
 def _judge(w: Path, label: str) -> dict | None:
