@@ -16,12 +16,22 @@ would). Ablating every feature leaves the error term + b_dec.
 so the edit is the only difference, and reads their translation artifacts (English-name rate,
 English-dialogue share, jaxlm.eval.artifacts) side by side, with a paired bootstrap interval of
 the change. Random control features (`--random K`) are drawn, seeded, from the LIVE ones: active
-on rows of a DATADIR, or, without one, firing in the SAE's training (its sparsity.safetensors).
+on rows of the DATADIRs, or, without any, firing in the SAE's training (its sparsity.safetensors).
+
+A sample-level rate sits at its ceiling when the model never writes the other kind of name (the
+demo's pretrained model writes only English names: no ablation can move 1.00), so
+`name_logit_diff` also measures the edit where the decision is made, continuously: at the name
+contexts `jaxlm sae attribute` finds in held-out rows (`attribution.find_contexts`), the model's
+full logit difference (mean logit over the English-name first tokens minus that over the Arabic
+ones, exactly attribute's `logit_diff`), without and with the edit, balanced over the two labels
+(the mean of the English-target contexts' mean and the Arabic-target contexts' mean), with
+bootstrap intervals over contexts (paired for the change). Fixed before measuring the demo.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -221,3 +231,100 @@ def ablation_report(
     ]
     diff = paired_difference(per["ablated"], per["baseline"], resamples=resamples, seed=seed)
     return rows, {**reports, "difference": diff}
+
+
+# --- the name-slot logit difference --------------------------------------------------------------
+
+
+def _residuals_fn(model: GPTNeo, edit: FeatureAblation):
+    """tokens [B, T] -> (final residual without the edit, with it) [B, T, D] float32, jit'd once:
+    the residual attribute reads (`attribution.final_residual`)."""
+    from sae.analysis.attribution import final_residual
+
+    graphdef, params = nnx.split(model, nnx.Param)
+    egraph, estate = nnx.split(edit)
+
+    @jax.jit
+    def run(params, estate, tokens_bt):
+        m, e = nnx.merge(graphdef, params), nnx.merge(egraph, estate)
+        return (final_residual(m, tokens_bt).astype(jnp.float32),
+                m.residual(tokens_bt, edit=e).astype(jnp.float32))  # fmt: skip
+
+    return partial(run, params, estate)
+
+
+def name_slot_logit_diffs(
+    model: GPTNeo,
+    tok: Tokenizer,
+    edit: FeatureAblation,
+    batches: Iterable[np.ndarray],
+    lists: Mapping[str, Iterable[str]] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(label [C], logit difference without the edit [C], with it [C], rows read) at the name
+    contexts of token rows ([B, T] batches): attribute's contexts (`name_contrast` of `lists`,
+    {label: words} with the positive label first, the demo's English and Arabic names when None;
+    `find_contexts`) and its logit difference (`Readout.directions`, `logit_difference`)."""
+    from sae.analysis import attribution as at
+
+    contrast = at.name_contrast(tok, at.demo_name_lists() if lists is None else lists)
+    ro = at.Readout.of(model, edit.layer)
+    us = ro.directions(contrast)
+    tbytes = at.token_bytes(tok)
+    run = _residuals_fn(model, edit)
+    labels, base, ablated = [np.zeros(0, np.int64)], [np.zeros(0)], [np.zeros(0)]
+    row0 = 0
+    for tokens_bt in batches:
+        tokens_bt = np.asarray(tokens_bt)
+        ctx = at.find_contexts(tokens_bt, tbytes, contrast, row0=row0)
+        row0 += tokens_bt.shape[0]
+        if not len(ctx):  # nothing to read: skip the forward
+            continue
+        u_cd = at.context_directions(us, ctx.form)
+        local = ctx.row - (row0 - tokens_bt.shape[0])
+        for x_btd, out in zip(run(jnp.asarray(tokens_bt, jnp.int32)), (base, ablated),
+                              strict=True):  # fmt: skip
+            x_cd = np.asarray(jax.device_get(x_btd)[local, ctx.pos], np.float64)
+            out.append(at.logit_difference(ro, u_cd, x_cd))
+        labels.append(ctx.label)
+    return np.concatenate(labels), np.concatenate(base), np.concatenate(ablated), row0
+
+
+def name_logit_diff(
+    model: GPTNeo,
+    tok: Tokenizer,
+    edit: FeatureAblation,
+    batches: Iterable[np.ndarray],
+    lists: Mapping[str, Iterable[str]] | None = None,
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """The report's `name_logit_diff`: baseline, ablated and their paired difference (ablated -
+    baseline), each `{"value", "ci95", "n"}`, balanced over the two labels, and per label.
+
+    The balanced mean is the weighted mean with each context weighing 1 / (its label's count),
+    so `jaxlm.eval.artifacts.bootstrap` (a percentile bootstrap of a weighted mean, resampling
+    contexts) gives the interval; the three share their resamples (same seed, same n), and the
+    difference resamples per-context changes, so it is paired."""
+    from jaxlm.eval.artifacts import bootstrap
+    from sae.analysis.attribution import demo_name_lists
+
+    lists = demo_name_lists() if lists is None else lists
+    labels = list(lists)
+    label_c, base_c, abl_c, rows = name_slot_logit_diffs(model, tok, edit, batches, lists)
+    counts = np.bincount(label_c, minlength=2)
+    weight_c = (1.0 / counts[label_c]).tolist()  # empty without contexts
+    sides = {"baseline": base_c, "ablated": abl_c, "difference": abl_c - base_c}
+    by_label = {
+        lab: {"contexts": int(counts[j])}
+        | {k: float(v[label_c == j].mean()) if counts[j] else None for k, v in sides.items()}
+        for j, lab in enumerate(labels)
+    }
+    return {
+        "definition": f"mean logit over {labels[0]}-name first tokens minus over {labels[1]}-"
+        "name first tokens at attribute's name contexts, balanced over the two labels",
+        "rows": rows,
+        "contexts": {lab: int(counts[j]) for j, lab in enumerate(labels)},
+        **{k: bootstrap(v, weight_c, resamples=resamples, seed=seed) for k, v in sides.items()},
+        "by_label": by_label,
+    }

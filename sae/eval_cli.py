@@ -2,9 +2,9 @@
 
 jaxlm sae eval --model M --sae SAEDIR --data DATADIR [--data DATADIR ...] [--split validation]
     [--rows 256] [--batch-size 8] --out eval.json
-jaxlm sae ablate --model M --sae SAEDIR (--features 3,17,42 | --random K [--seed S] [--data DIR])
-    [--mode zero | --mode clamp --value X] --n 48 --max-new-tokens 160 --out samples.jsonl
-    [--names english=FILE[#COLUMN] --names arabic=FILE[#COLUMN]]
+jaxlm sae ablate --model M --sae SAEDIR (--features 3,17,42 | --random K [--seed S])
+    [--data DATADIR ...] [--mode zero | --mode clamp --value X] --n 48 --max-new-tokens 160
+    [--names english=FILE[#COLUMN] --names arabic=FILE[#COLUMN]] --out samples.jsonl
 """
 
 from __future__ import annotations
@@ -59,11 +59,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--seed", type=int, default=0, help="the --random draw's seed")
     a.add_argument(
         "--data",
-        help="with --random: live = active on these rows (default: fired "
-        "in training, from the SAE's sparsity.safetensors)",
+        action="append",
+        default=[],
+        metavar="DATADIR",
+        help="held-out rows (repeat for several sources): the name-slot logit difference at "
+        "attribute's name contexts there, without and with the edit; with --random also where "
+        "live features are found (default: fired in training, the SAE's sparsity.safetensors)",
     )
     a.add_argument("--split", default="validation")
-    a.add_argument("--rows", type=int, default=256)
+    a.add_argument("--rows", type=int, default=256, help="rows per DATADIR for live features")
+    a.add_argument(
+        "--logit-rows",
+        type=int,
+        default=4096,
+        help="rows per DATADIR for the name-slot logit difference (attribute's --rows default)",
+    )
     a.add_argument(
         "--mode",
         choices=("zero", "clamp"),
@@ -84,9 +94,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="SIDE=FILE[#COLUMN]",
-        help="english=... and arabic=... name lists (default: the demo corpus')",
+        help="english=... and arabic=... name lists (default: the demo corpus'); with --data "
+        "also the name contexts' lists, as attribute reads them",
     )
-    a.add_argument("--english-top", type=int, metavar="K", help="first K English entries only")
+    a.add_argument(
+        "--english-top",
+        type=int,
+        metavar="K",
+        help="first K English entries only (the sampled stories' rates; the name contexts read "
+        "the lists whole, as attribute does)",
+    )
     a.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     a.add_argument("--out", required=True, help="the stories (JSONL: ablated and baseline text)")
     a.add_argument("--report", help="the metrics (JSON; default: OUT with .artifacts.json)")
@@ -173,12 +190,16 @@ def _features(args, model, sae, info, layer) -> tuple[list[int], dict]:
 
     if args.features is not None:
         return ablate.parse_features(args.features, sae.cfg.n_latents), {"how": "given"}
-    if args.data:
-        split, _ = eval_split(args.data, args.split)
-        rows = read_rows(args.data, split=split, max_rows=args.rows, batch_size=8)
-        counts, tokens = firing_counts(model, sae, layer, rows)
+    if args.data:  # active on the rows of any of them
+        counts, tokens, where = np.zeros(sae.cfg.n_latents, np.int64), 0, []
+        for d in args.data:
+            split, _ = eval_split(d, args.split)
+            rows = read_rows(d, split=split, max_rows=args.rows, batch_size=8)
+            c, t = firing_counts(model, sae, layer, rows)
+            counts, tokens = counts + c, tokens + t
+            where.append(f"{d} [{split}]")
         live = np.flatnonzero(counts)
-        live_from = f"active on {tokens} tokens of {args.data} [{split}]"
+        live_from = f"active on {tokens} tokens of {', '.join(where)}"
     else:
         live = ablate.live_from_sparsity(info.path)
         live_from = f"fired in training ({info.path}/sparsity.safetensors, log10 freq > -10)"
@@ -201,24 +222,26 @@ def cmd_ablate(args) -> int:
 
     if (args.mode == "clamp") != (args.value is not None):
         raise UserError("--value goes with --mode clamp (and --mode clamp needs --value)")
-    if args.data and args.features is not None:
-        raise UserError("--data finds live features for --random; --features names them")
     if args.n < 1 or args.resamples < 1:
         raise UserError(f"--n {args.n} and --resamples {args.resamples} must be >= 1")
+    if args.data and args.logit_rows < 1:
+        raise UserError(f"--logit-rows {args.logit_rows}: must be >= 1")
     lists = NameLists.from_specs(args.names, args.english_top) if args.names else None
     prompts = load_prompts(args.prompts) if args.prompts else None
     model, minfo, sae, info, layer = _load(args)
     tokdir = args.tokenizer or minfo.tokenizer
     if not tokdir:
         raise UserError(f"{minfo.path} records no tokenizer: pass --tokenizer")
-    if args.data:
-        _check_tokenizer(minfo.path, tokdir, args.data)
+    for d in args.data:
+        _check_tokenizer(minfo.path, tokdir, d)
     features, chosen = _features(args, model, sae, info, layer)
     edit = FeatureAblation(sae, layer, features, mode=args.mode, value=args.value or 0.0)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k)
+    tok = Tokenizer.load(tokdir)
+    logit = _name_logit_diff(args, model, tok, edit) if args.data else None
     rows, report = ablation_report(
         model,
-        Tokenizer.load(tokdir),
+        tok,
         edit,
         n=args.n,
         prompts=prompts,
@@ -249,6 +272,7 @@ def cmd_ablate(args) -> int:
         },
         "samples": str(args.out),
         **report,
+        **({"name_logit_diff": logit} if logit is not None else {}),
     }
     _write(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     _write(report_path, json.dumps(report, ensure_ascii=False, indent=2) + "\n")
@@ -259,8 +283,34 @@ def cmd_ablate(args) -> int:
                 "report": report_path,
                 "features": features,
                 "difference": report["difference"],
+                **({"name_logit_diff": logit["difference"]} if logit is not None else {}),
             },
             ensure_ascii=False,
         )
     )
     return 0
+
+
+def _name_logit_diff(args, model, tok, edit) -> dict:
+    """`sae.ablate.name_logit_diff` on the --data rows attribute would read (its row reader, the
+    same --split, --logit-rows each) and the --names lists as attribute takes them."""
+    from functools import partial
+
+    from jaxlm.eval.wordlists import load_word_list, parse_names_spec
+    from sae.ablate import name_logit_diff
+    from sae.analysis.dashboards import read_rows
+
+    lists: dict[str, list[str]] | None = None
+    if args.names:  # whole lists (no --english-top), English first: attribute's contrast
+        lists = {"english": [], "arabic": []}
+        for spec in args.names:
+            side, path, column = parse_names_spec(spec)
+            if side not in lists:
+                raise UserError(f"--names {spec!r}: the list name must be english or arabic")
+            lists[side] += load_word_list(path, column)
+    read = partial(read_rows, split=args.split, max_rows=args.logit_rows, batch_size=32)
+    batches = (b for d in args.data for b in read(d))
+    result = name_logit_diff(model, tok, edit, batches, lists, resamples=args.resamples,
+                             seed=args.sample_seed)  # fmt: skip
+    return {"data": list(args.data), "split": args.split, "rows_per_source": args.logit_rows,
+            **result}  # fmt: skip

@@ -237,8 +237,19 @@ def _sae_parts(run: Path, label: str, role: str) -> dict:
             "english_name_rate_none": _est(rate[1], 0.02),
             "features_top": [17, 3],
             "features_random": [512, 88],
+            # the name-slot logit difference (sae ablate --data): sides and paired changes
+            "name_logit_diff_none": _logit(9.77),
+            "name_logit_diff_top": _logit(9.31),
+            "name_logit_diff_random": _logit(9.74),
+            "name_logit_diff_change_top": _logit(-0.46, 0.05),
+            "name_logit_diff_change_random": _logit(-0.03, 0.02),
+            "name_logit_diff_contexts": {"english": 6888, "arabic": 6819},
         },
     }
+
+
+def _logit(value: float, half: float = 0.1) -> dict:
+    return {"value": value, "ci95": [round(value - half, 4), round(value + half, 4)], "n": 13707}
 
 
 def _est(value: float, half: float) -> dict:

@@ -83,6 +83,12 @@ def test_demo_page_has_each_part(reports):
     assert "Not in this run: judge grades for any model" in page  # the demo has no judge
     for sets in res["comparisons"]["pretrain-ts-1m -> cpt-ts-1m"]["tsea"]["sets"]:
         assert f"<td>{sets}</td>" in page
+    # the ablation's second table: the name-slot logit difference, paired changes, top - random
+    assert "Name-slot logit difference" in page and "<th>top - none</th>" in page
+    assert "9.770 <span" in page or "9.770 [" in page, "the unablated logit difference"
+    assert "-0.460" in page and "6888 / 6819" in page
+    assert re.search(r"with the top features ablated it falls \(-0\.460 \[-0\.510, -0\.410\]\)",
+                     page)  # fmt: skip
 
 
 def test_judge_page_compares_and_explains_agreement(reports):
@@ -124,6 +130,10 @@ def test_metrics_json_holds_the_fixture_values(reports):
             e = rec["ablation"][f"english_name_rate_{k}"]
             assert got[f"ablation.english_name_rate_{k}"] == e["value"]
             assert got[f"ablation.english_name_rate_{k}.ci95"] == e["ci95"]
+        for k in ("top", "random", "none", "change_top", "change_random"):
+            e = rec["ablation"][f"name_logit_diff_{k}"]
+            assert got[f"ablation.name_logit_diff_{k}"] == e["value"]
+            assert got[f"ablation.name_logit_diff_{k}.ci95"] == e["ci95"]
         for source, e in rec["eval_loss"].items():
             assert got[f"eval_loss.{source}"] == e["loss"]
             assert got[f"eval_loss.{source}.ci95"] == e["ci95"]

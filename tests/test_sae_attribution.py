@@ -203,6 +203,50 @@ def test_row_text_maps_byte_pieces(tok400):
     assert at.row_text([3, *ids], tb).text == "\x00" + text  # </s>: a story boundary
 
 
+# --- the name-slot logit difference under ablation (sae ablate) ---------------------------------
+
+
+def test_name_logit_diff_unablated_is_attributions_and_ablating_every_live_feature_moves_it(
+    tok400, demo_data
+):
+    from sae.ablate import FeatureAblation, name_logit_diff, name_slot_logit_diffs
+    from sae.analysis.dashboards import read_rows
+
+    L = 1
+    model = _model(tok400.vocab_size, D=32, F=64, layers=2, seed=6)
+    sae = _sae(64, 40, seed=1)
+    readers = {d: read_rows(demo_data[d], split="train", max_rows=24, batch_size=8)
+            for d in ("translated", "native")}  # fmt: skip
+    batches = [b for d in readers.values() for b in d]
+    att = at.attribute(model, sae, L, batches, tok400, at.demo_contrasts(tok400))
+    r = att["names"]
+    assert r.n(0) > 5 and r.n(1) > 5
+    nothing = FeatureAblation(sae, L, [])
+    label, base, same, rows = name_slot_logit_diffs(model, tok400, nothing, batches)
+    # the same contexts, in the same order, and attribute's own logit difference at each
+    assert rows == 48 and np.array_equal(label, r.contexts.label)
+    assert np.abs(base - r.logit_diff).max() < 1e-5 and np.abs(same - base).max() < 1e-5
+    got = name_logit_diff(model, tok400, nothing, batches, resamples=200)
+    assert abs(got["baseline"]["value"] - r.balanced_mean(r.logit_diff)) < 1e-5
+    assert got["contexts"] == {"english": r.n(0), "arabic": r.n(1)}
+    assert abs(got["difference"]["value"]) < 1e-5
+
+    live = np.flatnonzero(att.live)
+    assert 0 < len(live) < 40
+    every = name_logit_diff(model, tok400, FeatureAblation(sae, L, live), batches, resamples=200)
+    assert every["baseline"] == got["baseline"]
+    d = every["difference"]
+    assert d["value"] == pytest.approx(every["ablated"]["value"] - every["baseline"]["value"])
+    assert abs(d["value"]) > 1e-2 and d["n"] == r.n(0) + r.n(1)
+    lo, hi = d["ci95"]
+    assert lo <= d["value"] <= hi and (lo > 0 or hi < 0)  # paired: clear of zero
+    for lab in ("english", "arabic"):
+        bl = every["by_label"][lab]
+        assert bl["difference"] == pytest.approx(bl["ablated"] - bl["baseline"])
+    means = [every["by_label"][lab]["baseline"] for lab in ("english", "arabic")]
+    assert every["baseline"]["value"] == pytest.approx(np.mean(means))  # balanced
+
+
 # --- the TSEA contrast --------------------------------------------------------------------------
 
 

@@ -399,11 +399,13 @@ def test_eval_cli_bad_input_is_one_line(saved, demo_data, tmp_path, capsys, flag
     assert len(err.splitlines()) == 1 and needle in err, err
 
 
-def test_ablate_cli_pulse(saved, tmp_path, capsys):
+def test_ablate_cli_pulse(saved, demo_data, tmp_path, capsys):
     out = tmp_path / "samples.jsonl"
     common = ["ablate", "--model", str(saved / "m"), "--sae", str(saved / "sae"), "--n", "4",
               "--max-new-tokens", "6", "--batch-size", "2", "--resamples", "20"]  # fmt: skip
-    argv = [*common, "--features", "0,1,2,3", "--out", str(out)]  # latents that never fire
+    data = ["--data", str(demo_data["translated"]), "--data", str(demo_data["native"]),
+            "--split", "train", "--logit-rows", "24"]  # fmt: skip
+    argv = [*common, "--features", "0,1,2,3", *data, "--out", str(out)]  # never fire
     assert _sae_cli(argv) == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["seed"] for r in rows] == [0, 0, 1, 1]
@@ -414,7 +416,14 @@ def test_ablate_cli_pulse(saved, tmp_path, capsys):
     for side in ("ablated", "baseline"):
         assert report[side]["stories"] == 4 and "english_name_rate" in report[side]["metrics"]
     assert set(report["difference"]) == {"english_name_rate", "english_dialogue_share"}
-    assert json.loads(capsys.readouterr().out)["report"] == str(tmp_path / "samples.artifacts.json")
+    line = json.loads(capsys.readouterr().out)
+    assert line["report"] == str(tmp_path / "samples.artifacts.json")
+    # the name-slot logit difference on the --data rows: unmoved by latents that never fire
+    ld = report["name_logit_diff"]
+    assert ld["rows"] == 48 and ld["contexts"]["english"] > 5 and ld["contexts"]["arabic"] > 5
+    assert ld["baseline"]["value"] == pytest.approx(ld["ablated"]["value"], abs=1e-5)
+    assert abs(ld["difference"]["value"]) < 1e-5 and line["name_logit_diff"] == ld["difference"]
+    assert ld["difference"]["n"] == ld["contexts"]["english"] + ld["contexts"]["arabic"]
 
 
 def test_ablate_cli_draws_random_live_features(hf_pair, saved, demo_data):
@@ -425,7 +434,7 @@ def test_ablate_cli_draws_random_live_features(hf_pair, saved, demo_data):
 
     sae, info = load_sae(saved / "sae")
     model = hf_pair[1]  # the saved model's weights
-    args = argparse.Namespace(features=None, random=3, seed=5, data=str(demo_data["native"]),
+    args = argparse.Namespace(features=None, random=3, seed=5, data=[str(demo_data["native"])],
                               split="validation", rows=8)  # fmt: skip
     feats, how = _features(args, model, sae, info, LAYER)
     assert len(feats) == 3 and min(feats) >= 8  # latents 0..7 never fire

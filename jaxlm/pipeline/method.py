@@ -410,10 +410,13 @@ class Method:
             out = self.w / "analysis" / f"ablation-{label}"
             common = ["--model", str(self.model(label)), "--sae", str(self.sae_dir(label)),
                       "--n", str(self.cfg.samples.n), "--max-new-tokens",
-                      str(self.cfg.samples.max_new_tokens), *self._name_flags()]  # fmt: skip
-            for name, pick in (("top", ["--features", ",".join(map(str, feats))]),
-                               ("random", ["--random", str(len(feats)), "--seed", "0",
-                                           *self._eval_data()])):  # fmt: skip
+                      str(self.cfg.samples.max_new_tokens), *self._name_flags(),
+                      *self._eval_data()]  # fmt: skip
+            # the held-out rows: the name-slot logit difference at attribute's name contexts
+            # (both runs), and where the random run's live features are found
+            picks = {"top": ["--features", ",".join(map(str, feats))],
+                     "random": ["--random", str(len(feats)), "--seed", "0"]}  # fmt: skip
+            for name, pick in picks.items():
                 ctx.jaxlm(
                     "sae",
                     "ablate",
@@ -428,7 +431,8 @@ class Method:
             return ablation_summary(out, feats)
 
         return Stage(f"ablation-{label}", {"k": s.ablation_features, "samples": _asdict(
-            self.cfg.samples)}, (f"analysis-{label}",), run, "local",
+            self.cfg.samples), "name_logit_diff": {"data": list(EVAL)}},
+            (f"analysis-{label}",), run, "local",
             f"ablate {label}'s top English-name features vs as many random live ones")  # fmt: skip
 
     def _compare_stage(self, preset: str) -> Stage:
@@ -564,9 +568,11 @@ def attribution_summary(path: Path) -> dict:
 def ablation_summary(d: Path, feats: list[int]) -> dict:
     """English-name rate of the pretrained model's samples: unablated, with its top features
     ablated, with as many random live ones ablated (each with its interval), and the paired
-    differences."""
+    differences; likewise the name-slot logit difference on held-out rows (where the runs
+    measured it)."""
     top, rand = (json.loads((d / f).read_text()) for f in ("top.json", "random.json"))
     rate = lambda r, side: r[side]["metrics"].get("english_name_rate")  # noqa: E731
+    logit = lambda r, side: (r.get("name_logit_diff") or {}).get(side)  # noqa: E731
     return {
         "features_top": feats,
         "features_random": rand.get("features"),
@@ -575,6 +581,12 @@ def ablation_summary(d: Path, feats: list[int]) -> dict:
         "english_name_rate_random": rate(rand, "ablated"),
         "difference_top": top.get("difference", {}).get("english_name_rate"),
         "difference_random": rand.get("difference", {}).get("english_name_rate"),
+        "name_logit_diff_none": logit(top, "baseline"),
+        "name_logit_diff_top": logit(top, "ablated"),
+        "name_logit_diff_random": logit(rand, "ablated"),
+        "name_logit_diff_change_top": logit(top, "difference"),
+        "name_logit_diff_change_random": logit(rand, "difference"),
+        "name_logit_diff_contexts": (top.get("name_logit_diff") or {}).get("contexts"),
     }
 
 

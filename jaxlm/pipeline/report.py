@@ -81,9 +81,20 @@ ABLATION_KEYS = (
     ("english_name_rate_random", "random features"),
     ("english_name_rate_top", "top English-name features"),
 )
+# the name-slot logit difference (English - Arabic name first tokens at held-out name contexts,
+# balanced over the two labels): each side, then each ablation's paired change from none
+LOGIT_KEYS = (
+    ("name_logit_diff_none", "no ablation"),
+    ("name_logit_diff_random", "random features"),
+    ("name_logit_diff_top", "top English-name features"),
+)
+LOGIT_CHANGE_KEYS = (
+    ("name_logit_diff_change_random", "random - none"),
+    ("name_logit_diff_change_top", "top - none"),
+)
 JUDGE_SCORES = ("grammar", "creativity", "consistency", "plot")
 SAMPLES_SHOWN = 3  # stories per model, side by side
-LOSS_DIGITS, RATE_DIGITS, JUDGE_DIGITS = 3, 2, 2
+LOSS_DIGITS, RATE_DIGITS, JUDGE_DIGITS, LOGIT_DIGITS = 3, 2, 2, 3
 
 
 # --- numbers ------------------------------------------------------------------------------------
@@ -727,7 +738,24 @@ def _ablation_findings(ms: list[Model]) -> list[str]:
             f"{top.text(RATE_DIGITS)}, against {rnd.text(RATE_DIGITS)} with as many random "
             f"features: {c.words(RATE_DIGITS, up='higher', down='lower')}."
         )
+    for m in ms:
+        none = m.est("ablation", "name_logit_diff_none")
+        top = m.est("ablation", "name_logit_diff_change_top")
+        rnd = m.est("ablation", "name_logit_diff_change_random")
+        if none is None or top is None or rnd is None:
+            continue
+        out.append(
+            f"{m.label}'s name-slot logit difference (English - Arabic name first tokens at "
+            f"held-out name contexts) {none.text(LOGIT_DIGITS)} unablated; with the top "
+            f"features ablated it {_paired(top).words(LOGIT_DIGITS)}, with as many random "
+            f"features it {_paired(rnd).words(LOGIT_DIGITS)}."
+        )
     return out
+
+
+def _paired(e: Est) -> Change:
+    """A paired change written as an estimate (its own interval, not MOVER's)."""
+    return Change(e.value, e.lo, e.hi)
 
 
 # --- 8. a sweep's table -------------------------------------------------------------------------
@@ -1405,9 +1433,8 @@ def ablation_section(b: Builder) -> Section | None:
     if not b.models:
         return None
     blocks: list = []
-    have = [
-        m for m in b.with_part("ablation") if any(m.est("ablation", k) for k, _ in ABLATION_KEYS)
-    ]
+    keys = (*ABLATION_KEYS, *LOGIT_KEYS)
+    have = [m for m in b.with_part("ablation") if any(m.est("ablation", k) for k, _ in keys)]
     b.without(blocks, "ablation", have, "feature ablation")
     title = "SAE features: ablation"
     if not have:
@@ -1433,12 +1460,48 @@ def ablation_section(b: Builder) -> Section | None:
         )
     heads = ["model", *(h for _, h in ABLATION_KEYS), "top - random", "top features"]
     blocks.append(Table(heads, rows))
+    if logit := _logit_table(have):
+        blocks += logit
     if found := _ablation_findings(have):
         blocks.append(Bullets(found))
     metrics = [(("ablation", k), h) for k, h in ABLATION_KEYS]
     alt = "English-name rate under ablation, 95% intervals"
     blocks.append(_dot_whisker(b, have, metrics, "ablation", alt))
     return Section("ablation", title, blocks)
+
+
+def _logit_table(ms: list[Model]) -> list:
+    """The name-slot logit difference's table: each side, each ablation's paired change from no
+    ablation (its own bootstrap interval), and top - random (MOVER of the two changes)."""
+    rows = []
+    for m in ms:
+        if not any(m.est("ablation", k) for k, _ in LOGIT_KEYS):
+            continue
+        changes = [m.est("ablation", k) for k, _ in LOGIT_CHANGE_KEYS]
+        rnd, top = changes
+        n = _get(m.rec, "ablation", "name_logit_diff_contexts")
+        rows.append(
+            [
+                text_cell(m.label),
+                *(est_cell(m.est("ablation", k), LOGIT_DIGITS) for k, _ in LOGIT_KEYS),
+                *(change_cell(_paired(c) if c else None, LOGIT_DIGITS) for c in changes),
+                change_cell(Change.between(rnd, top) if top and rnd else None, LOGIT_DIGITS),
+                text_cell(" / ".join(str(v) for v in n.values()) if isinstance(n, dict) else None),
+            ]
+        )
+    if not rows:
+        return []
+    heads = ["model", *(h for _, h in LOGIT_KEYS), *(h for _, h in LOGIT_CHANGE_KEYS),
+             "top - random", "contexts (English / Arabic)"]  # fmt: skip
+    return [
+        Para(
+            "Name-slot logit difference: at the held-out name contexts the attribution reads, "
+            "the mean logit over English-name first tokens minus that over Arabic-name first "
+            "tokens, balanced over the two kinds of name, without and with each ablation "
+            "(95% bootstrap intervals over contexts; the changes are paired)."
+        ),
+        Table(heads, rows),
+    ]
 
 
 def tsea_section(b: Builder) -> Section | None:

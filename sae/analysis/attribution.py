@@ -268,14 +268,17 @@ def quote_contrast(tok, name: str = "dialogue") -> Contrast:
     )
 
 
+def demo_name_lists() -> dict[str, list[str]]:
+    """The demo corpus' English (in Arabic script) and Arabic names, English first (positive)."""
+    from jaxlm.eval.wordlists import demo_word_lists
+
+    demo = demo_word_lists()
+    return {"english": list(demo["english_names"]), "arabic": list(demo["arabic_names"])}
+
+
 def demo_contrasts(tok, lists: Mapping[str, Iterable[str]] | None = None) -> list[Contrast]:
     """Names (the demo corpus' lists unless `lists`) and dialogue openings."""
-    if lists is None:
-        from jaxlm.eval.wordlists import demo_word_lists
-
-        demo = demo_word_lists()
-        lists = {"english": demo["english_names"], "arabic": demo["arabic_names"]}
-    return [name_contrast(tok, lists), quote_contrast(tok)]
+    return [name_contrast(tok, demo_name_lists() if lists is None else lists), quote_contrast(tok)]
 
 
 # --- contexts -----------------------------------------------------------------------------------
@@ -434,11 +437,35 @@ class Readout:
         """u [D]: mean unembedding row of set a minus that of set b."""
         return self.wte_vd[ids_a].mean(0) - self.wte_vd[ids_b].mean(0)
 
+    def directions(self, contrast: Contrast) -> dict[str, np.ndarray | None]:
+        """Each direction's u [D] (`DIRECTIONS`); None where one of its two sets is empty."""
+        return {f: self.direction(*contrast.sets[f]) if all(map(len, contrast.sets[f])) else None
+                for f in DIRECTIONS}  # fmt: skip
+
+
+def context_directions(us: Mapping[str, np.ndarray | None], form_c: np.ndarray) -> np.ndarray:
+    """u [C, D] of contexts whose direction index (`Contexts.form`) is form [C]; `us` is
+    `Readout.directions`."""
+    out = []
+    for form in np.asarray(form_c):
+        u = us[DIRECTIONS[form]]
+        # find_contexts keeps a context only in a direction whose two sets are both non-empty
+        assert u is not None, f"a context in direction {DIRECTIONS[form]!r}, which has no side"
+        out.append(u)
+    return np.stack(out)
+
 
 def _layer_norm_parts(x_cd: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
     mu = x_cd.mean(-1, keepdims=True)
     rstd = 1.0 / np.sqrt(np.square(x_cd - mu).mean(-1, keepdims=True) + eps)
     return (x_cd - mu) * rstd, rstd  # [C, D], [C, 1]
+
+
+def logit_difference(ro: Readout, u_cd: np.ndarray, x_cd: np.ndarray) -> np.ndarray:
+    """[C] the model's own logit difference at C contexts, float64: ln_f(x) . u, i.e. the mean
+    logit over set a minus that over set b (tied unembedding, no output bias)."""
+    xhat_cd, _ = _layer_norm_parts(x_cd, ro.eps)
+    return ((xhat_cd * ro.gamma_d + ro.beta_d) * u_cd).sum(-1)
 
 
 def decompose(
@@ -455,7 +482,7 @@ def decompose(
     u [C, D] each context's direction, x [C, D] final residual, h [C, F] layer L's MLP hidden,
     a [C, S] SAE activations. Returns parts [C, S], error/bias/total/logit_diff [C].
     """
-    xhat_cd, rstd_c1 = _layer_norm_parts(x_cd, ro.eps)
+    _, rstd_c1 = _layer_norm_parts(x_cd, ro.eps)
     w_cd = ro.gamma_d * u_cd
     r_cd = rstd_c1 * (w_cd - w_cd.mean(-1, keepdims=True))  # the reader of a residual part
     v_cf = r_cd @ ro.W_down_fd.T  # ... of an MLP hidden part
@@ -466,7 +493,7 @@ def decompose(
         "error": (err_cf * v_cf).sum(-1),
         "bias": v_cf @ b_eff + r_cd @ ro.b_down_d,
         "total": (m_cd * r_cd).sum(-1),
-        "logit_diff": ((xhat_cd * ro.gamma_d + ro.beta_d) * u_cd).sum(-1),
+        "logit_diff": logit_difference(ro, u_cd, x_cd),
     }
 
 
@@ -629,8 +656,7 @@ class Attribution:
 class _Accumulator:
     def __init__(self, contrast: Contrast, ro: Readout, S: int):
         self.contrast = contrast
-        self.u = {f: ro.direction(*contrast.sets[f]) if all(map(len, contrast.sets[f])) else None
-                  for f in DIRECTIONS}  # fmt: skip
+        self.u = ro.directions(contrast)
         self.per_ctx: dict[str, list] = {
             k: [] for k in ("features", "error", "bias", "total", "logit_diff")
         }
@@ -646,7 +672,7 @@ class _Accumulator:
             return
         take = lambda arr: np.asarray(arr[local_row, ctx.pos], np.float64)  # noqa: E731
         a_cs = take(a_bts)
-        u_cd = np.stack([self._direction(f) for f in ctx.form])
+        u_cd = context_directions(self.u, ctx.form)
         d = decompose(ro, u_cd, take(x_btd), take(h_btf), a_cs, W_eff, b_eff)
         feats = d["parts"].sum(-1)
         resid = np.abs(feats + d["error"] + d["bias"] - d["total"]).max()
@@ -659,12 +685,6 @@ class _Accumulator:
             self.part_sum[j] += d["parts"][sel].sum(0)
             self.act_sum[j] += a_cs[sel].sum(0)
             self.active[j] += (a_cs[sel] > 0).sum(0)
-
-    def _direction(self, form: int) -> np.ndarray:
-        u = self.u[DIRECTIONS[form]]
-        # find_contexts keeps a context only in a direction whose two sets are both non-empty
-        assert u is not None, f"a context in direction {DIRECTIONS[form]!r}, which has no side"
-        return u
 
     def result(self) -> ContrastAttribution:
         cs = self.contexts
