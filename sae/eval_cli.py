@@ -296,18 +296,14 @@ def _name_logit_diff(args, model, tok, edit) -> dict:
     same --split, --logit-rows each) and the --names lists as attribute takes them."""
     from functools import partial
 
-    from jaxlm.eval.wordlists import load_word_list, parse_names_spec
+    from jaxlm.eval.wordlists import word_lists
     from sae.ablate import name_logit_diff
     from sae.analysis.dashboards import read_rows
 
     lists: dict[str, list[str]] | None = None
-    if args.names:  # whole lists (no --english-top), English first: attribute's contrast
-        lists = {"english": [], "arabic": []}
-        for spec in args.names:
-            side, path, column = parse_names_spec(spec)
-            if side not in lists:
-                raise UserError(f"--names {spec!r}: the list name must be english or arabic")
-            lists[side] += load_word_list(path, column)
+    if args.names:  # whole lists (no --english-top), English first; both checked by NameLists
+        named = word_lists(args.names)  # as attribute reads them
+        lists = {"english": named["english"], "arabic": named["arabic"]}
     read = partial(read_rows, split=args.split, max_rows=args.logit_rows, batch_size=32)
     batches = (b for d in args.data for b in read(d))
     result = name_logit_diff(model, tok, edit, batches, lists, resamples=args.resamples,

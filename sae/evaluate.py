@@ -54,7 +54,7 @@ from flax import nnx
 from jaxlm.errors import UserError
 from jaxlm.model import GPTNeo
 from sae.base import SAE
-from sae.io import CFG, hook_name
+from sae.io import CFG, hook_name, read_cfg
 
 log = logging.getLogger("jaxlm")
 
@@ -343,12 +343,7 @@ def save_eval(sae_dir: str | Path, result: dict) -> Path:
     means a complete SAE."""
     d = Path(sae_dir)
     path = d / CFG
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read ({str(e).splitlines()[0]})") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{path}: expected a JSON object")
+    cfg = read_cfg(path)
     if not isinstance(cfg.get("jaxlm"), dict):
         cfg["jaxlm"] = {}
     cfg["jaxlm"]["eval"] = result

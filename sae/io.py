@@ -134,7 +134,7 @@ def load_sae(path: str | Path) -> tuple[SAE, SAEInfo]:
     `rescale_acts_by_decoder_norm` does not rescale). A problem is one UserError naming the file.
     """
     d = Path(path)
-    cfg = _read_cfg(d / CFG)
+    cfg = read_cfg(d / CFG)
     tensors = _read_weights(d / WEIGHTS)
     sae = create(_sae_config(cfg, d / CFG))
     _check_tensors(sae, tensors, d / WEIGHTS)
@@ -145,7 +145,8 @@ def load_sae(path: str | Path) -> tuple[SAE, SAEInfo]:
     return sae, SAEInfo(str(d), hook, model_path, mlp_layer(cfg, d / CFG), cfg)
 
 
-def _read_cfg(path: Path) -> dict[str, Any]:
+def read_cfg(path: Path) -> dict[str, Any]:
+    """An SAE directory's cfg.json as a dict, or one line naming it."""
     try:
         cfg = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -167,7 +168,8 @@ def _read_weights(path: Path) -> dict[str, np.ndarray]:
         raise UserError(f"{path}: cannot read ({str(e).splitlines()[0]})") from None
 
 
-def _architecture(cfg: dict[str, Any], where: Path) -> str:
+def architecture_of(cfg: dict[str, Any], where: Path) -> str:
+    """The registry name of a cfg.json's SAE (SAELens 4.x wrote topk as "standard" + topk)."""
     arch = cfg.get("architecture") or "standard"
     act = cfg.get("activation_fn_str")  # SAELens 4.x: a topk SAE has architecture "standard"
     if act not in (None, "relu", "topk"):
@@ -181,7 +183,7 @@ def _architecture(cfg: dict[str, Any], where: Path) -> str:
 
 def _sae_config(cfg: dict[str, Any], where: Path) -> SAEConfig:
     """SAEConfig from a cfg.json: its top-level fields over our saved training config."""
-    arch = _architecture(cfg, where)
+    arch = architecture_of(cfg, where)
     trained = (cfg.get("jaxlm") or {}).get("sae_config") or {}
     fields = {k: v for k, v in {**trained, **cfg}.items() if k in _FIELDS}
     d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")

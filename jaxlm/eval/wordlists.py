@@ -60,3 +60,13 @@ def demo_word_lists() -> dict[str, list[str]]:
         "english_names": [n for n, _ in ENGLISH_NAMES_AR],
         "arabic_names": [n for n, _ in ARABIC_NAMES],
     }
+
+
+def word_lists(specs: list[str]) -> dict[str, list[str]]:
+    """{NAME: words} of `--names NAME=FILE[#COLUMN]` specs, in the order given (attribute's and
+    ablate's contrasts take the first as the positive side)."""
+    lists = {}
+    for spec in specs:
+        name, path, column = parse_names_spec(spec)
+        lists[name] = load_word_list(path, column)
+    return lists

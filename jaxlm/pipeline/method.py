@@ -513,8 +513,10 @@ def sae_eval_summary(ev: dict) -> dict:
 
 def _sae_cfg(sae_dir: Path) -> dict:
     """The SAE's architecture and width, from its SAELens cfg.json."""
-    cfg = json.loads((sae_dir / "cfg.json").read_text())
-    return {"architecture": cfg.get("architecture"), "d_sae": cfg.get("d_sae")}
+    from sae.io import CFG, architecture_of, read_cfg
+
+    cfg = read_cfg(sae_dir / CFG)
+    return {"architecture": architecture_of(cfg, sae_dir / CFG), "d_sae": cfg.get("d_sae")}
 
 
 def _asdict(section) -> dict:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jaxlm.errors import UserError
+from jaxlm.eval.wordlists import word_lists
 
 if TYPE_CHECKING:  # numpy is imported where it is used: the CLI starts without it
     import numpy as np
@@ -221,16 +222,6 @@ def _load(model_dir: str, sae_dir: str, tokdir: str | None, layer: int | None):
     return model, sae, layer, tok, tokdir
 
 
-def _word_lists(specs: list[str]) -> dict[str, list[str]]:
-    from sae.analysis import tsea
-
-    lists = {}
-    for spec in specs:
-        name, path, column = tsea.parse_names_spec(spec)
-        lists[name] = tsea.load_word_list(path, column)
-    return lists
-
-
 def _token_sets(args, tok, where: str) -> tuple[dict, list[tuple[str, str]]]:
     """(the named token sets, the pairs to contrast)."""
     from sae.analysis import tsea
@@ -242,7 +233,7 @@ def _token_sets(args, tok, where: str) -> tuple[dict, list[tuple[str, str]]]:
         words.update(tsea.demo_word_lists())
         regexes.update({k: tsea.REGEX_SETS[k] for k in tsea.DEMO_REGEX_SETS})
         contrasts.extend(tsea.DEMO_CONTRASTS)
-    named = _word_lists(args.names)
+    named = word_lists(args.names)
     words.update(named)
     if len(named) >= 2 and not args.demo_sets:
         first, second = list(named)[:2]
@@ -440,7 +431,7 @@ def _attribution(args, model_dir: str, sae_dir: str, out: Path, *, dashboards: b
     model, sae, layer, tok, tokdir = _load(model_dir, sae_dir, args.tokenizer, args.layer)
     if args.top < 1:
         raise UserError("--top must be >= 1")
-    lists = _word_lists(args.names) if args.names else None
+    lists = word_lists(args.names) if args.names else None
     if lists is not None and len(lists) != 2:
         raise UserError(f"--names: give exactly two lists (positive first), got {len(lists)}")
     contrasts = at.demo_contrasts(tok, lists)
