@@ -185,6 +185,8 @@ class _Totals:
     sums: dict[str, float] = dataclasses.field(default_factory=dict)
     tokens: int = 0
     rows: int = 0
+    # [rows, 3] each row's summed next-token loss: clean, SAE spliced in, MLP zero-ablated
+    row_ce: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3)))
 
     @classmethod
     def zeros(cls, n_latents: int, d_in: int) -> _Totals:
@@ -198,6 +200,9 @@ class _Totals:
                 self.sums[k] = self.sums.get(k, 0.0) + float(np.asarray(v, np.float64).sum())
         self.tokens += int(np.asarray(stats["l0_n"]).size)
         self.rows += rows
+        per_row = [np.asarray(stats[k], np.float64).reshape(rows, -1).sum(1)
+                   for k in ("ce_clean_n", "ce_sae_n", "ce_zero_n")]  # fmt: skip
+        self.row_ce = np.concatenate([self.row_ce, np.stack(per_row, 1)])
 
     def __add__(self, other: _Totals) -> _Totals:
         keys = set(self.sums) | set(other.sums)
@@ -208,6 +213,7 @@ class _Totals:
             sums,
             self.tokens + other.tokens,
             self.rows + other.rows,
+            np.concatenate([self.row_ce, other.row_ce]),
         )
 
     def metrics(self) -> dict:
@@ -233,7 +239,40 @@ class _Totals:
             "kl_div_with_sae": mean["kl_sae"],
             "kl_div_with_ablation": mean["kl_zero"],
             "kl_div_score": _ratio(mean["kl_zero"] - mean["kl_sae"], mean["kl_zero"]),
+            **ce_score_interval(self.row_ce, self.tokens),
         }
+
+
+def ce_score_interval(
+    row_ce: np.ndarray, tokens: int, *, resamples: int = 1000, seed: int = 0
+) -> dict:
+    """The CE loss score's uncertainty over rows, and whether it is measurable at all.
+
+    `ce_loss_score_ci95`: percentile bootstrap over rows (every row has the same token count, so a
+    row-resampled ratio of sums is the token-pooled score). `ablation_gain` (ce_loss_with_ablation
+    - ce_loss_without_sae) with its interval: the score divides by it, so where the interval does
+    not lie above 0 (zero-ablating the MLP does not clearly cost the model anything on these rows,
+    or even helps it) the score is not a measure of the SAE and `ce_loss_score_measurable` is
+    False. Decided before reading any such case off a model: a ratio is only read where its
+    denominator is known to be positive."""
+    n = len(row_ce)
+    if n == 0 or tokens == 0:
+        return {"ce_loss_score_ci95": None, "ablation_gain_ci95": None,
+                "ce_loss_score_measurable": False}  # fmt: skip
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    sums = row_ce[idx].sum(1)  # [R, 3]
+    gain_r = sums[:, 2] - sums[:, 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        score_r = (sums[:, 2] - sums[:, 1]) / gain_r
+    score_r = score_r[np.isfinite(score_r)]
+    gain_lo, gain_hi = np.percentile(gain_r, [2.5, 97.5]) / max(tokens, 1)  # per token
+    return {
+        "ce_loss_score_ci95": (
+            [float(x) for x in np.percentile(score_r, [2.5, 97.5])] if len(score_r) else None
+        ),  # fmt: skip
+        "ablation_gain_ci95": [float(gain_lo), float(gain_hi)],
+        "ce_loss_score_measurable": bool(gain_lo > 0),
+    }
 
 
 def _explained_variance(mse: float, mean_sq_norm: float, mean_x_f: np.ndarray) -> float:

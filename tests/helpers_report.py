@@ -211,13 +211,19 @@ def _sae_parts(run: Path, label: str, role: str) -> dict:
                 "l0": 22.4 if after else 20.6,
                 "dead_fraction": 0.05 if after else 0.03,
                 "dense_fraction": 0.0,
-                "ce_loss_recovered": 0.91 if after else 0.93,
+                "ce_loss_recovered": {"value": 0.91, "ci95": [0.89, 0.93]} if after else 0.93,
+                "ce_loss_measurable": True,
                 "kl_div": 0.03 if after else 0.02,
                 "clean_loss": 1.0,
                 "spliced_loss": 1.05,
                 "zero_ablated_loss": 1.9,
                 "per_source": {
-                    "translated": {"explained_variance": 0.87, "l0": 20.1},
+                    "translated": {
+                        "explained_variance": 0.87,
+                        "l0": 20.1,
+                        "ce_loss_recovered": {"value": 0.716, "ci95": [0.2, 1.4]},
+                        "ce_loss_measurable": not after,
+                    },  # fmt: skip
                     "native": {"explained_variance": 0.82, "l0": 23.0},
                 },
             },
@@ -228,6 +234,14 @@ def _sae_parts(run: Path, label: str, role: str) -> dict:
             "english_name_error_share": 0.31 if after else 0.12,
             "english_dialogue_attribution": 0.05 if after else 0.3,
             "english_dialogue_error_share": 0.22 if after else 0.2,
+            "layer": 7,
+            "english_name_logit_diff": 9.77,
+            "english_name_components": {
+                "embeddings": 1.5,
+                "attention": 6.0,
+                **{f"mlp {i}": 0.25 for i in range(8)},
+                "ln_f bias": 0.27,
+            },  # fmt: skip
             "top_english_name_features": top,
             "attribution_plot": f"analysis/attribution-{label}.png",
         },

@@ -61,6 +61,12 @@ def test_pipeline_runs_every_stage_skips_them_on_rerun_and_reruns_only_what_chan
     assert "english_name_rate" in cpt["artifacts"]["metrics"]
     assert cpt["sae"]["eval"]["ce_loss_recovered"] is not None
     assert "english_name_error_share" in cpt["analysis"]
+    # the CE score's interval and measurability, and where the logit difference comes from
+    assert "ce_loss_measurable" in cpt["sae"]["eval"]
+    comps = cpt["analysis"]["english_name_components"]
+    assert list(comps)[:2] == ["embeddings", "attention"] and "ln_f bias" in comps
+    if (ld := cpt["analysis"]["english_name_logit_diff"]) is not None:  # the tiny run has contexts
+        assert sum(comps.values()) == pytest.approx(ld, abs=1e-4)
     assert r["stages"]["pretrain-ts-1m"]["commands"][0].startswith("jaxlm train --config ")
     assert (w / "report" / "index.html").exists() and (w / "hf/cpt-ts-1m/config.json").exists()
     assert "Done:" in first.stdout

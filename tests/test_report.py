@@ -89,6 +89,12 @@ def test_demo_page_has_each_part(reports):
     assert "-0.460" in page and "6888 / 6819" in page
     assert re.search(r"with the top features ablated it falls \(-0\.460 \[-0\.510, -0\.410\]\)",
                      page)  # fmt: skip
+    # CE loss recovered with its interval; a source where it is not measurable says so
+    assert "0.910" in page and "[0.890, 0.930]" in page
+    assert page.count("0.716 (not measurable)") == 1  # only the CPT model's translated rows
+    # where the logit difference comes from: the components, the analysed layer marked
+    assert "Where the model&#x27;s own logit difference" in page and "<th>mlp 7</th>" in page
+    assert "analysed layer" in page and "+6.00" in page
 
 
 def test_judge_page_compares_and_explains_agreement(reports):
@@ -120,7 +126,10 @@ def test_metrics_json_holds_the_fixture_values(reports):
     res, m = reports["demo"]["results"]["models"], _metrics(reports["demo"])["models"]
     for label, rec in res.items():
         got = m[label]
-        assert got["sae.ce_loss_recovered"] == rec["sae"]["eval"]["ce_loss_recovered"]
+        ce = rec["sae"]["eval"]["ce_loss_recovered"]
+        assert got["sae.ce_loss_recovered"] == (ce["value"] if isinstance(ce, dict) else ce)
+        if isinstance(ce, dict):
+            assert got["sae.ce_loss_recovered.ci95"] == ce["ci95"]
         assert got["sae.kl_div"] == rec["sae"]["eval"]["kl_div"]
         assert got["sae.per_source.native.l0"] == rec["sae"]["eval"]["per_source"]["native"]["l0"]
         for k in ("english_name_attribution", "english_name_error_share",

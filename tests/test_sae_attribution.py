@@ -128,6 +128,42 @@ def test_parts_sum_to_the_layers_direct_contribution(arch, kw):
     assert (a > 0).any() and (a == 0).any()
 
 
+def test_components_sum_to_the_logit_difference():
+    """Embeddings + attention + each MLP + ln_f's bias is the model's own logit difference, and
+    the MLP column of layer L is `decompose`'s layer total; the embeddings' column is written out
+    here from the weights."""
+    V, D, F, S = 60, 32, 64, 48
+    model = _model(V, D, F, layers=3, seed=5)
+    sae = _sae(F, S)
+    rng = np.random.default_rng(6)
+    tokens = jnp.asarray(rng.integers(0, V, (2, 12)), jnp.int32)
+    u = at.Readout.of(model, 0).direction(np.array([3, 4]), np.array([9]))
+    flat = lambda t: np.asarray(t, np.float64).reshape(-1, t.shape[-1])  # noqa: E731
+    parts = np.asarray(at.components_fn(model)(tokens), np.float64)  # [1 + L, B, T, D]
+    assert parts.shape == (4, 2, 12, D)
+    parts_ckd = parts.reshape(4, -1, D).transpose(1, 0, 2)
+    u_cd = np.broadcast_to(u, (24, D))
+    for L in range(3):
+        ro = at.Readout.of(model, L)
+        x_btd, h_btf, a_bts = at.forward_fn(model, sae, L)(tokens)
+        comp = at.components(ro, u_cd, flat(x_btd), parts_ckd)
+        names = at.component_names(3)
+        assert comp.shape == (24, len(names)) and names[2 + L] == f"mlp {L}"
+        d = at.decompose(
+            ro, u_cd, flat(x_btd), flat(h_btf), flat(a_bts), *at.effective_decoder(sae)
+        )
+        assert np.abs(comp.sum(1) - d["logit_diff"]).max() < TOL
+        assert np.abs(comp[:, 2 + L] - d["total"]).max() < TOL
+    x = flat(x_btd)
+    sd = np.sqrt(x.var(1, keepdims=True) + model.cfg.layer_norm_eps)
+    gamma = np.asarray(model.ln_f.scale_d[...], np.float64)
+    emb = (np.asarray(model.wte_vd[...], np.float64)[np.asarray(tokens)]
+           + np.asarray(model.wpe_pd[...], np.float64)[:12][None]).reshape(-1, D)  # fmt: skip
+    want = ((emb - emb.mean(1, keepdims=True)) / sd * gamma) @ u
+    assert np.abs(comp[:, 0] - want).max() < TOL
+    assert np.abs(comp[:, 1]).max() > 0.01  # attention writes something
+
+
 def test_a_decode_that_is_not_affine_is_refused():
     sae = _sae(16, 8)
 

@@ -201,6 +201,29 @@ def test_perfect_sae_recovers_everything_and_zero_sae_nothing(hf_pair, demo_data
     assert zero["kl_div_with_sae"] == pytest.approx(zero["kl_div_with_ablation"], rel=1e-6)
     assert zero["l0"] == 0 and zero["dead_fraction"] == 1 and zero["dense_fraction"] == 0
     assert zero["explained_variance"] < 0  # predicting 0 is worse than predicting the mean
+    for m, want in ((perfect, 1.0), (zero, 0.0)):
+        assert m["ce_loss_score_ci95"] == pytest.approx([want, want], abs=1e-6)
+
+
+def test_ce_score_interval_is_a_row_bootstrap_and_flags_a_denominator_not_above_zero():
+    from sae.evaluate import ce_score_interval
+
+    rng = np.random.default_rng(0)
+    T = 16  # tokens per row
+    clean = rng.uniform(20, 30, 200)
+    # well conditioned: ablation costs ~8 per row, the SAE ~1: score ~0.875
+    rows = np.stack([clean, clean + rng.normal(1, 0.3, 200), clean + rng.normal(8, 1, 200)], 1)
+    got = ce_score_interval(rows, 200 * T)
+    point = 1 - (rows[:, 1] - rows[:, 0]).sum() / (rows[:, 2] - rows[:, 0]).sum()
+    lo, hi = got["ce_loss_score_ci95"]
+    assert lo < point < hi and hi - lo < 0.05
+    assert got["ce_loss_score_measurable"]
+    assert got["ablation_gain_ci95"][0] == pytest.approx(8 / T, rel=0.1)
+    # ablation helps on average (as the demo's CPT model on translated rows): not measurable
+    bad = np.stack([clean, clean - 0.2, clean + rng.normal(-0.8, 1, 200)], 1)
+    got = ce_score_interval(bad, 200 * T)
+    assert not got["ce_loss_score_measurable"] and got["ablation_gain_ci95"][1] < 0.05
+    assert ce_score_interval(np.zeros((0, 3)), 0)["ce_loss_score_measurable"] is False
 
 
 def test_split_falls_back_to_train_and_says_so(demo_data, tmp_path):

@@ -180,7 +180,7 @@ def _summary(workdir: Path, r: dict) -> None:
         if sae:
             ev = sae.get("eval", {})
             print(
-                f"  {'':22s} SAE: CE loss recovered {ev.get('ce_loss_recovered')}, "
+                f"  {'':22s} SAE: CE loss recovered {_ce(ev)}, "
                 f"KL {ev.get('kl_div')}; features' push toward English names "
                 f"{a.get('english_name_attribution')} (error share "
                 f"{a.get('english_name_error_share')})"
@@ -195,3 +195,10 @@ def _summary(workdir: Path, r: dict) -> None:
     page = workdir / "report" / "index.html"
     if page.exists():
         print(f"  report: {page}")
+
+
+def _ce(ev: dict) -> str:
+    """CE loss recovered as printed: a bare number or an estimate, "not measurable" flagged."""
+    v = ev.get("ce_loss_recovered")
+    v = v.get("value") if isinstance(v, dict) else v
+    return f"{v}" + (" (not measurable)" if ev.get("ce_loss_measurable") is False else "")

@@ -504,10 +504,22 @@ SAE_KEYS = {"explained_variance": "explained_variance", "l0": "l0",
 
 
 def sae_eval_summary(ev: dict) -> dict:
-    pooled = ev.get("pooled", {})
-    out = {ours: pooled.get(theirs) for ours, theirs in SAE_KEYS.items()}
-    out["per_source"] = {n: {ours: s.get(theirs) for ours, theirs in SAE_KEYS.items()}
-                         for n, s in ev.get("sources", {}).items()}  # fmt: skip
+    """The report's SAE figures, pooled and per source; CE loss recovered as an estimate with its
+    row-bootstrap interval, and `ce_loss_measurable` (False where zero-ablating the MLP does not
+    clearly cost the model anything: the score's denominator, `sae.evaluate.ce_score_interval`)."""
+
+    def ours(s: dict) -> dict:
+        out = {k: s.get(theirs) for k, theirs in SAE_KEYS.items()}
+        if s.get("ce_loss_score_ci95") is not None:
+            out["ce_loss_recovered"] = {"value": out["ce_loss_recovered"],
+                                        "ci95": s["ce_loss_score_ci95"]}  # fmt: skip
+        if "ce_loss_score_measurable" in s:
+            out["ce_loss_measurable"] = s["ce_loss_score_measurable"]
+            out["ablation_gain_ci95"] = s.get("ablation_gain_ci95")
+        return out
+
+    out = ours(ev.get("pooled", {}))
+    out["per_source"] = {n: ours(s) for n, s in ev.get("sources", {}).items()}
     return out
 
 
@@ -555,11 +567,15 @@ def attribution_summary(path: Path) -> dict:
     """The issue's headline figures from `jaxlm sae attribute`'s JSON."""
     a = json.loads(Path(path).read_text())
     c = a["contrasts"]
-    out = {}
+    out: dict = {"layer": a.get("layer")}
     for key, name in (("names", "english_name"), ("dialogue", "english_dialogue")):
         if key in c and "balanced" in c[key]:
             out[f"{name}_attribution"] = c[key]["balanced"]["features"]
             out[f"{name}_error_share"] = c[key]["error_share"]
+            out[f"{name}_logit_diff"] = c[key]["balanced"]["logit_diff"]
+            out[f"{name}_layer_total"] = c[key]["balanced"]["layer_total"]
+            if comps := (c[key].get("components") or {}).get("balanced"):
+                out[f"{name}_components"] = comps
     top = c.get("names", {}).get("top_features", [])
     out["top_english_name_features"] = [
         {k: f[k] for k in ("feature", "part", "share")} for f in top if f["part"] > 0

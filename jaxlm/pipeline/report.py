@@ -591,6 +591,51 @@ def findings(b: Builder) -> list[str]:
                 found += _judge_findings(b.pair(pre, cpt)) + _tsea_findings(b.pair(pre, cpt))
                 out += [lead + s for s in found]
         out += [lead + s for s in _ablation_findings(ms)]
+        out += [lead + s for s in _component_findings(ms) + _ce_findings(ms)]
+    return out
+
+
+def _component_findings(ms: list[Model]) -> list[str]:
+    """Where the pretrained model's preferences are made: the analysed layer's share of them."""
+    out = []
+    for m in (m for m in ms if m.role == "pretrain"):
+        layer = _get(m.rec, "analysis", "layer")
+        pairs = (("english_name", "English names"), ("english_dialogue", "English-order dialogue"))
+        for key, what in pairs:
+            comps = _dict(_get(m.rec, "analysis", f"{key}_components"))
+            total = _num(_get(m.rec, "analysis", f"{key}_logit_diff"))
+            here = _num(comps.get(f"mlp {layer}"))
+            if not comps or total is None or here is None or total == 0:
+                continue
+            mlps = sum(v for n, v in comps.items() if n.startswith("mlp ") and _num(v) is not None)
+            bias = _num(comps.get("ln_f bias"))
+            out.append(
+                f"{m.label}'s logit difference toward {what} at held-out contexts is "
+                f"{_fmt(total, 2, True)}; the analysed layer's MLP (layer {layer}) writes "
+                f"{_fmt(here, 2, True)} of it directly ({here / total:.0%}), all MLPs together "
+                f"{_fmt(mlps, 2, True)}"
+                + (f", ln_f's bias {_fmt(bias, 2, True)}" if bias is not None else "")
+                + ": the SAE's features can only account for the analysed layer's part."
+            )
+    return out
+
+
+def _ce_findings(ms: list[Model]) -> list[str]:
+    """A source where an SAE's CE loss recovered is not a measure of it."""
+    out = []
+    for m in ms:
+        for src, v in _dict(_get(m.rec, "sae", "eval", "per_source")).items():
+            if isinstance(v, dict) and v.get("ce_loss_measurable") is False:
+                gain = _get(v, "ablation_gain_ci95")
+                g = (f" (the loss change from zero-ablating it: [{_fmt(gain[0], 3, True)}, "
+                     f"{_fmt(gain[1], 3, True)}] per token)"
+                     if isinstance(gain, list) and len(gain) == 2 and all(
+                         _num(x) is not None for x in gain) else "")  # fmt: skip
+                out.append(
+                    f"{m.label}'s SAE: CE loss recovered on {src} rows is not measurable: "
+                    f"zero-ablating the MLP does not clearly raise the loss there{g}, so the "
+                    "score's denominator is not known to be positive."
+                )
     return out
 
 
@@ -1317,7 +1362,7 @@ def sae_section(b: Builder) -> Section | None:
                         num_cell(sae.get("layer"), -1),
                         text_cell(sae.get("architecture")),
                         num_cell(sae.get("d_sae"), -1),
-                        *(num_cell(_dict(sae.get("eval")).get(k), d) for k, _, d in SAE_KEYS),
+                        *(_sae_cell(_dict(sae.get("eval")), k, d) for k, _, d in SAE_KEYS),
                     ]
                 )
         heads = ["model", "layer", "architecture", "latents", *(h for _, h, _ in SAE_KEYS)]
@@ -1335,14 +1380,30 @@ def _sae_per_source(have: list[Model]) -> Table | None:
         for src, v in _dict(_get(m.rec, "sae", "eval", "per_source")).items()
         if isinstance(v, dict)
     ]
-    keys = [(k, h, d) for k, h, d in SAE_KEYS if any(_num(v.get(k)) is not None for *_, v in rows)]
+    keys = [
+        (k, h, d) for k, h, d in SAE_KEYS if any(Est.of(v.get(k)) is not None for *_, v in rows)
+    ]
     if not keys:
         return None
     body = [
-        [text_cell(m.label), text_cell(src), *(num_cell(v.get(k), d) for k, _, d in keys)]
+        [text_cell(m.label), text_cell(src), *(_sae_cell(v, k, d) for k, _, d in keys)]
         for m, src, v in rows
     ]
     return Table(["model", "source", *(h for _, h, _ in keys)], body)
+
+
+def _sae_cell(ev: dict, key: str, digits: int) -> Cell:
+    """An SAE figure; CE loss recovered with its interval, and "not measurable" beside it where
+    zero-ablating the MLP did not clearly cost the model anything on those rows (the score's
+    denominator is not known to be positive: `sae.evaluate.ce_score_interval`)."""
+    if key != "ce_loss_recovered":
+        return num_cell(ev.get(key), digits)
+    e = Est.of(ev.get(key))
+    if e is None:
+        return Cell(DASH)
+    if ev.get("ce_loss_measurable") is False:
+        return Cell(f"{_fmt(e.value, digits)} (not measurable)", e.ci(digits))
+    return est_cell(e, digits)
 
 
 def _dashboards(b: Builder, blocks: list) -> None:
@@ -1402,12 +1463,45 @@ def attribution_section(b: Builder) -> Section | None:
     heads = ["model", *(h for _, h in ANALYSIS_KEYS), "top English-name features (share)"]
     blocks.append(Table(heads, rows))
     blocks.append(_attribution_bars(b, have))
+    if (where := _components_table(have)) is not None:
+        blocks += where
     images: list = []
     for m in have:
         if plot := _get(m.rec, "analysis", "attribution_plot"):
             b.copy_image(images, m.run, plot, f"attribution-{m.label}", f"{m.label}: attribution")
     _gallery(blocks, images)
     return Section("attribution", title, blocks)
+
+
+def _components_table(have: list[Model]) -> list | None:
+    """Where the model's own logit difference comes from at the same contexts: embeddings, all
+    attention layers, each MLP's direct part and ln_f's bias (they add up to it exactly), so the
+    analysed layer's part can be read against the whole."""
+    rows, names = [], None
+    for m in have:
+        for key, what in (("english_name", "names"), ("english_dialogue", "dialogue")):
+            comps = _dict(_get(m.rec, "analysis", f"{key}_components"))
+            if not comps:
+                continue
+            names = names or list(comps)
+            layer = _get(m.rec, "analysis", "layer")
+            rows.append([text_cell(m.label), text_cell(what),
+                         num_cell(_get(m.rec, "analysis", f"{key}_logit_diff"), 2, sign=True),
+                         *(Cell(_fmt(v, 2, True) if (v := _num(comps.get(n))) is not None
+                                else DASH, "analysed layer" if n == f"mlp {layer}" else "")
+                           for n in names)])  # fmt: skip
+    if not rows or names is None:
+        return None
+    return [
+        Para(
+            "Where the model's own logit difference (English over Arabic, balanced over the two "
+            "labels' contexts) comes from at the same contexts: what each part of the final "
+            "residual stream writes along the difference with ln_f's scale frozen (direct "
+            "effects; they add up to the logit difference exactly). The SAE sees only the "
+            "analysed layer's MLP: its features can account for that column, not the rest."
+        ),
+        Table(["model", "decision", "logit difference", *names], rows),
+    ]
 
 
 def _attribution_bars(b: Builder, have: list[Model]) -> Image:

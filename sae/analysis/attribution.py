@@ -414,6 +414,47 @@ def forward_fn(model, sae, layer: int):
     return partial(run, params, sstate)
 
 
+def components_fn(model):
+    """A tokens [B, T] -> additive parts of the final residual [1 + L, B, T, D] function, float32,
+    jit'd once: the embeddings (token + position), then each layer's MLP output (its bias
+    included). The residual minus their sum is every attention layer's output together."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    L = model.cfg.n_layers
+
+    @jax.jit
+    def run(params, tokens_bt):
+        m = nnx.merge(graphdef, params)
+        T = tokens_bt.shape[1]
+        emb_btd = m.wte_vd[...][tokens_bt] + m.wpe_pd[...][jnp.arange(T)][None]
+        hs = m.mlp_activations(tokens_bt, tuple(range(L)))
+        outs = [hs[i].astype(jnp.float32) @ m.blocks[i].mlp.w_down_fd[...].astype(jnp.float32)
+                + m.blocks[i].mlp.b_down_d[...].astype(jnp.float32) for i in range(L)]  # fmt: skip
+        return jnp.stack([emb_btd.astype(jnp.float32), *outs])
+
+    return partial(run, params)
+
+
+def component_names(n_layers: int) -> list[str]:
+    """The names of `components`' columns."""
+    return ["embeddings", "attention", *(f"mlp {i}" for i in range(n_layers)), "ln_f bias"]
+
+
+def components(ro: Readout, u_cd: np.ndarray, x_cd: np.ndarray, parts_ckd: np.ndarray):
+    """[C, 3 + L]: the model's own logit difference at C contexts split exactly into what each
+    part of the final residual x writes along the frozen-LayerNorm reader (`decompose`'s r):
+    embeddings, all attention layers (x minus the other parts), each MLP layer, and ln_f's bias
+    (beta . u, the same at every context of a direction). Columns: `component_names`; each row
+    sums to `logit_difference` (x = embeddings + attention + MLPs, exactly)."""
+    _, rstd_c1 = _layer_norm_parts(x_cd, ro.eps)
+    w_cd = ro.gamma_d * u_cd
+    r_cd = rstd_c1 * (w_cd - w_cd.mean(-1, keepdims=True))
+    read_ck = np.einsum("ckd,cd->ck", parts_ckd, r_cd)  # embeddings, MLP 0..L-1
+    attention_c = ((x_cd - parts_ckd.sum(1)) * r_cd).sum(-1)
+    bias_c = (ro.beta_d * u_cd).sum(-1)
+    return np.concatenate([read_ck[:, :1], attention_c[:, None], read_ck[:, 1:], bias_c[:, None]],
+                          axis=1)  # fmt: skip
+
+
 @dataclasses.dataclass(frozen=True)
 class Readout:
     """What turns a final-residual part into the logit difference: float64 copies of the model's
@@ -515,6 +556,8 @@ class ContrastAttribution:
     act_sum: np.ndarray  # [2, S]
     active: np.ndarray  # [2, S] contexts where the feature fires
     max_residual: float  # max |features + error + bias - total|
+    components: np.ndarray  # [C, 3 + L] the logit difference split by the model's parts
+    component_names: list[str]
 
     def n(self, j: int) -> int:
         return int((self.contexts.label == j).sum())
@@ -586,11 +629,32 @@ class ContrastAttribution:
             "balanced": balanced,
             "error_share": _round(self.error_share()),
             "max_decomposition_residual": float(f"{self.max_residual:.3g}"),
+            "components": self.component_summary(),
             "top_features": toward(order[:top][mean_s[order[:top]] > 0]),
             "bottom_features": toward(order[::-1][:top][mean_s[order[::-1][:top]] < 0]),
             "examples": self.contexts.examples,
             **({"notes": c.notes} if c.notes else {}),
         }
+
+    def component_summary(self) -> dict:
+        """Where the model's logit difference comes from: each part of the final residual's
+        balanced mean push (embeddings, attention, each MLP, ln_f's bias), summing to the balanced
+        mean logit difference, and per label."""
+        names, comp = self.component_names, self.components
+        return {
+            "balanced": {n: _round(self.balanced_mean(comp[:, k])) for k, n in enumerate(names)},
+            "by_label": {
+                lab: {n: _round(self.label_mean(comp[:, k], j)) for k, n in enumerate(names)}
+                for j, lab in enumerate(self.contrast.labels)
+            },
+            "max_sum_residual": float(f"{self.max_component_residual():.3g}"),
+        }
+
+    def max_component_residual(self) -> float:
+        """max |sum of the components - the logit difference| over the contexts."""
+        if not len(self.logit_diff):
+            return 0.0
+        return float(np.abs(self.components.sum(1) - self.logit_diff).max())
 
     def feature_entry(self, f: int, mean_s: np.ndarray, dashboard: str | None = None) -> dict:
         """A feature's balanced part, share, and per label: mean part, mean act, firing rate."""
@@ -654,8 +718,10 @@ class Attribution:
 
 
 class _Accumulator:
-    def __init__(self, contrast: Contrast, ro: Readout, S: int):
+    def __init__(self, contrast: Contrast, ro: Readout, S: int, n_layers: int):
         self.contrast = contrast
+        self.names = component_names(n_layers)
+        self.comps: list[np.ndarray] = []
         self.u = ro.directions(contrast)
         self.per_ctx: dict[str, list] = {
             k: [] for k in ("features", "error", "bias", "total", "logit_diff")
@@ -666,14 +732,18 @@ class _Accumulator:
         self.max_residual = 0.0
         self.contexts: list[Contexts] = []
 
-    def add(self, ctx: Contexts, local_row: np.ndarray, x_btd, h_btf, a_bts, ro, W_eff, b_eff):
+    def add(self, ctx: Contexts, local_row: np.ndarray, x_btd, h_btf, a_bts, parts_kbtd, ro,
+            W_eff, b_eff):  # fmt: skip
         self.contexts.append(ctx)
         if not len(ctx):
             return
         take = lambda arr: np.asarray(arr[local_row, ctx.pos], np.float64)  # noqa: E731
         a_cs = take(a_bts)
         u_cd = context_directions(self.u, ctx.form)
-        d = decompose(ro, u_cd, take(x_btd), take(h_btf), a_cs, W_eff, b_eff)
+        x_cd = take(x_btd)
+        parts_ckd = np.asarray(parts_kbtd[:, local_row, ctx.pos], np.float64).transpose(1, 0, 2)
+        self.comps.append(components(ro, u_cd, x_cd, parts_ckd))
+        d = decompose(ro, u_cd, x_cd, take(h_btf), a_cs, W_eff, b_eff)
         feats = d["parts"].sum(-1)
         resid = np.abs(feats + d["error"] + d["bias"] - d["total"]).max()
         self.max_residual = max(self.max_residual, float(resid))
@@ -700,9 +770,11 @@ class _Accumulator:
             examples=[e for c in cs for e in c.examples][:6],
         )
         cat = lambda k: np.concatenate(self.per_ctx[k]) if self.per_ctx[k] else np.zeros(0)  # noqa: E731
+        comps = (np.concatenate(self.comps) if self.comps
+                 else np.zeros((0, len(self.names))))  # fmt: skip
         return ContrastAttribution(self.contrast, ctx, cat("features"), cat("error"), cat("bias"),
                                    cat("total"), cat("logit_diff"), self.part_sum, self.act_sum,
-                                   self.active, self.max_residual)  # fmt: skip
+                                   self.active, self.max_residual, comps, self.names)  # fmt: skip
 
 
 def attribute(
@@ -727,7 +799,8 @@ def attribute(
     ro = Readout.of(model, layer)
     tbytes = token_bytes(tok)
     run = forward_fn(model, sae, layer)
-    accs = [_Accumulator(c, ro, W_eff.shape[0]) for c in contrasts]
+    parts_of = components_fn(model)
+    accs = [_Accumulator(c, ro, W_eff.shape[0], model.cfg.n_layers) for c in contrasts]
     active_count = np.zeros(W_eff.shape[0], np.int64)
     n_tokens, row0 = 0, 0
     if progress:
@@ -737,11 +810,12 @@ def attribute(
     for tokens_bt in batches:
         tokens_bt = np.asarray(tokens_bt)
         x_btd, h_btf, a_bts = jax.device_get(run(jnp.asarray(tokens_bt, jnp.int32)))
+        parts_kbtd = jax.device_get(parts_of(jnp.asarray(tokens_bt, jnp.int32)))
         active_count += (a_bts > 0).reshape(-1, a_bts.shape[-1]).sum(0)
         n_tokens += tokens_bt.size
         for acc in accs:
             ctx = find_contexts(tokens_bt, tbytes, acc.contrast, row0=row0)
-            acc.add(ctx, ctx.row - row0, x_btd, h_btf, a_bts, ro, W_eff, b_eff)
+            acc.add(ctx, ctx.row - row0, x_btd, h_btf, a_bts, parts_kbtd, ro, W_eff, b_eff)
         row0 += tokens_bt.shape[0]
     if row0 == 0:
         raise UserError("no token rows to attribute on")
