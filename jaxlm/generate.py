@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.errors import UserError
-from jaxlm.model import GPTNeo, KVCache, MLPEdit
+from jaxlm.model import GPTNeo, KVCache, LayerEdits, MLPEdit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,12 +107,13 @@ def generate(
     eos_id: int | None = None,
     pad_id: int = 0,
     bucket: int = 64,
-    edit: MLPEdit | None = None,
+    edit: MLPEdit | LayerEdits | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt, stopping after `eos_id` (which is kept, as transformers does).
 
-    `edit` changes one layer's MLP hidden state at every step (e.g. SAE features ablated); it is
-    an `nnx.Module` so that its arrays are traced, not baked into the compiled program."""
+    `edit` changes one layer's MLP hidden state at every step (e.g. SAE features ablated), a
+    `LayerEdits` several layers'; it is an `nnx.Module` so that its arrays are traced, not baked
+    into the compiled program."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token")
     if max_new_tokens < 1:

@@ -23,7 +23,7 @@ Every parameter names its logical axes in `out_sharding`; jaxlm/sharding.yaml ma
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import NamedTuple, Protocol
 
@@ -76,6 +76,38 @@ class MLPEdit(Protocol):
     layer: int
 
     def __call__(self, h_btf: Array) -> Array: ...
+
+
+class LayerEdits(nnx.Module):
+    """Several MLPEdits at distinct layers, applied in one forward pass (each where its own
+    `layer` says), taken wherever one `edit` is: a behaviour spread over several layers' MLPs
+    can only be removed by editing all of them at once, each downstream layer then seeing the
+    upstream edits' effect.
+
+    An nnx.Module holding its edits in an `nnx.List`, so that the edits' arrays travel through
+    nnx.split / merge (and `generate`'s jit) as one edit's do."""
+
+    def __init__(self, edits: Iterable[MLPEdit]):
+        edits = sorted(edits, key=lambda e: e.layer)
+        layers = [e.layer for e in edits]
+        twice = sorted({i for i in layers if layers.count(i) > 1})
+        if twice:
+            raise ValueError(f"more than one edit at layers {twice}: one edit per layer")
+        self.edits = nnx.List(edits)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The edited layers, ascending."""
+        return tuple(e.layer for e in self.edits)
+
+
+def _edits_by_layer(edit: MLPEdit | LayerEdits | None, n_layers: int) -> dict[int, MLPEdit]:
+    """{layer: its edit} of one edit or a LayerEdits, every layer checked against the model."""
+    edits = [] if edit is None else list(edit.edits) if isinstance(edit, LayerEdits) else [edit]
+    for e in edits:
+        if not 0 <= e.layer < n_layers:
+            raise ValueError(f"edit.layer={e.layer}: layers are 0..{n_layers - 1}")
+    return {e.layer: e for e in edits}
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -298,7 +330,8 @@ class GPTNeo(nnx.Module):
     tokens, layers)` {layer: MLP hidden [B, T, F]}, stopping after the last layer asked for (what
     an SAE reads); `model.decode(tokens, cache)` (logits, cache) for sampling with a KV cache.
     `edit` (an `MLPEdit`) changes one layer's MLP hidden state on its way out: an SAE's
-    reconstruction spliced in, or some of its features ablated.
+    reconstruction spliced in, or some of its features ablated; a `LayerEdits` changes several
+    layers' in the same forward pass.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -310,15 +343,15 @@ class GPTNeo(nnx.Module):
         self.blocks = nnx.List([Block(cfg, kind, rngs) for kind in cfg.attention_layers])
         self.ln_f = LayerNorm(cfg)
 
-    def __call__(self, tokens_bt: Array, *, edit: MLPEdit | None = None) -> Array:
+    def __call__(self, tokens_bt: Array, *, edit: MLPEdit | LayerEdits | None = None) -> Array:
         """Float32 logits [B, T, V]."""
         return self.unembed(self.hidden(tokens_bt, edit=edit))
 
-    def hidden(self, tokens_bt: Array, *, edit: MLPEdit | None = None) -> Array:
+    def hidden(self, tokens_bt: Array, *, edit: MLPEdit | LayerEdits | None = None) -> Array:
         """The final hidden state [B, T, D], after ln_f."""
         return self.ln_f(self.residual(tokens_bt, edit=edit))
 
-    def residual(self, tokens_bt: Array, *, edit: MLPEdit | None = None) -> Array:
+    def residual(self, tokens_bt: Array, *, edit: MLPEdit | LayerEdits | None = None) -> Array:
         """The residual stream [B, T, D] after the last block, before ln_f (direct logit
         attribution needs ln_f's 1/std, which cannot be read back from its output)."""
         x_btd, _ = self._run(tokens_bt, edit=edit)
@@ -349,7 +382,7 @@ class GPTNeo(nnx.Module):
         *,
         positions_bt: Array | None = None,
         valid_bt: Array | None = None,
-        edit: MLPEdit | None = None,
+        edit: MLPEdit | LayerEdits | None = None,
     ) -> tuple[Array, KVCache]:
         """Logits [B, T, V] of `tokens_bt` written into cache slots [cache.next_slot,
         cache.next_slot + T), and the new cache. `valid_bt` marks real tokens (False for left
@@ -371,7 +404,7 @@ class GPTNeo(nnx.Module):
         positions_bt: Array | None = None,
         valid_bs: Array | None = None,
         capture: tuple[int, ...] = (),
-        edit: MLPEdit | None = None,
+        edit: MLPEdit | LayerEdits | None = None,
     ):
         """The blocks: (residual stream [B, T, D] before ln_f, new cache) or, with `capture`,
         (None, {layer: MLP hidden}) after the last captured layer."""
@@ -380,8 +413,7 @@ class GPTNeo(nnx.Module):
         if cache is None and T > cfg.max_positions:
             # jnp indexing would clamp the positions past the table onto its last row, silently
             raise ValueError(f"{T} tokens exceed the model's {cfg.max_positions} positions")
-        if edit is not None and not 0 <= edit.layer < cfg.n_layers:
-            raise ValueError(f"edit.layer={edit.layer}: layers are 0..{cfg.n_layers - 1}")
+        edits = _edits_by_layer(edit, cfg.n_layers)
         start = jnp.int32(0) if cache is None else cache.next_slot
         q_slot_t = start + jnp.arange(T, dtype=jnp.int32)
         if positions_bt is None:
@@ -393,7 +425,7 @@ class GPTNeo(nnx.Module):
         new_k, new_v, captured = [], [], {}
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else (cache.k_lbsnh[i], cache.v_lbsnh[i])
-            layer_edit = edit if edit is not None and edit.layer == i else None
+            layer_edit = edits.get(i)
             if cfg.remat and cache is None and layer_edit is None:  # positional arguments only
                 x_btd, (k_bsnh, v_bsnh), h_btf = _remat_block(block, x_btd, q_slot_t, valid_bs)
             else:

@@ -12,11 +12,18 @@ features' decoded part changes: the SAE's error term h - sae.decode(acts) and ev
 stay, so the edit tests the features, not the SAE's reconstruction (which splicing the SAE in
 would). Ablating every feature leaves the error term + b_dec.
 
+Several SAEs at several layers (`jaxlm.model.LayerEdits` of one FeatureAblation per SAE) remove
+their features at all those layers in one forward pass: a preference spread over the layers'
+MLPs (the demo's English names: the last layer's MLP carries only ~5% of it) cannot be taken out
+at one layer, and downstream layers then see the upstream removals. Each layer keeps its own
+SAE's error term, as one ablation does. Everything below takes either kind of edit.
+
 `ablation_report` samples the same stories (prompts, seeds, batches) with and without the edit,
 so the edit is the only difference, and reads their translation artifacts (English-name rate,
 English-dialogue share, jaxlm.eval.artifacts) side by side, with a paired bootstrap interval of
 the change. Random control features (`--random K`) are drawn, seeded, from the LIVE ones: active
-on rows of the DATADIRs, or, without any, firing in the SAE's training (its sparsity.safetensors).
+on rows of the DATADIRs, or, without any, firing in the SAE's training (its sparsity.safetensors);
+with several SAEs, K from each, SAE i drawing with seed + i so that the layers' draws differ.
 
 A sample-level rate sits at its ceiling when the model never writes the other kind of name (the
 demo's pretrained model writes only English names: no ablation can move 1.00), so
@@ -47,7 +54,7 @@ from sae.io import SPARSITY
 if TYPE_CHECKING:
     from jaxlm.eval.artifacts import NameLists
     from jaxlm.generate import SamplingConfig
-    from jaxlm.model import GPTNeo
+    from jaxlm.model import GPTNeo, LayerEdits
     from jaxlm.tokenizer import Tokenizer
 
 Mode = Literal["zero", "clamp"]
@@ -181,7 +188,7 @@ def paired_difference(
 def ablation_report(
     model: GPTNeo,
     tok: Tokenizer,
-    edit: FeatureAblation,
+    edit: FeatureAblation | LayerEdits,
     *,
     n: int,
     prompts: Sequence[str] | None = None,
@@ -198,7 +205,7 @@ def ablation_report(
     from jaxlm.eval.artifacts import artifact_metrics
     from jaxlm.eval.samples import DEMO_SAMPLING, sample_stories
 
-    def sample(ablation: FeatureAblation | None) -> list[str]:
+    def sample(ablation: FeatureAblation | LayerEdits | None) -> list[str]:
         return sample_stories(
             model,
             tok,
@@ -236,7 +243,7 @@ def ablation_report(
 # --- the name-slot logit difference --------------------------------------------------------------
 
 
-def _residuals_fn(model: GPTNeo, edit: FeatureAblation):
+def _residuals_fn(model: GPTNeo, edit: FeatureAblation | LayerEdits):
     """tokens [B, T] -> (final residual without the edit, with it) [B, T, D] float32, jit'd once:
     the residual attribute reads (`attribution.final_residual`)."""
     from sae.analysis.attribution import final_residual
@@ -256,7 +263,7 @@ def _residuals_fn(model: GPTNeo, edit: FeatureAblation):
 def name_slot_logit_diffs(
     model: GPTNeo,
     tok: Tokenizer,
-    edit: FeatureAblation,
+    edit: FeatureAblation | LayerEdits,
     batches: Iterable[np.ndarray],
     lists: Mapping[str, Iterable[str]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -267,7 +274,7 @@ def name_slot_logit_diffs(
     from sae.analysis import attribution as at
 
     contrast = at.name_contrast(tok, at.demo_name_lists() if lists is None else lists)
-    ro = at.Readout.of(model, edit.layer)
+    ro = at.Readout.of(model, 0)  # only its ln_f and unembedding enter the logit difference
     us = ro.directions(contrast)
     tbytes = at.token_bytes(tok)
     run = _residuals_fn(model, edit)
@@ -292,7 +299,7 @@ def name_slot_logit_diffs(
 def name_logit_diff(
     model: GPTNeo,
     tok: Tokenizer,
-    edit: FeatureAblation,
+    edit: FeatureAblation | LayerEdits,
     batches: Iterable[np.ndarray],
     lists: Mapping[str, Iterable[str]] | None = None,
     *,

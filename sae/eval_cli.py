@@ -2,18 +2,31 @@
 
 jaxlm sae eval --model M --sae SAEDIR --data DATADIR [--data DATADIR ...] [--split validation]
     [--rows 256] [--batch-size 8] --out eval.json
-jaxlm sae ablate --model M --sae SAEDIR (--features 3,17,42 | --random K [--seed S])
+jaxlm sae ablate --model M --sae SAEDIR [--sae SAEDIR ...]
+    (--features 3,17,42 [--features ...] | --random K [--seed S])
     [--data DATADIR ...] [--mode zero | --mode clamp --value X] --n 48 --max-new-tokens 160
     [--names english=FILE[#COLUMN] --names arabic=FILE[#COLUMN]] --out samples.jsonl
+
+Several --sae (or one directory of layer-N/ SAEs, as `jaxlm sae train --layers` writes) remove
+features at all their layers in one forward pass, each layer keeping its SAE's error term: a
+preference spread over the layers' MLPs cannot be removed at one of them. --features then names
+one spec per --sae in the same order, --random K draws K per SAE (SAE i with seed + i).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jaxlm.errors import UserError
+
+if TYPE_CHECKING:
+    from jaxlm.model import LayerEdits
+    from sae.ablate import FeatureAblation
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,11 +65,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="sample stories with SAE features removed, and without; "
         "their translation artifacts side by side",
     )
-    _model_args(a)
+    _model_args(a, several=True)
     pick = a.add_mutually_exclusive_group(required=True)
-    pick.add_argument("--features", help="latent ids, e.g. 3,17,42")
-    pick.add_argument("--random", type=int, metavar="K", help="K random live features (a control)")
-    a.add_argument("--seed", type=int, default=0, help="the --random draw's seed")
+    pick.add_argument(
+        "--features",
+        action="append",
+        help="latent ids, e.g. 3,17,42; with several --sae, one per --sae in the same order",
+    )
+    pick.add_argument(
+        "--random", type=int, metavar="K", help="K random live features per SAE (a control)"
+    )
+    a.add_argument(
+        "--seed", type=int, default=0, help="the --random draw's seed (SAE i draws with seed + i)"
+    )
     a.add_argument(
         "--data",
         action="append",
@@ -110,33 +131,84 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.set_defaults(func=cmd_ablate)
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     p.add_argument(
         "--model",
         help="model dir, training workdir or HF dir (default: the one the SAE's cfg.json records)",
     )
-    p.add_argument("--sae", required=True, help="SAE directory (cfg.json + sae_weights)")
-    p.add_argument("--layer", type=int, help="default: the layer the SAE's cfg.json names")
+    if several:
+        p.add_argument(
+            "--sae",
+            action="append",
+            required=True,
+            help="SAE directory (cfg.json + sae_weights); repeat for SAEs at other layers, or "
+            "give a directory of layer-N/ SAEs (jaxlm sae train --layers) for all of them",
+        )
+    else:
+        p.add_argument("--sae", required=True, help="SAE directory (cfg.json + sae_weights)")
+    only = " (with one SAE only)" if several else ""
+    p.add_argument("--layer", type=int, help=f"default: the layer the SAE's cfg.json names{only}")
 
 
 def _load(args):
     """(model, its ModelInfo, the SAE, the SAE's directory info, the layer)."""
+    model, minfo, [(_, sae, info, layer)] = _load_saes(args, [args.sae])
+    return model, minfo, sae, info, layer
+
+
+def _load_saes(args, paths: list[str]):
+    """(model, its ModelInfo, [(path, SAE, its directory info, its layer)] in `paths`' order):
+    the model --model names, else the one the SAEs' cfg.json record (all the same one)."""
     from jaxlm.checkpoint import load_model
     from sae.evaluate import check_fits
     from sae.io import load_sae
 
-    sae, info = load_sae(args.sae)
-    layer = info.layer if args.layer is None else args.layer
-    if layer is None:
-        raise UserError(
-            f"{args.sae}/cfg.json names no layer (jaxlm.layer, hook_name); pass --layer"
-        )
-    model_path = args.model or info.model_path
+    if args.layer is not None and len(paths) > 1:
+        raise UserError(f"--layer {args.layer} goes with one SAE; {len(paths)} SAEs each take "
+                        "the layer their cfg.json names")  # fmt: skip
+    saes = []
+    for path in paths:
+        sae, info = load_sae(path)
+        layer = info.layer if args.layer is None else args.layer
+        if layer is None:
+            raise UserError(
+                f"{path}/cfg.json names no layer (jaxlm.layer, hook_name); pass --layer"
+            )
+        saes.append((path, sae, info, layer))
+    layers = [layer for *_, layer in saes]
+    twice = sorted({i for i in layers if layers.count(i) > 1})
+    if twice:
+        raise UserError(f"--sae: several SAEs read layer {twice[0]}; one SAE per layer")
+    recorded = list(dict.fromkeys(info.model_path for _, _, info, _ in saes))
+    model_path = args.model or recorded[0]
     if not model_path:
-        raise UserError(f"{args.sae}/cfg.json records no model: pass --model")
+        raise UserError(f"{paths[0]}/cfg.json records no model: pass --model")
+    if not args.model and len(recorded) > 1:
+        raise UserError(f"the SAEs record different models ({', '.join(map(str, recorded))}): "
+                        "pass --model")  # fmt: skip
     model, minfo = load_model(model_path)
-    check_fits(model, sae, layer, where=f"SAE {args.sae}")
-    return model, minfo, sae, info, layer
+    for path, sae, _, layer in saes:
+        check_fits(model, sae, layer, where=f"SAE {path}")
+    return model, minfo, saes
+
+
+def _sae_dirs(given: list[str]) -> list[str]:
+    """The SAE directories of the --sae arguments: each as given, except a directory with no
+    cfg.json whose layer-N/ subdirectories hold SAEs (`jaxlm sae train --layers`), which stands
+    for those, in layer order."""
+    from sae.io import CFG
+
+    out = []
+    for d in given:
+        p = Path(d)
+        found = []
+        if p.is_dir() and not (p / CFG).is_file():
+            for sub in p.iterdir():
+                m = re.fullmatch(r"layer-(\d+)", sub.name)
+                if m and (sub / CFG).is_file():
+                    found.append((int(m.group(1)), str(sub)))
+        out += [path for _, path in sorted(found)] or [d]  # none: load_sae says what is missing
+    return out
 
 
 def _check_tokenizer(model_path: str, tokdir: str | None, datadir: str) -> None:
@@ -181,15 +253,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _features(args, model, sae, info, layer) -> tuple[list[int], dict]:
-    """(the features to ablate, how they were chosen)."""
+def _features(args, model, sae, info, layer, index: int = 0) -> tuple[list[int], dict]:
+    """(the features to ablate with the `index`-th SAE, how they were chosen): its --features
+    spec, or --random K live ones drawn with seed --seed + index."""
     import numpy as np
 
     from sae import ablate
     from sae.evaluate import eval_split, firing_counts, read_rows
 
     if args.features is not None:
-        return ablate.parse_features(args.features, sae.cfg.n_latents), {"how": "given"}
+        return ablate.parse_features(args.features[index], sae.cfg.n_latents), {"how": "given"}
     if args.data:  # active on the rows of any of them
         counts, tokens, where = np.zeros(sae.cfg.n_latents, np.int64), 0, []
         for d in args.data:
@@ -203,11 +276,12 @@ def _features(args, model, sae, info, layer) -> tuple[list[int], dict]:
     else:
         live = ablate.live_from_sparsity(info.path)
         live_from = f"fired in training ({info.path}/sparsity.safetensors, log10 freq > -10)"
-    feats = ablate.pick_random(live, args.random, args.seed)
+    seed = args.seed + index
+    feats = ablate.pick_random(live, args.random, seed)
     return feats, {
         "how": "random live",
         "k": args.random,
-        "seed": args.seed,
+        "seed": seed,
         "live_from": live_from,
         "n_live": int(len(live)),
     }
@@ -218,7 +292,7 @@ def cmd_ablate(args) -> int:
     from jaxlm.eval.samples import load_prompts
     from jaxlm.generate import SamplingConfig
     from jaxlm.tokenizer import Tokenizer
-    from sae.ablate import FeatureAblation, ablation_report
+    from sae.ablate import ablation_report
 
     if (args.mode == "clamp") != (args.value is not None):
         raise UserError("--value goes with --mode clamp (and --mode clamp needs --value)")
@@ -228,14 +302,17 @@ def cmd_ablate(args) -> int:
         raise UserError(f"--logit-rows {args.logit_rows}: must be >= 1")
     lists = NameLists.from_specs(args.names, args.english_top) if args.names else None
     prompts = load_prompts(args.prompts) if args.prompts else None
-    model, minfo, sae, info, layer = _load(args)
+    paths = _sae_dirs(args.sae)
+    if args.features is not None and len(args.features) != len(paths):
+        raise UserError(f"{len(args.features)} --features for {len(paths)} SAEs: give one "
+                        "--features per --sae, in the same order")  # fmt: skip
+    model, minfo, saes = _load_saes(args, paths)
     tokdir = args.tokenizer or minfo.tokenizer
     if not tokdir:
         raise UserError(f"{minfo.path} records no tokenizer: pass --tokenizer")
     for d in args.data:
         _check_tokenizer(minfo.path, tokdir, d)
-    features, chosen = _features(args, model, sae, info, layer)
-    edit = FeatureAblation(sae, layer, features, mode=args.mode, value=args.value or 0.0)
+    edit, which = _ablation(args, model, saes)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k)
     tok = Tokenizer.load(tokdir)
     logit = _name_logit_diff(args, model, tok, edit) if args.data else None
@@ -255,10 +332,7 @@ def cmd_ablate(args) -> int:
     report_path = args.report or str(Path(args.out).with_suffix(".artifacts.json"))
     report = {
         "model": minfo.path,
-        "sae": str(args.sae),
-        "layer": layer,
-        "features": features,
-        "selection": chosen,
+        **which,
         "mode": args.mode,
         "value": args.value,
         "sampling": {
@@ -281,7 +355,7 @@ def cmd_ablate(args) -> int:
             {
                 "samples": str(args.out),
                 "report": report_path,
-                "features": features,
+                "features": which["features"],
                 "difference": report["difference"],
                 **({"name_logit_diff": logit["difference"]} if logit is not None else {}),
             },
@@ -291,11 +365,37 @@ def cmd_ablate(args) -> int:
     return 0
 
 
+def _ablation(args, model, saes) -> tuple[FeatureAblation | LayerEdits, dict]:
+    """(the edit, the report's account of it: SAE, layer, features, their selection). One SAE: a
+    FeatureAblation; several: a LayerEdits of one per SAE, the report's features and selection
+    keyed by layer (JSON keys: strings)."""
+    from jaxlm.model import LayerEdits
+    from sae.ablate import FeatureAblation
+
+    ablation = partial(FeatureAblation, mode=args.mode, value=args.value or 0.0)
+    if len(saes) == 1:
+        [(path, sae, info, layer)] = saes
+        features, chosen = _features(args, model, sae, info, layer)
+        which = {"sae": path, "layer": layer, "features": features, "selection": chosen}
+        return ablation(sae, layer, features), which
+    picked = {}
+    for i, (path, sae, info, layer) in enumerate(saes):
+        try:
+            picked[layer] = _features(args, model, sae, info, layer, i)
+        except UserError as e:  # which of the SAEs
+            raise UserError(f"--sae {path}: {e}") from None
+    edit = LayerEdits([ablation(sae, layer, picked[layer][0]) for _, sae, _, layer in saes])
+    return edit, {
+        "sae": [path for path, *_ in saes],
+        "layers": [layer for *_, layer in saes],
+        "features": {str(layer): feats for layer, (feats, _) in picked.items()},
+        "selection": {str(layer): chosen for layer, (_, chosen) in picked.items()},
+    }
+
+
 def _name_logit_diff(args, model, tok, edit) -> dict:
     """`sae.ablate.name_logit_diff` on the --data rows attribute would read (its row reader, the
     same --split, --logit-rows each) and the --names lists as attribute takes them."""
-    from functools import partial
-
     from jaxlm.eval.wordlists import word_lists
     from sae.ablate import name_logit_diff
     from sae.analysis.dashboards import read_rows

@@ -12,7 +12,7 @@ from jaxlm.config import PRESETS, ModelConfig, preset
 from jaxlm.errors import UserError
 from jaxlm.generate import SamplingConfig, generate, sample_logits
 from jaxlm.hf import load_hf, save_hf, to_hf_tensors
-from jaxlm.model import GPTNeo, KVCache, init_model
+from jaxlm.model import GPTNeo, KVCache, LayerEdits, init_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -86,6 +86,41 @@ def test_mlp_edit_matches_a_transformers_hook_that_changes_the_activation(tmp_pa
     plain = np.asarray(model(jnp.asarray(ids)))
     np.testing.assert_array_equal(np.asarray(model(jnp.asarray(ids), edit=_Scale(3, 1.0))), plain)
     assert np.abs(np.asarray(model(jnp.asarray(ids), edit=_Scale(3, 0.0))) - plain).max() > 1e-3
+
+
+def test_layer_edits_match_transformers_hooks_at_several_layers(tmp_path):
+    """A LayerEdits applies each edit at its own layer in one forward: transformers' logits with
+    forward hooks on both layers' `mlp.act` at once. One edit in a LayerEdits is that edit (bit
+    for bit), none is no edit; two edits at one layer, or one past the model, are refused."""
+    cfg = preset("ts-3m", vocab_size=512)
+    ref_model = random_hf_gpt_neo(cfg, tmp_path, seed=5)
+    model = load_hf(tmp_path)
+    ids = np.random.RandomState(3).randint(0, cfg.vocab_size, (2, 64))
+    scales = {2: 0.5, 6: 1.5}
+    handles = [
+        ref_model.transformer.h[i].mlp.act.register_forward_hook(lambda m, a, out, f=f: out * f)
+        for i, f in scales.items()
+    ]
+    with torch.no_grad():
+        ref = ref_model(torch.tensor(ids)).logits.numpy()
+    for h in handles:
+        h.remove()
+    both = LayerEdits([_Scale(6, 1.5), _Scale(2, 0.5)])  # any order: each at its layer
+    assert both.layers == (2, 6)
+    out = np.asarray(model(jnp.asarray(ids), edit=both))
+    assert np.abs(out - ref).max() <= LOGITS_TOL
+    for i, f in scales.items():  # both edits matter: neither alone gives the result
+        one = np.asarray(model(jnp.asarray(ids), edit=_Scale(i, f)))
+        assert np.abs(one - out).max() > 1e-3
+        np.testing.assert_array_equal(
+            np.asarray(model(jnp.asarray(ids), edit=LayerEdits([_Scale(i, f)]))), one
+        )
+    plain = np.asarray(model(jnp.asarray(ids)))
+    np.testing.assert_array_equal(np.asarray(model(jnp.asarray(ids), edit=LayerEdits([]))), plain)
+    with pytest.raises(ValueError, match="more than one edit at layers \\[2\\]"):
+        LayerEdits([_Scale(2, 0.5), _Scale(6, 1.0), _Scale(2, 1.0)])
+    with pytest.raises(ValueError, match="layers are 0..7"):
+        model(jnp.asarray(ids), edit=LayerEdits([_Scale(1, 1.0), _Scale(8, 1.0)]))
 
 
 def test_local_window_sees_itself_and_previous_255():
@@ -202,6 +237,27 @@ def test_generation_with_an_edit_is_greedy_decoding_of_the_edited_model():
     assert generate(model, [prompt], max_new_tokens=12, bucket=0, edit=edit) == generate(
         model, [prompt], max_new_tokens=12, bucket=0
     )
+
+
+def test_generation_with_layer_edits_is_greedy_decoding_of_the_edited_model():
+    """Edits at several layers apply at every cached step, inside one compiled sampler: greedy
+    tokens are the argmax of the full forward under the same edits; traced factors of 1 sample
+    exactly what plain generation does."""
+    cfg = preset("ts-1m", vocab_size=64)
+    model = init_model(cfg, 5)
+    edits = LayerEdits([_ScaleModule(1, 0.0), _ScaleModule(5, 0.5)])
+    prompt = [1, 2, 3, 4]
+    (got,) = generate(model, [prompt], max_new_tokens=12, bucket=0, edit=edits)
+    seq = list(prompt)
+    for _ in range(12):
+        logits = model(jnp.asarray([seq]), edit=LayerEdits([_Scale(1, 0.0), _Scale(5, 0.5)]))
+        seq.append(int(jnp.argmax(logits[0, -1])))
+    assert got == seq[len(prompt) :]
+    plain = generate(model, [prompt], max_new_tokens=12, bucket=0)[0]
+    assert got != plain
+    for e in edits.edits:
+        e.factor[...] = jnp.float32(1.0)
+    assert generate(model, [prompt], max_new_tokens=12, bucket=0, edit=edits) == [plain]
 
 
 def test_top_k_and_top_p_restrict_the_support():

@@ -6,7 +6,7 @@ forward hook returns the SAE's reconstruction (computed in numpy) or zeros; a pe
 1 and KL 0, a zero SAE 0; the result lands beside the SAE with cfg.json still SAELens-loadable;
 the CLI. Ablation: the edit's algebra (all features ablated leaves the error term + b_dec),
 ablating nothing samples exactly what plain sampling does, random features are live and seeded,
-the paired difference, the CLI.
+the paired difference, the CLI; the same at several layers at once (a LayerEdits of ablations).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from jaxlm.config import ModelConfig
 from jaxlm.errors import UserError
 from jaxlm.eval.artifacts import artifact_metrics
 from jaxlm.hf import load_hf
+from jaxlm.model import LayerEdits
 from jaxlm.tokenizer import Tokenizer
 from sae import ablate
 from sae.ablate import FeatureAblation, ablation_report, paired_difference, pick_random
@@ -480,3 +481,139 @@ def test_ablate_cli_bad_input_is_one_line(saved, tmp_path, capsys, flags, needle
     assert _sae_cli(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
+
+
+# --- several layers at once ---------------------------------------------------------------------
+
+
+def test_ablations_at_every_layer_match_transformers_hooks_at_both(hf_pair):
+    """Every feature of one SAE per layer ablated in one forward: transformers with a hook on
+    each layer's `mlp.act` returning that layer's (h - recon) + b_dec. Empty masks at every
+    layer leave the logits bit for bit."""
+    ref, model = hf_pair
+    saes = {0: _sae("noisy", seed=1), 1: _sae("noisy")}
+    ids = np.random.default_rng(3).integers(0, CFG.vocab_size, (2, 24))
+
+    def hook(t):
+        def edit(m, a, out):
+            h = out.numpy().reshape(-1, F).astype(np.float64)
+            acts = np.maximum((h - t["b_dec"]) @ t["W_enc"] + t["b_enc"], 0)
+            kept = h - (acts @ t["W_dec"] + t["b_dec"]) + t["b_dec"]
+            return torch.from_numpy(kept.reshape(out.shape).astype(np.float32))
+
+        return edit
+
+    handles = [ref.transformer.h[i].mlp.act.register_forward_hook(hook(_np(sae)))
+               for i, sae in saes.items()]  # fmt: skip
+    with torch.no_grad():
+        want = ref(torch.tensor(ids)).logits.numpy()
+    for h in handles:
+        h.remove()
+    every = LayerEdits([FeatureAblation(sae, i, range(S)) for i, sae in saes.items()])
+    got = np.asarray(model(jnp.asarray(ids), edit=every))
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    last = np.asarray(model(jnp.asarray(ids), edit=FeatureAblation(saes[1], 1, range(S))))
+    assert np.abs(got - last).max() > 1e-2  # layer 0's ablation matters too
+    nothing = LayerEdits([FeatureAblation(sae, i, []) for i, sae in saes.items()])
+    plain = np.asarray(model(jnp.asarray(ids)))
+    np.testing.assert_array_equal(np.asarray(model(jnp.asarray(ids), edit=nothing)), plain)
+
+
+def test_ablating_nothing_at_every_layer_samples_exactly_what_plain_sampling_does(
+    hf_pair, demo_data
+):
+    from jaxlm.eval.samples import DEMO_SAMPLING, sample_stories
+
+    _, model = hf_pair
+    tok = Tokenizer.load(demo_data["tok"])
+    saes = {0: _sae("noisy", seed=1), 1: _sae("noisy")}
+    kw = dict(n=4, prompts=["كان", "في يوم"], max_new_tokens=10, batch_size=2, resamples=20)
+    nothing = LayerEdits([FeatureAblation(sae, i, []) for i, sae in saes.items()])
+    rows, report = ablation_report(model, tok, nothing, **kw)
+    plain = sample_stories(model, tok, 4, ["كان", "في يوم"], max_new_tokens=10, batch_size=2,
+                           sampling=DEMO_SAMPLING)  # fmt: skip
+    assert [r["baseline"] for r in rows] == [r["ablated"] for r in rows] == plain
+    assert report["ablated"]["metrics"] == report["baseline"]["metrics"]
+    every = LayerEdits([FeatureAblation(sae, i, range(S)) for i, sae in saes.items()])
+    rows, _ = ablation_report(model, tok, every, **kw)
+    assert [r["baseline"] for r in rows] == plain
+    assert [r["ablated"] for r in rows] != plain
+
+
+@pytest.fixture(scope="module")
+def layered(saved):
+    """Two SAEs as `jaxlm sae train --layers 0,1` lays them out: DIR/layer-0, DIR/layer-1."""
+    for layer, seed in ((0, 1), (1, 0)):
+        save_sae(saved / "layers" / f"layer-{layer}", _sae("noisy", seed=seed), layer=layer,
+                 model_path=str(saved / "m"))  # fmt: skip
+    return saved / "layers"
+
+
+def test_ablate_cli_pulse_with_two_saes(saved, layered, demo_data, tmp_path, capsys):
+    out = tmp_path / "samples.jsonl"
+    argv = ["ablate", "--sae", str(layered / "layer-0"), "--sae", str(saved / "sae"),
+            "--features", "0,1,2", "--features", "3,4", "--n", "4", "--max-new-tokens", "6",
+            "--batch-size", "2", "--resamples", "20", "--data", str(demo_data["translated"]),
+            "--data", str(demo_data["native"]), "--split", "train", "--logit-rows", "24",
+            "--out", str(out)]  # fmt: skip
+    assert _sae_cli(argv) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 4 and all(r["ablated"] == r["baseline"] for r in rows)  # never fire
+    report = json.loads((tmp_path / "samples.artifacts.json").read_text())
+    assert report["sae"] == [str(layered / "layer-0"), str(saved / "sae")]
+    assert report["layers"] == [0, 1] and "layer" not in report
+    assert report["features"] == {"0": [0, 1, 2], "1": [3, 4]}
+    assert report["selection"] == {"0": {"how": "given"}, "1": {"how": "given"}}
+    assert set(report["difference"]) == {"english_name_rate", "english_dialogue_share"}
+    for side in ("ablated", "baseline"):
+        assert report[side]["stories"] == 4
+    ld = report["name_logit_diff"]
+    assert ld["rows"] == 48 and ld["contexts"]["english"] > 5 and ld["contexts"]["arabic"] > 5
+    assert abs(ld["difference"]["value"]) < 1e-5
+    line = json.loads(capsys.readouterr().out)
+    assert line["features"] == report["features"] and line["name_logit_diff"] == ld["difference"]
+
+
+def test_ablate_cli_draws_random_live_features_per_layer(hf_pair, layered, demo_data):
+    """`--random K` with a directory of layer-N/ SAEs: K live latents of each SAE at its layer,
+    SAE i drawing with seed + i; the edit is one FeatureAblation per layer."""
+    import argparse
+
+    from sae.eval_cli import _ablation, _load_saes, _sae_dirs
+
+    args = argparse.Namespace(model=None, layer=None, features=None, random=3, seed=5,
+                              data=[str(demo_data["native"])], split="validation", rows=8,
+                              mode="zero", value=None)  # fmt: skip
+    paths = _sae_dirs([str(layered)])
+    assert paths == [str(layered / "layer-0"), str(layered / "layer-1")]
+    model, _, saes = _load_saes(args, paths)
+    edit, which = _ablation(args, model, saes)
+    assert isinstance(edit, LayerEdits) and edit.layers == (0, 1) and which["layers"] == [0, 1]
+    rows = lambda: read_rows(demo_data["native"], split="validation", max_rows=8, batch_size=8)  # noqa: E731
+    for i, (_, sae, _, layer) in enumerate(saes):
+        feats, how = which["features"][str(layer)], which["selection"][str(layer)]
+        live = np.flatnonzero(firing_counts(hf_pair[1], sae, layer, rows())[0])
+        assert len(feats) == 3 and set(feats) <= set(live.tolist())
+        assert how["seed"] == 5 + i and how["n_live"] == len(live)
+        assert np.flatnonzero(np.asarray(edit.edits[i].mask_s[...])).tolist() == feats
+    assert _ablation(args, model, saes)[1] == which  # seeded
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--features", "1"], "1 --features for 2 SAEs"),
+        (["--features", "1", "--features", "2", "--layer", "1"], "--layer 1 goes with one SAE"),
+        (["--features", "1", "--features", "999"], "layer-1: --features: [999] are not latents"),
+    ],
+)
+def test_ablate_cli_several_saes_bad_input_is_one_line(layered, tmp_path, capsys, flags, needle):
+    argv = ["ablate", "--sae", str(layered), "--n", "2", "--max-new-tokens", "4", *flags,
+            "--out", str(tmp_path / "s.jsonl")]  # fmt: skip
+    assert _sae_cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    argv = ["ablate", "--sae", str(layered / "layer-1"), "--sae", str(layered / "layer-1"),
+            "--random", "2", "--out", str(tmp_path / "s.jsonl")]  # fmt: skip
+    assert _sae_cli(argv) == 2
+    assert "several SAEs read layer 1" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from jaxlm.errors import UserError
 from jaxlm.generate import SamplingConfig
-from jaxlm.model import MLPEdit
+from jaxlm.model import LayerEdits, MLPEdit
 
 DEMO_SAMPLING = SamplingConfig(temperature=0.8, top_k=50)  # as the demo samples
 
@@ -43,12 +43,12 @@ def sample_stories(
     sampling: SamplingConfig = DEMO_SAMPLING,
     seed: int = 0,
     batch_size: int = 64,
-    edit: MLPEdit | None = None,
+    edit: MLPEdit | LayerEdits | None = None,
 ) -> list[str]:
     """`n` continuations; story i continues prompts[i % len(prompts)] (none: EOS alone).
     Batch b samples with seed `seed + b`, so the stories depend on `batch_size` too. `edit` (an
-    `nnx.Module` MLPEdit, e.g. SAE features ablated) applies at every step: with the same seeds,
-    the edit is the only difference from unedited samples."""
+    `nnx.Module` MLPEdit, e.g. SAE features ablated, or a LayerEdits of several) applies at
+    every step: with the same seeds, the edit is the only difference from unedited samples."""
     from jaxlm.generate import generate
 
     if n < 1 or batch_size < 1:
