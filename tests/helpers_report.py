@@ -223,7 +223,8 @@ def _sae_parts(run: Path, label: str, role: str) -> dict:
                         "l0": 20.1,
                         "ce_loss_recovered": {"value": 0.716, "ci95": [0.2, 1.4]},
                         "ce_loss_measurable": not after,
-                    },  # fmt: skip
+                        "ablation_gain_ci95": [-0.054, -0.042],
+                    },
                     "native": {"explained_variance": 0.82, "l0": 23.0},
                 },
             },
@@ -236,6 +237,27 @@ def _sae_parts(run: Path, label: str, role: str) -> dict:
             "english_dialogue_error_share": 0.22 if after else 0.2,
             "layer": 7,
             "english_name_logit_diff": 9.77,
+            "all_layers": {
+                "layers": [6, 7],
+                "english_name_attribution": 1.25,
+                "english_name_error_share": 0.21,
+                "english_name_layer_total": 1.5,
+                "english_dialogue_attribution": -0.4,
+                "english_dialogue_error_share": 0.33,
+                "english_dialogue_layer_total": -0.5,
+                "per_layer": [
+                    {
+                        "layer": 6,
+                        "english_name_attribution": 0.84,
+                        "english_dialogue_attribution": -0.1,
+                    },
+                    {
+                        "layer": 7,
+                        "english_name_attribution": 0.41,
+                        "english_dialogue_attribution": -0.3,
+                    },
+                ],
+            },  # fmt: skip
             "english_name_components": {
                 "embeddings": 1.5,
                 "attention": 6.0,

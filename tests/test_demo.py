@@ -90,6 +90,21 @@ def test_pipeline_runs_every_stage_skips_them_on_rerun_and_reruns_only_what_chan
     for layer in (0, 7):  # each SAE evaluated at the end of its training, beside it
         ev = json.loads((w / "sae" / "cpt-ts-1m" / f"layer-{layer}" / "eval.json").read_text())
         assert ev["layer"] == layer and ev["pooled"]["ce_loss_score"] is not None
+    # each layer's attribution, their sum, and the ablation at both layers at once
+    res = json.loads((w / "results.json").read_text())["models"]
+    al = res["cpt-ts-1m"]["analysis"]["all_layers"]
+    assert al["layers"] == [0, 7] and [r["layer"] for r in al["per_layer"]] == [0, 7]
+    for key in ("english_name", "english_dialogue"):
+        parts = [r[f"{key}_attribution"] for r in al["per_layer"]]
+        if None not in parts:
+            assert al[f"{key}_attribution"] == pytest.approx(sum(parts), abs=1e-5)
+            assert 0 <= al[f"{key}_error_share"] <= 1
+    for layer in (0, 7):
+        assert (w / "analysis" / "cpt-ts-1m" / f"layer-{layer}" / "attribution.json").is_file()
+    ab = res["pretrain-ts-1m"]["ablation"]
+    if "skipped" not in ab:  # a 2,560-token SAE may have no English-name feature
+        top = json.loads((w / "analysis" / "ablation-pretrain-ts-1m" / "top.json").read_text())
+        assert set(ab["layers"]) <= {0, 7} and top.get("layers", [top.get("layer")]) == ab["layers"]
 
 
 def test_plan_of_the_papers_setting_names_every_figures_source():

@@ -95,6 +95,21 @@ def test_demo_page_has_each_part(reports):
     # where the logit difference comes from: the components, the analysed layer marked
     assert "Where the model&#x27;s own logit difference" in page and "<th>mlp 7</th>" in page
     assert "analysed layer" in page and "+6.00" in page
+    assert (
+        "logit difference toward English names at held-out contexts is +9.77; the analysed "
+        "layer&#x27;s MLP (layer 7) writes +0.25 of it directly (3%)"
+    ) in page
+    assert "SAE: CE loss recovered on translated rows is not measurable" in page
+    assert "[-0.054, -0.042] per token" in page
+    # an SAE on every trained layer: each layer's part, their sum, the pooled error share
+    assert "<th>features, all layers</th>" in page and "<th>layer 6</th>" in page
+    assert "+1.25" in page and "+0.84" in page and "0.21" in page
+    assert (
+        _metrics(reports["demo"])["models"]["pretrain-ts-1m"][
+            "analysis.all_layers.english_name_attribution"
+        ]
+        == 1.25
+    )
 
 
 def test_judge_page_compares_and_explains_agreement(reports):

@@ -79,6 +79,13 @@ class Method:
         root = self.w / "sae" / label
         return root if len(layers) == 1 else root / f"layer-{layers[0] if layer is None else layer}"
 
+    def analysis_dir(self, label: str, layer: int | None = None) -> Path:
+        """`jaxlm sae attribute`'s output for `layer`'s SAE (default: the analysed one), laid out
+        as `sae_dir`: RUN/analysis/LABEL, or RUN/analysis/LABEL/layer-N with several layers."""
+        layers = self.sae_layers(label)
+        root = self.w / "analysis" / label
+        return root if len(layers) == 1 else root / f"layer-{layers[0] if layer is None else layer}"
+
     def path(self, configured: str) -> Path:
         return resolve(configured, self.config_file)
 
@@ -383,12 +390,18 @@ class Method:
         s = self.cfg.sae
 
         def run(ctx: Context) -> dict:
-            out = self.w / "analysis" / label
-            ctx.jaxlm("sae", "attribute", "--model", str(self.model(label)), "--sae",
-                      str(self.sae_dir(label)), *self._eval_data(), "--dashboards",
-                      "--top", str(s.dashboards), *self._attr_names(), "--out", str(out),
-                      fresh_process=True)  # fmt: skip
-            return attribution_summary(out / "attribution.json")
+            layers = self.sae_layers(label)
+            for layer in layers:  # each layer's SAE on the same rows and contexts
+                ctx.jaxlm("sae", "attribute", "--model", str(self.model(label)), "--sae",
+                          str(self.sae_dir(label, layer)), *self._eval_data(), "--dashboards",
+                          "--top", str(s.dashboards), *self._attr_names(), "--out",
+                          str(self.analysis_dir(label, layer)), fresh_process=True)  # fmt: skip
+            out = attribution_summary(self.analysis_dir(label) / "attribution.json")
+            if len(layers) > 1:
+                out["all_layers"] = all_layers_summary(
+                    {layer: self.analysis_dir(label, layer) / "attribution.json"
+                     for layer in sorted(layers)})  # fmt: skip
+            return out
 
         return Stage(
             f"analysis-{label}",
@@ -403,19 +416,31 @@ class Method:
         s, label = self.cfg.sae, f"pretrain-{preset}"
 
         def run(ctx: Context) -> dict:
-            top = attribution_summary(self.w / "analysis" / label / "attribution.json")
-            feats = [f["feature"] for f in top["top_english_name_features"]][: s.ablation_features]
-            if not feats:  # an SAE too small or too briefly trained to have such features
+            # every trained layer: its own SAE's top English-name features (by that layer's
+            # attribution), all removed in one forward pass; one layer: that layer's
+            per_layer = {}
+            for layer in sorted(self.sae_layers(label)):
+                top = attribution_summary(self.analysis_dir(label, layer) / "attribution.json")
+                ids = [f["feature"] for f in top["top_english_name_features"]]
+                if ids[: s.ablation_features]:
+                    per_layer[layer] = ids[: s.ablation_features]
+            if not per_layer:  # SAEs too small or too briefly trained to have such features
                 return {"skipped": "no SAE feature pushes toward English names"}
             out = self.w / "analysis" / f"ablation-{label}"
-            common = ["--model", str(self.model(label)), "--sae", str(self.sae_dir(label)),
+            saes = [x for layer in per_layer for x in ("--sae", str(self.sae_dir(label, layer)))]
+            common = ["--model", str(self.model(label)), *saes,
                       "--n", str(self.cfg.samples.n), "--max-new-tokens",
                       str(self.cfg.samples.max_new_tokens), *self._name_flags(),
                       *self._eval_data()]  # fmt: skip
             # the held-out rows: the name-slot logit difference at attribute's name contexts
-            # (both runs), and where the random run's live features are found
-            picks = {"top": ["--features", ",".join(map(str, feats))],
-                     "random": ["--random", str(len(feats)), "--seed", "0"]}  # fmt: skip
+            # (both runs), and where the random run's live features are found; random: as many
+            # live features per layer as the largest top set (seed 0 + the SAE's index)
+            top_flags = [x for ids in per_layer.values()
+                         for x in ("--features", ",".join(map(str, ids)))]  # fmt: skip
+            k = max(len(ids) for ids in per_layer.values())
+            picks = {"top": top_flags, "random": ["--random", str(k), "--seed", "0"]}
+            feats = (next(iter(per_layer.values())) if len(per_layer) == 1
+                     else {str(layer): ids for layer, ids in per_layer.items()})  # fmt: skip
             for name, pick in picks.items():
                 ctx.jaxlm(
                     "sae",
@@ -583,7 +608,45 @@ def attribution_summary(path: Path) -> dict:
     return out
 
 
-def ablation_summary(d: Path, feats: list[int]) -> dict:
+def all_layers_summary(paths: dict[int, Path]) -> dict:
+    """Every trained layer's attribution together: per decision, the features' part summed over
+    the layers (each layer's own SAE, the same contexts), the layers' direct parts summed, and the
+    error share pooled over layers and contexts (sum |error| / sum (|features| + |error| +
+    |bias|), as one layer's is); and each layer's own figures. Decided before measuring the demo's
+    layers: the all-layer figures are sums of the per-layer ones, nothing reweighted."""
+    per_layer: list[dict] = []
+    sums: dict[str, dict] = {}
+    for layer, path in paths.items():
+        a = json.loads(Path(path).read_text())
+        row: dict = {"layer": layer}
+        for key, name in (("names", "english_name"), ("dialogue", "english_dialogue")):
+            c = a["contrasts"].get(key, {})
+            bal, absum = c.get("balanced") or {}, c.get("abs_sums") or {}
+            row[f"{name}_attribution"] = bal.get("features")
+            row[f"{name}_error_share"] = c.get("error_share")
+            row[f"{name}_layer_total"] = bal.get("layer_total")
+            acc = sums.setdefault(name, {"features": 0.0, "layer_total": 0.0, "abs": [0.0, 0.0],
+                                         "missing": False})  # fmt: skip
+            if bal.get("features") is None or not absum:
+                acc["missing"] = True
+                continue
+            acc["features"] += bal["features"]
+            acc["layer_total"] += bal["layer_total"]
+            acc["abs"][0] += absum["error"]
+            acc["abs"][1] += absum["features"] + absum["error"] + absum["bias"]
+        per_layer.append(row)
+    out: dict = {"layers": list(paths)}
+    for name, acc in sums.items():
+        ok = not acc["missing"]
+        out[f"{name}_attribution"] = round(acc["features"], 6) if ok else None
+        out[f"{name}_layer_total"] = round(acc["layer_total"], 6) if ok else None
+        out[f"{name}_error_share"] = (round(acc["abs"][0] / acc["abs"][1], 6)
+                                      if ok and acc["abs"][1] > 0 else None)  # fmt: skip
+    out["per_layer"] = per_layer
+    return out
+
+
+def ablation_summary(d: Path, feats: list[int] | dict[str, list[int]]) -> dict:
     """English-name rate of the pretrained model's samples: unablated, with its top features
     ablated, with as many random live ones ablated (each with its interval), and the paired
     differences; likewise the name-slot logit difference on held-out rows (where the runs
@@ -594,6 +657,7 @@ def ablation_summary(d: Path, feats: list[int]) -> dict:
     return {
         "features_top": feats,
         "features_random": rand.get("features"),
+        "layers": top.get("layers") or [top.get("layer")],
         "english_name_rate_none": rate(top, "baseline"),
         "english_name_rate_top": rate(top, "ablated"),
         "english_name_rate_random": rate(rand, "ablated"),

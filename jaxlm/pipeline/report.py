@@ -776,7 +776,11 @@ def _ablation_findings(ms: list[Model]) -> list[str]:
         if top is None or rnd is None:
             continue
         feats = _get(m.rec, "ablation", "features_top")
-        which = f" ({', '.join(map(str, feats))})" if isinstance(feats, list) and feats else ""
+        if isinstance(feats, dict) and feats:
+            n = sum(len(_list(v)) for v in feats.values())
+            which = f" ({n} features, at MLP layers {', '.join(map(str, feats))} at once)"
+        else:
+            which = f" ({', '.join(map(str, feats))})" if isinstance(feats, list) and feats else ""
         c = Change.between(rnd, top)
         out.append(
             f"Ablating {m.label}'s top English-name SAE features{which}: English-name rate "
@@ -796,6 +800,16 @@ def _ablation_findings(ms: list[Model]) -> list[str]:
             f"features it {_paired(rnd).words(LOGIT_DIGITS)}."
         )
     return out
+
+
+def _features_text(feats: Any) -> str | None:
+    """The ablated features: ids (one layer), or per layer "L7: 1, 2; L6: ..." (several)."""
+    if isinstance(feats, list):
+        return ", ".join(map(str, feats))
+    if isinstance(feats, dict) and feats:
+        return "; ".join(f"L{layer}: {', '.join(map(str, _list(ids)))}"
+                         for layer, ids in feats.items())  # fmt: skip
+    return None
 
 
 def _paired(e: Est) -> Change:
@@ -1465,6 +1479,8 @@ def attribution_section(b: Builder) -> Section | None:
     blocks.append(_attribution_bars(b, have))
     if (where := _components_table(have)) is not None:
         blocks += where
+    if all_layers := _all_layers_table(have):
+        blocks += all_layers
     images: list = []
     for m in have:
         if plot := _get(m.rec, "analysis", "attribution_plot"):
@@ -1501,6 +1517,46 @@ def _components_table(have: list[Model]) -> list | None:
             "analysed layer's MLP: its features can account for that column, not the rest."
         ),
         Table(["model", "decision", "logit difference", *names], rows),
+    ]
+
+
+def _all_layers_table(have: list[Model]) -> list:
+    """With SAEs on several layers: each layer's features' part (its own SAE, the same contexts),
+    their sum, the MLPs' direct parts summed, and the error share pooled over the layers."""
+    rows, layers = [], None
+    for m in have:
+        al = _dict(_get(m.rec, "analysis", "all_layers"))
+        per = {r.get("layer"): r for r in _list(al.get("per_layer")) if isinstance(r, dict)}
+        if not per:
+            continue
+        layers = layers or sorted(k for k in per if isinstance(k, int))
+        for key, what in (("english_name", "names"), ("english_dialogue", "dialogue")):
+            rows.append([text_cell(m.label), text_cell(what),
+                         num_cell(al.get(f"{key}_attribution"), 2, sign=True),
+                         num_cell(al.get(f"{key}_error_share"), 2),
+                         num_cell(al.get(f"{key}_layer_total"), 2, sign=True),
+                         *(num_cell(_get(per.get(layer), f"{key}_attribution"), 2, sign=True)
+                           for layer in layers)])  # fmt: skip
+    if not rows or not layers:
+        return []
+    return [
+        Para(
+            "The same split with an SAE on every trained MLP layer: each layer's features' part "
+            "of its direct push (toward English over Arabic, balanced over labels), their sum "
+            "over the layers, the error share pooled over layers and contexts, and what the "
+            "MLPs write directly in all (features + error + bias, summed over the layers)."
+        ),
+        Table(
+            [
+                "model",
+                "decision",
+                "features, all layers",
+                "error share",
+                "MLPs' direct part",
+                *(f"layer {layer}" for layer in layers),
+            ],
+            rows,
+        ),  # fmt: skip
     ]
 
 
@@ -1549,7 +1605,7 @@ def ablation_section(b: Builder) -> Section | None:
                 text_cell(m.label),
                 *(est_cell(m.est("ablation", k), RATE_DIGITS) for k, _ in ABLATION_KEYS),
                 change_cell(Change.between(rnd, top) if top and rnd else None, RATE_DIGITS),
-                text_cell(", ".join(map(str, feats)) if isinstance(feats, list) else None),
+                text_cell(_features_text(feats)),
             ]
         )
     heads = ["model", *(h for _, h in ABLATION_KEYS), "top - random", "top features"]

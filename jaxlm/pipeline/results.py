@@ -106,12 +106,12 @@ def gather(method, outcomes: dict[str, Outcome], config_file: str | None) -> dic
         rec["judge"] = _judge(w, label) if done(f"judge-{label}") else None
         sae = result(f"sae-{label}")
         if sae:
-            dash = w / "analysis" / label / "dashboards" / "dashboards.html"
+            dash = method.analysis_dir(label) / "dashboards" / "dashboards.html"
             rec["sae"] = _sae_rec(sae, w)
             rec["sae"]["dashboards"] = _rel(dash, w) if dash.exists() else None
         analysis = result(f"analysis-{label}")
         if analysis:
-            plot = w / "analysis" / label / "attribution.png"
+            plot = method.analysis_dir(label) / "attribution.png"
             rec["analysis"] = {**analysis, "attribution_plot": _rel(plot, w)}
         if role == "pretrain" and result(f"ablation-{label}"):
             rec["ablation"] = result(f"ablation-{label}")

@@ -628,6 +628,10 @@ class ContrastAttribution:
             "by_label": by_label,
             "balanced": balanced,
             "error_share": _round(self.error_share()),
+            # what error_share pools, so shares of several layers can be pooled the same way
+            "abs_sums": {
+                k: _round(np.abs(getattr(self, k)).sum()) for k in ("features", "error", "bias")
+            },  # fmt: skip
             "max_decomposition_residual": float(f"{self.max_residual:.3g}"),
             "components": self.component_summary(),
             "top_features": toward(order[:top][mean_s[order[:top]] > 0]),
