@@ -101,8 +101,11 @@ def test_pipeline_runs_every_stage_skips_them_on_rerun_and_reruns_only_what_chan
             assert 0 <= al[f"{key}_error_share"] <= 1
     for layer in (0, 7):
         assert (w / "analysis" / "cpt-ts-1m" / f"layer-{layer}" / "attribution.json").is_file()
+    # the ablation ran again; the tiny SAEs (2,560 tokens) have no feature pushing toward English
+    # names, so it says so (the demo-scale run ablates; the --overwrite test covers its command)
+    assert "ablation-pretrain-ts-1m" in ran
     ab = res["pretrain-ts-1m"]["ablation"]
-    if "skipped" not in ab:  # a 2,560-token SAE may have no English-name feature
+    if "skipped" not in ab:
         top = json.loads((w / "analysis" / "ablation-pretrain-ts-1m" / "top.json").read_text())
         assert set(ab["layers"]) <= {0, 7} and top.get("layers", [top.get("layer")]) == ab["layers"]
 
@@ -173,3 +176,48 @@ def test_an_interrupted_stage_resumes_and_only_refuses_stale_inputs(tmp_path):
     with pytest.raises(UserError, match="needs a"):
         run_stages(_stages(log, {"a": 3, "b": 1}), tmp_path, log=quiet, only=lambda n: n == "b")
     assert log == []
+
+
+def _subparser(parser, words: list[str]):
+    """The parser of `jaxlm WORDS...` (as deep as the words go), and how many words it used."""
+    import argparse
+
+    used = 0
+    for w in words:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or w not in subs[0].choices:
+            break
+        parser, used = subs[0].choices[w], used + 1
+    return parser, used
+
+
+def test_every_command_a_rerun_passes_overwrite_to_accepts_it():
+    """A stage whose settings changed runs its commands again with `--overwrite` unless it says
+    `overwrite_flag=False`; a command without that flag would fail only on a rerun (as `sae
+    ablate` once did). Read off the pipeline's source: each `ctx.jaxlm("cmd", "sub", ...)`."""
+    import ast
+
+    from jaxlm.cli import build_parser
+
+    parser = build_parser()
+    src = (ROOT / "jaxlm" / "pipeline" / "method.py").read_text()
+    checked = []
+    for node in ast.walk(ast.parse(src)):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "jaxlm"):  # fmt: skip
+            continue
+        if any(k.arg == "overwrite_flag" for k in node.keywords):
+            continue
+        words = []
+        for a in node.args:
+            if not (isinstance(a, ast.Constant) and isinstance(a.value, str)):
+                break
+            words.append(a.value)
+        if not words:  # arguments built elsewhere (`*args`): the stage's own test covers it
+            continue
+        sub, used = _subparser(parser, words)
+        assert used, words
+        flags = {s for a in sub._actions for s in a.option_strings}
+        assert "--overwrite" in flags, f"jaxlm {' '.join(words[:used])} has no --overwrite"
+        checked.append(" ".join(words[:used]))
+    assert {"sae attribute", "sae match", "export-hf", "report"} <= set(checked), checked

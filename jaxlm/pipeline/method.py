@@ -452,6 +452,7 @@ class Method:
                     "--report",
                     str(out / f"{name}.json"),
                     fresh_process=True,
+                    overwrite_flag=False,  # ablate rewrites its two files; it has no --overwrite
                 )
             return ablation_summary(out, feats)
 
