@@ -105,6 +105,10 @@ def test_demo_page_has_each_part(reports):
     assert "<th>features, all layers</th>" in page and "<th>layer 6</th>" in page
     assert "+1.25" in page and "+0.84" in page and "0.21" in page
     assert (
+        "SAE features&#x27; direct push toward English names, summed over the SAEs on 2 MLP "
+        "layers (positive: toward English): pretrain-ts-1m +1.25, error share 0.21"
+    ) in page
+    assert (
         _metrics(reports["demo"])["models"]["pretrain-ts-1m"][
             "analysis.all_layers.english_name_attribution"
         ]

@@ -591,7 +591,8 @@ def findings(b: Builder) -> list[str]:
                 found += _judge_findings(b.pair(pre, cpt)) + _tsea_findings(b.pair(pre, cpt))
                 out += [lead + s for s in found]
         out += [lead + s for s in _ablation_findings(ms)]
-        out += [lead + s for s in _component_findings(ms) + _ce_findings(ms)]
+        found = _component_findings(ms) + _all_layer_findings(ms) + _ce_findings(ms)
+        out += [lead + s for s in found]
     return out
 
 
@@ -615,7 +616,28 @@ def _component_findings(ms: list[Model]) -> list[str]:
                 f"{_fmt(here, 2, True)} of it directly ({here / total:.0%}), all MLPs together "
                 f"{_fmt(mlps, 2, True)}"
                 + (f", ln_f's bias {_fmt(bias, 2, True)}" if bias is not None else "")
-                + ": the SAE's features can only account for the analysed layer's part."
+                + ": that layer's SAE can account for its part only."
+            )
+    return out
+
+
+def _all_layer_findings(ms: list[Model]) -> list[str]:
+    """With SAEs on every trained layer: the features' part summed over them, per model."""
+    out = []
+    pairs = (("english_name", "English names"), ("english_dialogue", "English-order dialogue"))
+    for key, what in pairs:
+        parts = []
+        for m in ms:
+            al = _dict(_get(m.rec, "analysis", "all_layers"))
+            v, share = _num(al.get(f"{key}_attribution")), _num(al.get(f"{key}_error_share"))
+            if v is not None:
+                extra = f", error share {share:.2f}" if share is not None else ""
+                parts.append(f"{m.label} {_fmt(v, 2, True)}{extra}")
+        if parts:
+            n = len(_list(_dict(_get(ms[0].rec, "analysis", "all_layers")).get("layers")))
+            out.append(
+                f"SAE features' direct push toward {what}, summed over the SAEs on "
+                f"{n or 'all'} MLP layers (positive: toward English): {'; '.join(parts)}."
             )
     return out
 
@@ -1513,8 +1535,8 @@ def _components_table(have: list[Model]) -> list | None:
             "Where the model's own logit difference (English over Arabic, balanced over the two "
             "labels' contexts) comes from at the same contexts: what each part of the final "
             "residual stream writes along the difference with ln_f's scale frozen (direct "
-            "effects; they add up to the logit difference exactly). The SAE sees only the "
-            "analysed layer's MLP: its features can account for that column, not the rest."
+            "effects; they add up to the logit difference exactly). The analysed layer's SAE "
+            "can account for its own column only, not the rest."
         ),
         Table(["model", "decision", "logit difference", *names], rows),
     ]
