@@ -83,9 +83,12 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def differences(saved: Mapping, now: Mapping) -> list[str]:
-    """The keys whose values differ, as `key: old -> new` (sorted, at most a few)."""
+    """The keys whose values differ, as `key: old -> new`: shallow keys first (the setting a user
+    changed, e.g. `model.path`, before what is derived from it, e.g. `model.params.mtime`, which
+    a one-line error may cut off), then by name."""
     a, b = flatten(saved), flatten(json.loads(json.dumps(now)))  # JSON types on both sides
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    keys = sorted((k for k in set(a) | set(b) if a.get(k) != b.get(k)),
+                  key=lambda k: (k.count("."), k))  # fmt: skip
     return [f"{k} {_short(a.get(k))} -> {_short(b.get(k))}" for k in keys]
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 
 from jaxlm.cli import main
-from jaxlm.outputs import Lock, Output
+from jaxlm.outputs import Lock, Output, differences
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-faults"
@@ -527,6 +527,15 @@ def test_other_settings_are_refused_and_change_nothing(w, case, change):
     line = refused(*argv(w, case, out, extra))
     assert "made with other settings" in line and key in line and "--overwrite" in line, line
     assert digest(out) == before and not leftovers(out)
+
+
+def test_the_changed_setting_comes_before_what_is_derived_from_it():
+    """A one-line refusal lists four differences: the one a user changed (`model.path`) leads,
+    not the model's file details that change with it (they once hid it when mtimes differed)."""
+    old = {"model": {"path": "a", "params": {"bytes": 1, "files": 1, "mtime": 1, "path": "a/p"}}}
+    new = {"model": {"path": "b", "params": {"bytes": 2, "files": 3, "mtime": 2, "path": "b/p"}}}
+    diff = differences(old, new)
+    assert diff[0] == 'model.path "a" -> "b"' and len(diff) == 5, diff
 
 
 @pytest.mark.parametrize("case", [c for c in sorted(CASES) if "changes" in CASES[c]])
