@@ -33,13 +33,14 @@ def model_dir(demo_data, tmp_path_factory):
 
 
 def _cfg(model_dir, datadir, steps: int, model: dict, **over):
-    """64-token batches, fills of 4 batches (2 forwards x 8 contexts x 16 tokens)."""
+    """64-token batches, fills of 4 batches (2 forwards x 8 contexts x 16 tokens); the closing
+    evaluation on one batch of 8 rows (what these tests prove does not depend on its size)."""
     sets = {"model": {"path": str(model_dir), **model},
             "data": {"sources": [{"path": str(datadir)}], "context_size": 16,
                      "store_batch_size_prompts": 8, "n_batches_in_buffer": 2,
                      "train_batch_size_tokens": 64, "training_tokens": 64 * steps},
             "log": {"every": 1, "progress": False, "plot": False},
-            "checkpoint": {"every": 3, "async_save": False}}  # fmt: skip
+            "checkpoint": {"every": 3, "async_save": False}, "eval": {"rows": 8}}  # fmt: skip
     return load_config(None, [merge(sets, over)])
 
 
@@ -143,7 +144,7 @@ def _cli(model_dir, data, out, steps: int) -> list[str]:
     sets = {"data.context_size": 16, "data.store_batch_size_prompts": 8,
             "data.n_batches_in_buffer": 2, "data.train_batch_size_tokens": 64,
             "data.training_tokens": 64 * steps, "checkpoint.every": 1000, "log.every": 1,
-            "log.progress": "false", "log.plot": "false"}  # fmt: skip
+            "log.progress": "false", "log.plot": "false", "eval.rows": 8}  # fmt: skip
     flags = [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
     return [sys.executable, "-m", "jaxlm.cli", "sae", "train", "--model", str(model_dir),
             "--layers", ",".join(map(str, LAYERS)), "--data", str(data), "--out", str(out),

@@ -32,7 +32,8 @@ def main(argv: list[str]) -> int:
     return jaxlm_main(["sae", *argv])
 
 
-FAST = ["--set", "log.progress=false", "--set", "log.plot=false"]
+# the closing evaluation on one batch of 8 rows: these tests are about training
+FAST = ["--set", "log.progress=false", "--set", "log.plot=false", "--set", "eval.rows=8"]
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +88,14 @@ def test_store_is_seeded_and_resumes_exactly(model_dir, demo_data, prefetch):
 
 
 def _cfg(model_dir, data, tokens=64 * 12, **over):
+    """64-token batches; the closing evaluation on one batch of 8 rows."""
     sets = {"model": {"path": str(model_dir), "layer": LAYER},
             "data": {"sources": [{"path": str(data)}], "context_size": 16,
                      "store_batch_size_prompts": 8, "n_batches_in_buffer": 2,
                      "train_batch_size_tokens": 64, "training_tokens": tokens},
             "log": {"every": 1, "progress": False, "plot": False},
-            "checkpoint": {"every": 3, "async_save": False}}  # fmt: skip
+            "checkpoint": {"every": 3, "async_save": False},
+            "eval": {"rows": 8}}  # fmt: skip
     from jaxlm.overlay import merge
 
     return load_config(None, [merge(sets, over)])
@@ -149,14 +152,15 @@ def test_data_of_another_tokenizer_is_refused(model_dir, demo_data, tmp_path, ca
 
 
 def test_loss_falls_and_l1_lowers_l0(model_dir, demo_data, tmp_path):
-    data = demo_data["translated"]
-    low = train(_cfg(model_dir, data, 64 * 40, optim={"lr": 3e-3}), tmp_path / "low")
+    data, once = demo_data["translated"], {"every": 40}  # one checkpoint, at the end
+    low = train(_cfg(model_dir, data, 64 * 40, optim={"lr": 3e-3}, checkpoint=once),
+                tmp_path / "low")  # fmt: skip
     losses = _losses(tmp_path / "low")
     assert np.mean([losses[s] for s in range(36, 41)]) < 0.9 * np.mean(
         [losses[s] for s in (1, 2, 3)]
     )
-    high = train(_cfg(model_dir, data, 64 * 40, optim={"lr": 3e-3}, sae={"l1_coefficient": 20.0}),
-                 tmp_path / "high")  # fmt: skip
+    high = train(_cfg(model_dir, data, 64 * 40, optim={"lr": 3e-3}, sae={"l1_coefficient": 20.0},
+                      checkpoint=once), tmp_path / "high")  # fmt: skip
     assert high["l0"] < 0.5 * low["l0"], (high["l0"], low["l0"])
 
 
@@ -191,7 +195,7 @@ def _sae_cmd(model_dir, data, out, steps: int, every: int) -> list[str]:
             "data.n_batches_in_buffer": 2, "data.train_batch_size_tokens": 64,
             "data.training_tokens": 64 * steps, "checkpoint.every": every,
             "checkpoint.keep": 50, "log.every": 1, "log.progress": "false",
-            "log.plot": "false"}  # fmt: skip
+            "log.plot": "false", "eval.rows": 8}  # fmt: skip
     flags = [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
     return [sys.executable, "-m", "jaxlm.cli", "sae", "train", "--model", str(model_dir),
             "--layer", str(LAYER), "--data", str(data), "--out", str(out), *flags]  # fmt: skip

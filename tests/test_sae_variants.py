@@ -109,8 +109,8 @@ def test_toy_goes_through_train_tsea_and_dashboard(demo_data, tmp_path, capsys):
                 str(demo_data["translated"]), "--out", str(out), "--config",
                 str(REPO / "configs/sae/tiny.yaml"), "--architecture", TOY,
                 "--training-tokens", "512", "--set", "sae.decoder_init_norm=1.0",
-                "--set", "log.progress=false",
-                "--set", "log.plot=false") == 0  # fmt: skip
+                "--set", "log.progress=false", "--set", "log.plot=false",
+                "--set", "eval.rows=8") == 0  # fmt: skip
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["architecture"] == TOY == cfg["jaxlm"]["sae_config"]["architecture"]
 
