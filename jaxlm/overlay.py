@@ -85,11 +85,32 @@ def build(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
         raise UserError(
             f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(names))}"
         )
-    kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    kwargs = {k: _convert(hints[k], _onto_default(cls, k, v), f"{where}.{k}")
+              for k, v in data.items()}  # fmt: skip
     try:
         return cls(**kwargs)
     except (TypeError, UserError) as e:  # __post_init__'s checks, named after the file too
         raise UserError(f"{where}: {e}") from None
+
+
+def _onto_default(cls: type, name: str, value: Any) -> Any:
+    """A partial section (`log: {every: 50}`) overlaid on the field's own default instance, so a
+    parent's default (the SAE trainer's `LogSection(tensorboard=False)`) is kept, not replaced by
+    the section class's defaults."""
+    if not isinstance(value, dict):
+        return value
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        return value
+    if dataclasses.is_dataclass(default) and not isinstance(default, type):
+        own = {g.name: to_dict(getattr(default, g.name)) for g in dataclasses.fields(default)
+               if g.init}  # fmt: skip
+        return merge(own, value)
+    return value
 
 
 def to_dict(obj: Any) -> Any:

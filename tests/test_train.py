@@ -261,6 +261,24 @@ def test_resume_refusals_keep_the_run(tmp_path, demo_data, capsys):
     assert "seq_len=4096 exceeds model ts-1m's 2048 positions" in capsys.readouterr().err
 
 
+def test_a_partial_section_keeps_the_parents_own_defaults(tmp_path):
+    """`log: {every: 50}` in an SAE config changes `every` only: the SAE trainer's own default
+    (no TensorBoard; checkpoints every 1000) stays, not the section class's (it once turned
+    TensorBoard on, importing torch and writing events every step, in the demo's SAE runs)."""
+    from sae.train import SAETrainConfig
+    from sae.train import load_config as load_sae
+
+    cfg = tmp_path / "sae.yaml"
+    cfg.write_text("log: {every: 50}\ncheckpoint: {keep: 2}\n")
+    c = load_sae(cfg)
+    assert (c.log.every, c.log.tensorboard) == (50, False)
+    assert (c.checkpoint.keep, c.checkpoint.every) == (2, SAETrainConfig().checkpoint.every)
+    assert load_sae(None, [{"log": {"tensorboard": True}}]).log.tensorboard
+    with pytest.raises(UserError, match=r"sae.yaml.log: unknown key 'evry'"):
+        cfg.write_text("log: {evry: 5}\n")
+        load_sae(cfg)
+
+
 def test_config_errors_are_one_line(tmp_path, demo_data):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("optim:\n  lrr: 0.1\n")
