@@ -164,6 +164,35 @@ def test_components_sum_to_the_logit_difference():
     assert np.abs(comp[:, 1]).max() > 0.01  # attention writes something
 
 
+def test_what_attribute_gathers_on_the_device_is_the_full_forwards_at_the_contexts():
+    """`gathered_fn` (one forward, gathered at P positions, firing counted on the device) gives
+    `forward_fn`'s and `components_fn`'s values at those positions, and the firing count the
+    full [B, T, S] acts give; `firing_count_fn` (TSEA's live features) counts the same."""
+    from sae.analysis.dashboards import feature_acts_fn, firing_count_fn
+
+    V, D, F, S, L = 60, 32, 64, 48, 1
+    model = _model(V, D, F, layers=3, seed=5)
+    sae = _sae(F, S)
+    tokens = jnp.asarray(np.random.default_rng(7).integers(0, V, (3, 10)), jnp.int32)
+    x_btd, h_btf, a_bts = (np.asarray(a, np.float64) for a in at.forward_fn(model, sae, L)(tokens))
+    parts_kbtd = np.asarray(at.components_fn(model)(tokens), np.float64)
+    rows, pos = np.array([0, 2, 2, 1, 0], np.int32), np.array([3, 0, 9, 5, 3], np.int32)
+    (x, h, a, parts), count = at.gathered_fn(model, sae, L)(np.asarray(tokens), rows, pos)
+    assert x.shape == (5, D) and parts.shape == (5, 4, D)
+    np.testing.assert_allclose(x, x_btd[rows, pos], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(h, h_btf[rows, pos], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(a, a_bts[rows, pos], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(parts, parts_kbtd[:, rows, pos].transpose(1, 0, 2), atol=1e-5,
+                               rtol=0)  # fmt: skip
+    want = (a_bts > 0).reshape(-1, S).sum(0)
+    assert 0 < want.sum() < want.size * 30 and np.array_equal(count, want)
+    assert np.array_equal(firing_count_fn(model, sae, L)(np.asarray(tokens)), want)
+    acts = feature_acts_fn(model, sae, L, np.arange(S))(np.asarray(tokens))
+    assert np.array_equal((acts > 0).reshape(-1, S).sum(0), want)
+    (x0, *_), count0 = at.gathered_fn(model, sae, L)(np.asarray(tokens), rows[:0], pos[:0])
+    assert x0.shape == (0, D) and np.array_equal(count0, want)  # no contexts in a batch
+
+
 def test_a_decode_that_is_not_affine_is_refused():
     sae = _sae(16, 8)
 

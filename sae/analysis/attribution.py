@@ -434,6 +434,47 @@ def components_fn(model):
     return partial(run, params)
 
 
+def gathered_fn(model, sae, layer: int):
+    """What `attribute` reads, in one jit'd forward: tokens [B, T] and P context positions (rows
+    [P], positions [P]) -> at those positions the final residual [P, D], the layer's MLP hidden
+    [P, F], the SAE's acts [P, S] and the residual's parts [P, 1 + L, D] (`components_fn`'s,
+    float32), and per feature how many of the B * T positions it fires at [S]. Gathering and
+    counting on the device keeps [B, T, S] acts and [1 + L, B, T, D] parts off the host, where
+    copying them was most of an attribution's time; the values are `forward_fn`'s and
+    `components_fn`'s at those positions (a test checks)."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    sgraph, sstate = nnx.split(sae)
+    L = model.cfg.n_layers
+
+    @jax.jit
+    def run(params, sstate, tokens_bt, row_p, pos_p):
+        m = nnx.merge(graphdef, params)
+        x_btd = final_residual(m, tokens_bt).astype(jnp.float32)
+        hs = m.mlp_activations(tokens_bt, tuple(range(L)))
+        h_btf = hs[layer].astype(jnp.float32)
+        B, T, F = h_btf.shape
+        acts_bts = nnx.merge(sgraph, sstate).encode(h_btf.reshape(B * T, F)).reshape(B, T, -1)
+        at = lambda a: a[row_p, pos_p]  # noqa: E731
+        emb_pd = m.wte_vd[...][at(tokens_bt)] + m.wpe_pd[...][pos_p]
+        f32 = lambda a: a[...].astype(jnp.float32)  # noqa: E731
+        outs = [at(hs[i]).astype(jnp.float32) @ f32(m.blocks[i].mlp.w_down_fd)
+                + f32(m.blocks[i].mlp.b_down_d) for i in range(L)]  # fmt: skip
+        parts_pkd = jnp.stack([emb_pd.astype(jnp.float32), *outs], axis=1)
+        count_s = (acts_bts > 0).sum((0, 1), dtype=jnp.int32)
+        return at(x_btd), at(h_btf), at(acts_bts), parts_pkd, count_s
+
+    def call(tokens_bt, row_p: np.ndarray, pos_p: np.ndarray):
+        n = len(row_p)
+        size = max(16, 1 << max(n - 1, 0).bit_length())  # a few padded sizes: few compiles
+        pad = lambda a: np.concatenate([a, np.zeros(size - n, np.int32)])  # noqa: E731
+        out = jax.device_get(run(params, sstate, jnp.asarray(tokens_bt, jnp.int32),
+                                 jnp.asarray(pad(row_p)), jnp.asarray(pad(pos_p))))  # fmt: skip
+        *at_p, count_s = out
+        return [np.asarray(a[:n], np.float64) for a in at_p], np.asarray(count_s, np.int64)
+
+    return call
+
+
 def component_names(n_layers: int) -> list[str]:
     """The names of `components`' columns."""
     return ["embeddings", "attention", *(f"mlp {i}" for i in range(n_layers)), "ln_f bias"]
@@ -736,18 +777,15 @@ class _Accumulator:
         self.max_residual = 0.0
         self.contexts: list[Contexts] = []
 
-    def add(self, ctx: Contexts, local_row: np.ndarray, x_btd, h_btf, a_bts, parts_kbtd, ro,
-            W_eff, b_eff):  # fmt: skip
+    def add(self, ctx: Contexts, x_cd, h_cf, a_cs, parts_ckd, ro, W_eff, b_eff):
+        """The contexts `ctx` of one batch and, at them, the final residual, the MLP hidden, the
+        SAE's acts and the residual's parts (float64, `gathered_fn`'s)."""
         self.contexts.append(ctx)
         if not len(ctx):
             return
-        take = lambda arr: np.asarray(arr[local_row, ctx.pos], np.float64)  # noqa: E731
-        a_cs = take(a_bts)
         u_cd = context_directions(self.u, ctx.form)
-        x_cd = take(x_btd)
-        parts_ckd = np.asarray(parts_kbtd[:, local_row, ctx.pos], np.float64).transpose(1, 0, 2)
         self.comps.append(components(ro, u_cd, x_cd, parts_ckd))
-        d = decompose(ro, u_cd, x_cd, take(h_btf), a_cs, W_eff, b_eff)
+        d = decompose(ro, u_cd, x_cd, h_cf, a_cs, W_eff, b_eff)
         feats = d["parts"].sum(-1)
         resid = np.abs(feats + d["error"] + d["bias"] - d["total"]).max()
         self.max_residual = max(self.max_residual, float(resid))
@@ -802,8 +840,7 @@ def attribute(
         )
     ro = Readout.of(model, layer)
     tbytes = token_bytes(tok)
-    run = forward_fn(model, sae, layer)
-    parts_of = components_fn(model)
+    run = gathered_fn(model, sae, layer)
     accs = [_Accumulator(c, ro, W_eff.shape[0], model.cfg.n_layers) for c in contrasts]
     active_count = np.zeros(W_eff.shape[0], np.int64)
     n_tokens, row0 = 0, 0
@@ -813,13 +850,17 @@ def attribute(
         batches = tqdm(batches, desc="attribute", unit="batch")
     for tokens_bt in batches:
         tokens_bt = np.asarray(tokens_bt)
-        x_btd, h_btf, a_bts = jax.device_get(run(jnp.asarray(tokens_bt, jnp.int32)))
-        parts_kbtd = jax.device_get(parts_of(jnp.asarray(tokens_bt, jnp.int32)))
-        active_count += (a_bts > 0).reshape(-1, a_bts.shape[-1]).sum(0)
+        ctxs = [find_contexts(tokens_bt, tbytes, acc.contrast, row0=row0) for acc in accs]
+        rows = np.concatenate([c.row - row0 for c in ctxs]).astype(np.int32)
+        pos = np.concatenate([c.pos for c in ctxs]).astype(np.int32)
+        (x_pd, h_pf, a_ps, parts_pkd), count_s = run(tokens_bt, rows, pos)
+        active_count += count_s
         n_tokens += tokens_bt.size
-        for acc in accs:
-            ctx = find_contexts(tokens_bt, tbytes, acc.contrast, row0=row0)
-            acc.add(ctx, ctx.row - row0, x_btd, h_btf, a_bts, parts_kbtd, ro, W_eff, b_eff)
+        start = 0
+        for acc, ctx in zip(accs, ctxs, strict=True):
+            sl = slice(start, start + len(ctx))
+            acc.add(ctx, x_pd[sl], h_pf[sl], a_ps[sl], parts_pkd[sl], ro, W_eff, b_eff)
+            start += len(ctx)
         row0 += tokens_bt.shape[0]
     if row0 == 0:
         raise UserError("no token rows to attribute on")

@@ -287,12 +287,12 @@ def _live(args, model, sae, sae_dir: str, layer: int, tokdir: str | None, what: 
     from sae.io import SPARSITY
 
     if args.data:
-        from sae.analysis.dashboards import feature_acts_fn
+        from sae.analysis.dashboards import firing_count_fn
 
-        acts = feature_acts_fn(model, sae, layer, np.arange(sae.cfg.n_latents))
+        fires = firing_count_fn(model, sae, layer)
         count, n = np.zeros(sae.cfg.n_latents, np.int64), 0
         for batch in _batches(args, tokdir, what):
-            count += (acts(batch) > 0).reshape(-1, sae.cfg.n_latents).sum(0)
+            count += fires(batch)
             n += batch.size
         return count > 0, count / max(n, 1), f"--data {args.split} rows ({n} tokens)"
     path = Path(sae_dir) / SPARSITY
