@@ -130,6 +130,6 @@ def test_user_errors_are_one_line(tmp_path):
     assert "no such checkpoint directory" in r.stderr
     np.testing.assert_equal(r.stdout, "")
     m = tmp_path / "m"
-    run_cli("init", "--preset", "ts-1m", "--vocab-size", "64", "--out", str(m))
+    assert main(["init", "--preset", "ts-1m", "--vocab-size", "64", "--out", str(m)]) == 0
     r = run_cli("generate", "--checkpoint", str(m), "--prompt-ids", "1", "--max-new-tokens", "0")
     assert r.returncode == 2 and "max_new_tokens=0 must be >= 1" in r.stderr

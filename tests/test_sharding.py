@@ -57,12 +57,18 @@ def test_parameter_shards_follow_the_rules():
     assert specs  # every parameter has a NamedSharding on the mesh
 
 
-@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1), (8, 1, 1), (1, 2, 4)])
-def test_sharded_forward_equals_unsharded(shape):
+@pytest.fixture(scope="module")
+def unsharded_forward():
+    """Token ids (longer than ts-1m's 256-token local window) and the unsharded model's logits,
+    computed once for every mesh shape below."""
     cfg = preset("ts-1m", vocab_size=512)
-    ref_model = init_model(cfg, 4)
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 512, (8, 300)))
-    ref = np.asarray(nnx.jit(lambda m, x: m(x))(ref_model, ids))
+    return cfg, ids, np.asarray(nnx.jit(lambda m, x: m(x))(init_model(cfg, 4), ids))
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1), (8, 1, 1), (1, 2, 4)])
+def test_sharded_forward_equals_unsharded(shape, unsharded_forward):
+    cfg, ids, ref = unsharded_forward
     mesh = make_mesh(shape)
     model = shard_model(init_model(cfg, 4), mesh)
     with use_mesh(mesh, DEFAULT_RULES):

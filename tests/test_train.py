@@ -40,9 +40,13 @@ TINY = [
 ]  # fmt: skip
 
 
+def _argv(workdir, data, steps, *extra):
+    return ["train", "--workdir", str(workdir), "--data", str(data), "--steps", str(steps),
+            *TINY, *extra]  # fmt: skip
+
+
 def _cmd(workdir, data, steps, *extra):
-    return [sys.executable, "-m", "jaxlm.cli", "train", "--workdir", str(workdir), "--data",
-            str(data), "--steps", str(steps), *TINY, *extra]  # fmt: skip
+    return [sys.executable, "-m", "jaxlm.cli", *_argv(workdir, data, steps, *extra)]
 
 
 def _params(workdir):
@@ -59,6 +63,22 @@ def _saved_steps(workdir):
     """Steps of the finished checkpoints (Orbax renames a save's temporary folder when done)."""
     d = Path(workdir) / "checkpoints"
     return [int(p.name) for p in d.iterdir() if p.name.isdigit()] if d.is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory, demo_data):
+    """A finished 4-step run with checkpoints at steps 2 and 4, trained once for the tests that
+    resume it (each on its own copy) or continue pre-training from it (reading it only)."""
+    wd = tmp_path_factory.mktemp("four_steps") / "wd"
+    assert main(_argv(wd, demo_data["translated"], 4, "--checkpoint-every", "2")) == 0
+    assert sorted(_saved_steps(wd)) == [2, 4]
+    return wd
+
+
+def _copy_of(four_steps, tmp_path):
+    wd = tmp_path / "wd"
+    shutil.copytree(four_steps, wd)
+    return wd
 
 
 def test_train_has_a_pulse(tmp_path, demo_data, capsys):
@@ -80,8 +100,8 @@ def test_train_has_a_pulse(tmp_path, demo_data, capsys):
 
 def test_kill_9_then_rerun_is_bitwise_equal(tmp_path, demo_data):
     steps, data = 14, demo_data["translated"]
-    ref = tmp_path / "ref"
-    subprocess.run(_cmd(ref, data, steps, "--checkpoint-every", "3"), check=True, timeout=600)
+    ref = tmp_path / "ref"  # uninterrupted and saved only at the end, in this process (8 devices)
+    assert main(_argv(ref, data, steps, "--checkpoint-every", str(steps))) == 0
 
     wd = tmp_path / "killed"
     kill_at = random.Random(os.getpid()).randint(4, 11)
@@ -127,15 +147,13 @@ def test_sharded_run_matches_one_device(tmp_path, demo_data):
     assert one[-1] < one[0]
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, demo_data):
-    wd, data = tmp_path / "wd", demo_data["translated"]
-    subprocess.run(_cmd(wd, data, 4, "--checkpoint-every", "2"), check=True, timeout=600)
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, demo_data, four_steps, capsys):
+    wd, data = _copy_of(four_steps, tmp_path), demo_data["translated"]
     # a NaN learning rate: step 5's loss is still finite, the parameters after its update are
     # not, and checkpointing every step must not save them as good
-    r = subprocess.run(_cmd(wd, data, 8, "--checkpoint-every", "1", "--set", "optim.lr=.nan"),
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert r.returncode == 2
-    err = r.stderr.strip().splitlines()[-1]
+    capsys.readouterr()
+    assert main(_argv(wd, data, 8, "--checkpoint-every", "1", "--set", "optim.lr=.nan")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "parameter norm after the update is not finite at step 5" in err, err
     assert "last good checkpoint is step 4" in err
     _, step = _params(wd)
@@ -159,9 +177,8 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, demo_data):
     assert 3 <= step < 2000
 
 
-def test_unreadable_latest_checkpoint_falls_back(tmp_path, demo_data, caplog):
-    wd, data = tmp_path / "wd", demo_data["translated"]
-    subprocess.run(_cmd(wd, data, 4, "--checkpoint-every", "2"), check=True, timeout=600)
+def test_unreadable_latest_checkpoint_falls_back(tmp_path, demo_data, four_steps, caplog):
+    wd, data = _copy_of(four_steps, tmp_path), demo_data["translated"]
     for f in (wd / "checkpoints" / "4" / "params").rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "manifest" not in f.name:
             f.write_bytes(b"\0" * 7)  # tear the newest checkpoint's array data
@@ -178,10 +195,8 @@ def test_unreadable_latest_checkpoint_falls_back(tmp_path, demo_data, caplog):
     assert len(list((wd / "checkpoints.unreadable").iterdir())) == 1  # set aside, not deleted
 
 
-def test_continual_pretraining_from_a_workdir(tmp_path, demo_data, capsys):
-    base, cpt = tmp_path / "base", tmp_path / "cpt"
-    main(["train", "--workdir", str(base), "--data", str(demo_data["translated"]), "--steps", "3",
-          *TINY])  # fmt: skip
+def test_continual_pretraining_from_a_workdir(tmp_path, demo_data, four_steps, capsys):
+    base, cpt = four_steps, tmp_path / "cpt"  # base: trained on translated, read only here
     mix = f"{demo_data['native']}:0.8"
     replay = f"{demo_data['translated']}:0.2"
     assert main(["train", "--workdir", str(cpt), "--init-from", str(base), "--data", mix,
@@ -231,25 +246,24 @@ def test_cpt_without_a_preset_takes_the_source_models_architecture(tmp_path, dem
     assert read_meta(fresh)[0].d_model == 64
 
 
-def test_resume_refusals_keep_the_run(tmp_path, demo_data, capsys):
+def test_resume_refusals_keep_the_run(tmp_path, demo_data, four_steps, capsys):
     """A rerun whose config cannot resume the run says why and changes nothing: the checkpoints
     stay (not set aside as unreadable) and so does the run's config.json."""
-    wd, data = tmp_path / "wd", str(demo_data["translated"])
-    assert main(["train", "--workdir", str(wd), "--data", data, "--steps", "2", *TINY]) == 0
+    wd, data = _copy_of(four_steps, tmp_path), str(demo_data["translated"])
     config = (wd / "config.json").read_text()
     capsys.readouterr()
-    assert main(["train", "--workdir", str(wd), "--data", data, "--steps", "4", *TINY,
+    assert main(["train", "--workdir", str(wd), "--data", data, "--steps", "6", *TINY,
                  "--set", "optim.clip_norm=0"]) == 2  # fmt: skip
     assert "another shape (optim.clip_norm differ" in capsys.readouterr().err
-    assert main(["train", "--workdir", str(wd), "--data", data, "--steps", "4", *TINY,
+    assert main(["train", "--workdir", str(wd), "--data", data, "--steps", "6", *TINY,
                  "--preset", "ts-3m"]) == 2  # fmt: skip
     assert "was made with other settings (architecture.d_model 64 -> 128" in capsys.readouterr().err
     assert not (wd / "checkpoints.unreadable").exists()
     assert (wd / "config.json").read_text() == config
     # compute-only settings may change on resume; the lr as YAML reads 1e-4 (a string) too
-    assert main(["train", "--workdir", str(wd), "--data", data, "--steps", "3", *TINY,
+    assert main(["train", "--workdir", str(wd), "--data", data, "--steps", "5", *TINY,
                  "--set", "model.remat=true", "--set", "optim.lr=1e-4"]) == 0  # fmt: skip
-    assert _params(wd)[1] == 3
+    assert _params(wd)[1] == 5
     assert main(["train", "--workdir", "gs://bucket/run", "--data", data, *TINY]) == 2
     assert "a file-system path" in capsys.readouterr().err
     # rows longer than the position table would be clamped onto its last entry, silently
