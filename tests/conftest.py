@@ -55,6 +55,13 @@ def demo_data(tmp_path_factory) -> dict:
     }
 
 
+def pytest_collection_modifyitems(config, items):
+    """Modules holding a `slow` test run first, each kept whole (its module fixtures are built
+    once): with xdist, a long test that starts last leaves the other worker idle at the end."""
+    slow = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in slow)  # stable: order kept within each group
+
+
 # Under CI every optional dependency is installed (make test), so a skip can only mean a wrong
 # path or a broken install hiding tests: it is reported as a failure, with the skip's reason.
 # The one exception is a skip whose reason starts with "environment:": what the machine itself

@@ -11,6 +11,7 @@ from jaxlm import aot
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not aot.libtpu_available(), reason='libtpu not installed (pip install "jax[tpu]")'
 )

@@ -44,6 +44,7 @@ def _ran(out: str) -> set[str]:
     return {line.split("]")[0][1:] for line in out.splitlines() if "] running" in line}
 
 
+@pytest.mark.slow
 def test_pipeline_runs_every_stage_skips_them_on_rerun_and_reruns_only_what_changed(tmp_path):
     cfg, w = tmp_path / "tiny.yaml", tmp_path / "run"
     cfg.write_text(TINY)

@@ -49,6 +49,7 @@ def test_eval_loss_equals_transformers_per_source(tmp_path, demo_data, capsys):
         assert lo < got[name]["loss"] < hi
 
 
+@pytest.mark.slow
 def test_cpt_reports_each_source_at_its_start_and_end(tmp_path, demo_data, capsys):
     base, cpt = tmp_path / "base", tmp_path / "cpt"
     assert main(["train", "--workdir", str(base), "--data", str(demo_data["translated"]),

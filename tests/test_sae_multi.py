@@ -151,6 +151,7 @@ def _cli(model_dir, data, out, steps: int) -> list[str]:
             *flags]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_several_layers_sigterm_saves_and_the_rerun_finishes(model_dir, demo_data, tmp_path):
     """`jaxlm sae train --layers`: SIGTERM saves one checkpoint of both SAEs and exits 75; the
     same command again resumes and finishes, each SAE equal to an uninterrupted run's."""

@@ -207,6 +207,7 @@ def _same_weights(a_dir, b_dir) -> bool:
     return sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_sae_run_killed_with_sigkill_resumes_to_the_same_weights(model_dir, demo_data, tmp_path):
     """kill -9 at a random step (between and during saves), then the same command again: the
     final SAE equals an uninterrupted run's, bitwise (the trainer skeleton's guarantee)."""

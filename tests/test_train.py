@@ -98,6 +98,7 @@ def test_train_has_a_pulse(tmp_path, demo_data, capsys):
     assert len(gen["token_ids"]) <= 5 and isinstance(gen["text"], str)
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_is_bitwise_equal(tmp_path, demo_data):
     steps, data = 14, demo_data["translated"]
     ref = tmp_path / "ref"  # uninterrupted and saved only at the end, in this process (8 devices)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from jaxlm.checkpoint import load_model
 from jaxlm.cli import main
@@ -37,6 +38,7 @@ def _tree_hash(root: Path) -> str:
     return h.hexdigest()
 
 
+@pytest.mark.slow
 def test_a_second_trainer_is_refused_and_the_first_ends_as_if_alone(tmp_path, demo_data):
     data, steps = demo_data["translated"], 150
     lone, wd = tmp_path / "lone", tmp_path / "wd"

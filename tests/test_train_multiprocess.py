@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import portpicker
+import pytest
 
 from jaxlm.cli import main
 from jaxlm.train.metrics_log import read_metrics
@@ -42,6 +43,7 @@ def _hosts(cmd: list[str], devices: int, **popen) -> list[subprocess.Popen]:
     ]
 
 
+@pytest.mark.slow
 def test_two_hosts_of_four_devices_equal_one_host_of_eight(tmp_path, demo_data):
     cmd = [sys.executable, "-m", "jaxlm.cli", "train", "--data", str(demo_data["translated"])]
     single = tmp_path / "single"  # in this process: conftest gives it 8 CPU devices
