@@ -39,9 +39,10 @@ chromium:
 
 # CI's gate (.ci/run): lint, format, types, then the tests; any failure fails it. Native
 # tracebacks: pytest's own formatting re-parses sources, which CPython 3.11.7 can crash on
-# (gh-106905), taking the whole xdist run down with one failure.
+# (gh-106905), taking the whole xdist run down with one failure. Work stealing: an idle worker takes
+# tests queued on the busy one (the slow modules run first; tests/conftest.py).
 test: lint types $(DEV) chromium
-	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n 2 -q --tb=native tests
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n 2 --dist worksteal -q --tb=native tests
 
 lint: $(DEV)
 	$(BIN)/ruff check jaxlm sae scripts tests tpu

@@ -57,7 +57,9 @@ def demo_data(tmp_path_factory) -> dict:
 
 def pytest_collection_modifyitems(config, items):
     """Modules holding a `slow` test run first, each kept whole (its module fixtures are built
-    once): with xdist, a long test that starts last leaves the other worker idle at the end."""
+    once): with xdist, a long test that starts last leaves the other worker idle at the end.
+    Needs `--dist worksteal` (make test): plain `load` hands each worker a contiguous first
+    chunk, so one worker got every slow module and the other sat idle for minutes."""
     slow = {item.module for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.module not in slow)  # stable: order kept within each group
 
