@@ -217,3 +217,28 @@ def test_every_command_a_rerun_passes_overwrite_to_accepts_it():
         assert "--overwrite" in flags, f"jaxlm {' '.join(words[:used])} has no --overwrite"
         checked.append(" ".join(words[:used]))
     assert {"sae attribute", "sae match", "export-hf", "report"} <= set(checked), checked
+
+
+def test_the_pipeline_caches_compiled_programs_in_its_workdir_unless_the_user_chose_a_cache(
+    tmp_path,
+):
+    """Stages in fresh processes compile the same programs again: the pipeline turns on JAX's
+    persistent cache in WORKDIR/cache/xla for itself and its children, but leaves a cache the
+    user set alone (the tests' own, here, is one)."""
+    code = (
+        "import os, sys, jax, jax.numpy as jnp; from pathlib import Path;"
+        "from jaxlm.pipeline.cli import compilation_cache;"
+        "compilation_cache(Path(sys.argv[1]));"
+        "jax.jit(lambda x: x * 3 + 1)(jnp.ones(5)).block_until_ready();"
+        "print(os.environ.get('JAX_COMPILATION_CACHE_DIR'))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    run = lambda wd, env: subprocess.run([sys.executable, "-c", code, str(wd)], env=env,  # noqa: E731
+                                         capture_output=True, text=True, check=True)  # fmt: skip
+    r = run(tmp_path / "a", env)
+    assert r.stdout.strip() == str(tmp_path / "a" / "cache" / "xla")
+    assert any((tmp_path / "a" / "cache" / "xla").iterdir())  # the child's program is in it
+    mine = tmp_path / "mine"
+    r = run(tmp_path / "b", {**env, "JAX_COMPILATION_CACHE_DIR": str(mine)})
+    assert r.stdout.strip() == str(mine) and not (tmp_path / "b" / "cache").exists()
