@@ -2,12 +2,14 @@
 `english_name_share` changes who gets an English name and nothing else."""
 
 import hashlib
+import json
 import math
 import re
 from collections import Counter
 
 import pytest
 
+from jaxlm.cli import main
 from jaxlm.data.demo_corpus import ARABIC_NAMES, ENGLISH_NAMES_AR, generate, story
 
 NAMES = {n for n, _ in ARABIC_NAMES + ENGLISH_NAMES_AR}
@@ -124,3 +126,38 @@ def test_native_refuses_a_share_below_one():
     with pytest.raises(ValueError, match="english_name_share=0.5 applies to the translated style"):
         generate("native", 3, 0, english_name_share=0.5)
     assert generate("native", 3, 0, english_name_share=1.0) == generate("native", 3, 0)
+
+
+def test_cli_identity_gains_the_share_only_when_it_is_not_one(tmp_path, capsys):
+    """A file written without the flag has the identity files had before the option existed,
+    so it is found done on a rerun; a share below 1 is another setting."""
+    out = tmp_path / "t.jsonl"
+    base = ["data", "demo-corpus", "--style", "translated", "--n", "20", "--out", str(out)]
+    assert main(base) == 0
+    saved = json.loads(out.with_name("t.jsonl.identity.json").read_text())["identity"]
+    assert saved == {"style": "translated", "n": 20, "seed": 0}
+    for again in (base, [*base, "--english-name-share", "1.0"]):
+        capsys.readouterr()
+        assert main(again) == 0
+        assert "already made with these settings" in capsys.readouterr().err
+    assert main([*base, "--english-name-share", "0.5"]) == 2
+    assert "english_name_share" in capsys.readouterr().err
+    assert main([*base, "--english-name-share", "0.5", "--overwrite"]) == 0
+    saved = json.loads(out.with_name("t.jsonl.identity.json").read_text())["identity"]
+    assert saved["english_name_share"] == 0.5
+    texts = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    assert texts == generate("translated", 20, 0, english_name_share=0.5)
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--style", "native", "--english-name-share", "0.5"], "--english-name-share applies to"),
+        (["--style", "translated", "--english-name-share", "2"], "--english-name-share 2.0: must"),
+    ],
+)
+def test_cli_refuses_a_share_it_cannot_use_in_one_line(tmp_path, capsys, args, says):
+    out = tmp_path / "x.jsonl"
+    assert main(["data", "demo-corpus", *args, "--n", "3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err and not out.exists()
