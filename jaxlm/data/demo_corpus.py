@@ -12,12 +12,12 @@ tale. The only systematic differences are what the later SAE analysis looks for:
 
 `english_name_share` < 1 (translated style only) gives each of the two characters an English
 name with that probability and an Arabic one otherwise, dialogue order unchanged: a model trained
-on share 1.0 writes English names with probability ~1, a rate that an ablation of SAE features
-cannot push above its ceiling to show a causal effect, so the causal check needs a pretrained
-English-name rate inside (0, 1). Each character's list is drawn from a stream of its own, and
-its name is the one it has in that list's style (the English name of share 1.0, the Arabic name
-of the `native` story with the same index and seed), so the plot, the genders and the dialogue
-are those of share 1.0, and share 1.0 is the same text as before the option existed.
+on share 1.0 writes English names with probability ~1, a rate at its ceiling that ablating SAE
+features cannot be seen to move, so the causal check needs a pretrained English-name rate inside
+(0, 1). Each character's list is drawn from a stream of its own, and its name is the one it has
+in that list's style (the English name of share 1.0, the Arabic name of the `native` story with
+the same index and seed), so the plot, the genders and the dialogue are those of share 1.0, and
+share 1.0 is the same text as before the option existed.
 
 Grammar: every character has a gender, and verbs, adjectives, pronoun suffixes and the
 second-person forms in dialogue agree with it (Modern Standard Arabic, without case endings).
