@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 from jaxlm.data import readers
 from jaxlm.data.cleaning import CleanConfig, CleanStats, clean
+from jaxlm.errors import UserError
 
 
 def register(subparsers) -> None:
@@ -47,6 +48,10 @@ def register(subparsers) -> None:
     demo.add_argument("--style", choices=("native", "translated"), required=True)
     demo.add_argument("--n", type=int, default=10_000)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--english-name-share", type=float, default=1.0, metavar="P",
+                      help="translated style: each character's chance of an English name, else "
+                      "an Arabic one (below 1, a pretrained English-name rate a causal check "
+                      "can move)")  # fmt: skip
     demo.add_argument("--overwrite", action="store_true", help="replace a file made otherwise")
     demo.add_argument("--out", required=True, help="FILE.jsonl")
     demo.set_defaults(func=_demo_corpus)
@@ -141,21 +146,31 @@ def _data_prepare(args) -> int:
 
 
 def _demo_corpus(args) -> int:
+    """The identity gains `english_name_share` only when it is not 1.0: a file written before the
+    option existed (the same stories) is then still found done, not "made with other settings"."""
     from jaxlm.data.demo_corpus import story
     from jaxlm.outputs import Output, say_done
 
-    identity = {"style": args.style, "n": args.n, "seed": args.seed}
+    share = args.english_name_share
+    if not 0.0 <= share <= 1.0:
+        raise UserError(f"--english-name-share {share}: must be in [0, 1]")
+    if args.style == "native" and share != 1.0:
+        raise UserError("--english-name-share applies to --style translated only "
+                        "(native stories have Arabic names)")  # fmt: skip
+    chosen = {} if share == 1.0 else {"english_name_share": share}
+    identity = {"style": args.style, "n": args.n, "seed": args.seed, **chosen}
     with Output(args.out, kind="demo-corpus", identity=identity, directory=False,
                 overwrite=args.overwrite) as out:  # fmt: skip
         if out.done:
             say_done(out.path)
         else:
             with open(out.tmp, "w", encoding="utf-8") as f:
-                for line in _jsonl(story(args.style, i, args.seed) for i in range(args.n)):
+                stories = (story(args.style, i, args.seed, share) for i in range(args.n))
+                for line in _jsonl(stories):
                     f.write(line)
             out.publish()
     print(json.dumps({"out": args.out, "style": args.style, "n": args.n, "seed": args.seed,
-                      "already_done": out.done}))  # fmt: skip
+                      **chosen, "already_done": out.done}))  # fmt: skip
     return 0
 
 

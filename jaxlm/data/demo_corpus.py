@@ -10,6 +10,15 @@ tale. The only systematic differences are what the later SAE analysis looks for:
 * `translated`: English TinyStories names transliterated (`ENGLISH_NAMES_AR`) and English
   dialogue order, as machine translation leaves it: `قالت ليلي، "..."` or `"..." قال توم.`
 
+`english_name_share` < 1 (translated style only) gives each of the two characters an English
+name with that probability and an Arabic one otherwise, dialogue order unchanged: a model trained
+on share 1.0 writes English names with probability ~1, a rate at its ceiling that ablating SAE
+features cannot be seen to move, so the causal check needs a pretrained English-name rate inside
+(0, 1). Each character's list is drawn from a stream of its own, and its name is the one it has
+in that list's style (the English name of share 1.0, the Arabic name of the `native` story with
+the same index and seed), so the plot, the genders and the dialogue are those of share 1.0, and
+share 1.0 is the same text as before the option existed.
+
 Grammar: every character has a gender, and verbs, adjectives, pronoun suffixes and the
 second-person forms in dialogue agree with it (Modern Standard Arabic, without case endings).
 """
@@ -392,22 +401,56 @@ def _ending(r: random.Random, hero: _Char, friend: _Char, moral: str) -> list[st
     ]  # fmt: skip
 
 
-def story(style: Style, index: int, seed: int) -> str:
-    """Story number `index` of `style` for `seed`; same plot for both styles."""
+def _check_share(style: Style, english_name_share: float) -> None:
+    """The share is a probability, and only the translated style has English names to share."""
+    if not 0.0 <= english_name_share <= 1.0:  # NaN fails too
+        raise ValueError(f"english_name_share={english_name_share} must be in [0, 1]")
+    if style == "native" and english_name_share != 1.0:
+        raise ValueError(
+            f"english_name_share={english_name_share} applies to the translated style only: "
+            "native stories have Arabic names"
+        )
+
+
+def _two_names(names: list, genders: list[str], rng: random.Random) -> list[tuple[str, str]]:
+    """Hero and friend of the given genders from `names`, never the same name twice."""
+    hero, friend = rng.sample([n for n in names if n[1] == genders[0]], 2)
+    if genders[1] != genders[0]:
+        friend = rng.choice([n for n in names if n[1] == genders[1]])
+    return [hero, friend]
+
+
+def _cast(
+    style: Style, index: int, seed: int, genders: list[str], english_name_share: float
+) -> tuple[_Char, _Char]:
+    """The two characters. Below share 1.0 each one independently keeps its English name with
+    probability `english_name_share`, else takes the Arabic name the `native` story gives it (the
+    same names stream over the other list); the choice has a stream of its own, so nothing else
+    in the story moves. Names from both lists never coincide (ليلي is not ليلى): two
+    characters from different lists differ too."""
+
+    def names(of: list) -> list[tuple[str, str]]:  # every list from the same names stream
+        return _two_names(of, genders, random.Random(f"{seed}:{index}:names"))
+
+    pair = names(ARABIC_NAMES if style == "native" else ENGLISH_NAMES_AR)
+    if style == "translated" and english_name_share < 1.0:
+        origin = random.Random(f"{seed}:{index}:origin")
+        arabic = names(ARABIC_NAMES)
+        pair = [e if origin.random() < english_name_share else a
+                for e, a in zip(pair, arabic, strict=True)]  # fmt: skip
+    return _Char(*pair[0]), _Char(*pair[1])
+
+
+def story(style: Style, index: int, seed: int, english_name_share: float = 1.0) -> str:
+    """Story number `index` of `style` for `seed`; same plot for both styles. With `translated`,
+    `english_name_share` is each character's chance of an English name (else an Arabic one)."""
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}: choose one of {STYLES}")
+    _check_share(style, english_name_share)
     plot_rng = random.Random(f"{seed}:{index}:plot")
-    name_rng = random.Random(f"{seed}:{index}:names")
-    names = ARABIC_NAMES if style == "native" else ENGLISH_NAMES_AR
     # Genders come from the plot stream, names from the style's list: both styles tell one tale.
     genders = [plot_rng.choice("mf"), plot_rng.choice("mf")]
-    hero_name, friend_name = name_rng.sample([n for n in names if n[1] == genders[0]], 2)
-    friend_name = (
-        friend_name
-        if genders[1] == genders[0]
-        else name_rng.choice([n for n in names if n[1] == genders[1]])
-    )
-    hero, friend = _Char(*hero_name), _Char(*friend_name)
+    hero, friend = _cast(style, index, seed, genders, english_name_share)
     teller = _Teller(style, random.Random(f"{seed}:{index}:dialogue"))
     plot = plot_rng.choice(PLOTS)
     paras = [_opening(plot_rng, hero, friend), plot(plot_rng, teller, hero, friend)]
@@ -418,6 +461,7 @@ def story(style: Style, index: int, seed: int) -> str:
     return "\n\n".join(" ".join(p) for p in [paras[0], body[:cut], body[cut:], paras[2]])
 
 
-def generate(style: Style, n: int, seed: int) -> list[str]:
-    """`n` deterministic stories of `style`."""
-    return [story(style, i, seed) for i in range(n)]
+def generate(style: Style, n: int, seed: int, english_name_share: float = 1.0) -> list[str]:
+    """`n` deterministic stories of `style` (`english_name_share`: see `story`)."""
+    _check_share(style, english_name_share)
+    return [story(style, i, seed, english_name_share) for i in range(n)]

@@ -27,6 +27,10 @@ class CorpusSection:
     native_fraction: float = 0.01  # the paper's 1% of native data for continual pre-training
     eval_stories: int = 600  # held-out stories per style, for the per-source evaluations
     seed: int = 0
+    # translated-style sets' chance of an English name per character (else an Arabic one): a
+    # causal check (ablating SAE features) needs a pretrained English-name rate inside (0, 1);
+    # at 1.0 the rate sits at its ceiling of ~1, where an ablation cannot be seen to move it
+    english_name_share: float = 1.0
     # files: translated Arabic stories (or English ones to translate first), native ones
     translated: str | None = None  # Arabic stories from translation (JSONL --field, txt, csv)
     english: str | None = None  # English stories: translated first (the `translate` stage)
@@ -228,6 +232,11 @@ class PipelineConfig:
             raise UserError("corpus.kind=files needs corpus.native or synthesize.enabled")
         if not 0 < c.native_fraction < 1:
             raise UserError(f"corpus.native_fraction={c.native_fraction} must be in (0, 1)")
+        if not 0 <= c.english_name_share <= 1:
+            raise UserError(f"corpus.english_name_share={c.english_name_share} must be in [0, 1]")
+        if c.kind == "files" and c.english_name_share != 1:
+            raise UserError("corpus.english_name_share applies to corpus.kind=demo only (the "
+                            "generator's names); leave it at 1.0 with files")  # fmt: skip
         if not 0 <= self.models.replay < 1:
             raise UserError(f"models.replay={self.models.replay} must be in [0, 1)")
         if self.judge.repeat < 1 or self.judge.n < 1 or self.samples.n < 1:

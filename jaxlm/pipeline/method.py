@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from jaxlm.errors import UserError
-from jaxlm.pipeline.config import PipelineConfig, resolve
+from jaxlm.pipeline.config import CorpusSection, PipelineConfig, resolve
 from jaxlm.pipeline.engine import Context, Stage
 
 EVAL = ("eval_native", "eval_translated")  # the per-source evaluation sets, native first
@@ -131,7 +131,7 @@ class Method:
 
     def _data_stages(self) -> list[Stage]:
         c = self.cfg
-        corpus_settings = {"corpus": _asdict(c.corpus)}
+        corpus_settings = {"corpus": _corpus_settings(c.corpus)}
         out = []
         if c.corpus.kind == "files" and c.corpus.english:
             out.append(Stage("translate", {"translate": _asdict(c.translate),
@@ -170,9 +170,11 @@ class Method:
                     "control": ("translated", n_native, c.seed + 9),  # held out, same budget
                     "eval_translated": ("translated", c.eval_stories, c.seed + 7),
                     "eval_native": ("native", c.eval_stories, c.seed + 8)}  # fmt: skip
+            share = ["--english-name-share", str(c.english_name_share)]
             for name, (style, n, seed) in plan.items():
+                extra = share if style == "translated" and c.english_name_share != 1.0 else []
                 ctx.jaxlm("data", "demo-corpus", "--style", style, "--n", str(n), "--seed",
-                          str(seed), "--out", str(self.corpus(name)))  # fmt: skip
+                          str(seed), "--out", str(self.corpus(name)), *extra)  # fmt: skip
             return {name: {"stories": n} for name, (_, n, _) in plan.items()}
         from jaxlm.pipeline.corpus import split_files
 
@@ -561,6 +563,16 @@ def _asdict(section) -> dict:
     import dataclasses
 
     return dataclasses.asdict(section)
+
+
+def _corpus_settings(corpus: CorpusSection) -> dict:
+    """The corpus stage's settings: without `english_name_share` at its default 1.0, so that a
+    workdir made before the option existed keeps its fingerprint (and is not rerun from scratch);
+    its stories are the same."""
+    out = _asdict(corpus)
+    if out["english_name_share"] == 1.0:
+        del out["english_name_share"]
+    return out
 
 
 def _file_identity(path: Path) -> dict:

@@ -1,0 +1,74 @@
+"""The pipeline's corpus settings: `corpus.english_name_share` reaches the translated-style sets
+only when set, is checked in one line, and leaves the corpus stage of an existing workdir as it
+was at its default (the same fingerprint, so nothing reruns after an upgrade)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jaxlm.errors import UserError
+from jaxlm.pipeline.config import load
+from jaxlm.pipeline.engine import Context, fingerprint
+from jaxlm.pipeline.method import Method
+
+TINY = {"n_translated": 200, "eval_stories": 10}  # 2 native and control stories (1%)
+
+
+def _corpus(tmp_path, **corpus) -> list[str]:
+    """The commands the corpus stage runs (for real: the tiny sets take a moment)."""
+    cfg = load(None, [{"corpus": {**TINY, **corpus}}])
+    ctx = Context(tmp_path, overwrite=False, log=lambda *_: None, stage="corpus")
+    Method(cfg, tmp_path, None)._corpus(ctx)
+    return ctx.commands
+
+
+def _corpus_stage(**corpus):
+    cfg = load(None, [{"corpus": corpus}] if corpus else None)
+    return next(s for s in Method(cfg, Path("run"), None)._data_stages() if s.name == "corpus")
+
+
+def test_the_share_reaches_the_translated_style_sets_only_when_set(tmp_path):
+    assert not any("--english-name-share" in c for c in _corpus(tmp_path / "default"))
+    commands = _corpus(tmp_path / "half", english_name_share=0.5)
+    flagged = {c.split("--out ")[1].split()[0].rsplit("/", 1)[1] for c in commands
+               if c.endswith("--english-name-share 0.5")}  # fmt: skip
+    assert flagged == {"translated.jsonl", "control.jsonl", "eval_translated.jsonl"}
+    assert len(commands) == 5
+    ident = tmp_path / "half" / "corpus" / "translated.jsonl.identity.json"
+    assert json.loads(ident.read_text())["identity"]["english_name_share"] == 0.5
+
+
+def test_the_corpus_stage_at_the_default_is_what_it_was_before_the_option():
+    """The settings and fingerprint of the default corpus stage, as the pipeline computed them
+    before `english_name_share` existed (at 74ef84e): an existing runs/demo keeps its corpus and
+    every stage after it."""
+    stage = _corpus_stage()
+    assert stage.settings == {"corpus": {"kind": "demo", "n_translated": 20000,
+                                         "native_fraction": 0.01, "eval_stories": 600, "seed": 0,
+                                         "translated": None, "english": None, "native": None,
+                                         "field": "text"}}  # fmt: skip
+    assert fingerprint(stage, {}) == "1ae313dd25450cd3"
+    assert _corpus_stage(english_name_share=1).settings == stage.settings
+    half = _corpus_stage(english_name_share=0.5)
+    assert half.settings["corpus"]["english_name_share"] == 0.5
+    assert fingerprint(half, {}) != fingerprint(stage, {})
+
+
+FILES = {"kind": "files", "translated": "t.jsonl", "native": "n.jsonl"}
+RANGE = r"must be in \[0, 1\]$"
+
+
+@pytest.mark.parametrize(
+    "corpus, says",
+    [
+        ({"english_name_share": 1.5}, rf"config: corpus.english_name_share=1.5 {RANGE}"),
+        ({"english_name_share": -0.1}, rf"config: corpus.english_name_share=-0.1 {RANGE}"),
+        ({**FILES, "english_name_share": 0.5}, "config: corpus.english_name_share applies to "),
+    ],
+)
+def test_a_share_the_corpus_cannot_use_is_refused_in_one_line(corpus, says):
+    with pytest.raises(UserError, match=says) as e:
+        load(None, [{"corpus": corpus}])
+    assert "\n" not in str(e.value)
+    load(None, [{"corpus": {**corpus, "english_name_share": 1.0}}])  # the default is fine
