@@ -107,7 +107,8 @@ def compilation_cache(workdir: Path) -> None:
 
     import jax
 
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+    chosen = getattr(jax.config, "jax_compilation_cache_dir", None)
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or chosen:
         return
     settings = {
         "jax_compilation_cache_dir": str(workdir.resolve() / "cache" / "xla"),
