@@ -312,6 +312,54 @@ def test_name_logit_diff_unablated_is_attributions_and_ablating_every_live_featu
     assert every["baseline"]["value"] == pytest.approx(np.mean(means))  # balanced
 
 
+# --- saved and loaded --------------------------------------------------------------------------
+
+
+def test_an_attribution_saved_and_loaded_is_the_same_and_other_contrasts_are_refused(
+    tok400, demo_data, tmp_path
+):
+    from sae.analysis.dashboards import read_rows
+
+    model = _model(tok400.vocab_size, D=32, F=64, layers=2, seed=6)
+    sae = _sae(64, 40, seed=1)
+    rows = {d: read_rows(demo_data[d], split="train", max_rows=24, batch_size=8)
+            for d in ("translated", "native")}  # fmt: skip
+    batches = [b for d in rows.values() for b in d]
+    contrasts = at.demo_contrasts(tok400)
+    att = at.attribute(model, sae, 1, batches, tok400, contrasts)
+    att.meta.update(model="m", data=["a", "b"])
+    path = att.save(tmp_path / "attribution.npz")
+    got = at.Attribution.load(path, at.demo_contrasts(tok400))  # rebuilt, as match does
+    assert got.n_tokens == att.n_tokens and got.meta == att.meta
+    assert np.array_equal(got.active_count, att.active_count)
+    assert got.active_count.dtype == att.active_count.dtype
+    for a, b in zip(att.results, got.results, strict=True):
+        assert a.contrast.name == b.contrast.name and a.contrast.labels == b.contrast.labels
+        assert len(a.contexts) > 0 and a.contexts.examples
+        for k in ("row", "pos", "label", "form", "token"):
+            x, y = getattr(a.contexts, k), getattr(b.contexts, k)
+            assert np.array_equal(x, y) and x.dtype == y.dtype, k
+        for k in ("skipped", "outside_set", "examples"):
+            assert getattr(a.contexts, k) == getattr(b.contexts, k), k
+        for k in at._RESULT_ARRAYS:
+            x, y = getattr(a, k), getattr(b, k)
+            assert np.array_equal(x, y) and x.dtype == y.dtype, k
+        assert a.max_residual == b.max_residual and a.component_names == b.component_names
+    assert got.summary(texts=tsea.display_texts(tok400)) == att.summary(
+        texts=tsea.display_texts(tok400)
+    )
+
+    names = demo_word_lists()
+    fewer = {"english": names["english_names"][1:], "arabic": list(names["arabic_names"])}
+    with pytest.raises(UserError, match="names contrast's first-token sets are not the ones"):
+        at.Attribution.load(path, at.demo_contrasts(tok400, fewer))
+    with pytest.raises(UserError, match="holds the contrasts"):
+        at.Attribution.load(path, [at.quote_contrast(tok400)])
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="not a saved attribution"):
+        at.Attribution.load(tmp_path / "bad.npz", contrasts)
+
+
 # --- the TSEA contrast --------------------------------------------------------------------------
 
 
