@@ -312,6 +312,54 @@ def test_name_logit_diff_unablated_is_attributions_and_ablating_every_live_featu
     assert every["baseline"]["value"] == pytest.approx(np.mean(means))  # balanced
 
 
+# --- saved and loaded --------------------------------------------------------------------------
+
+
+def test_an_attribution_saved_and_loaded_is_the_same_and_other_contrasts_are_refused(
+    tok400, demo_data, tmp_path
+):
+    from sae.analysis.dashboards import read_rows
+
+    model = _model(tok400.vocab_size, D=32, F=64, layers=2, seed=6)
+    sae = _sae(64, 40, seed=1)
+    rows = {d: read_rows(demo_data[d], split="train", max_rows=24, batch_size=8)
+            for d in ("translated", "native")}  # fmt: skip
+    batches = [b for d in rows.values() for b in d]
+    contrasts = at.demo_contrasts(tok400)
+    att = at.attribute(model, sae, 1, batches, tok400, contrasts)
+    att.meta.update(model="m", data=["a", "b"])
+    path = att.save(tmp_path / "attribution.npz")
+    got = at.Attribution.load(path, at.demo_contrasts(tok400))  # rebuilt, as match does
+    assert got.n_tokens == att.n_tokens and got.meta == att.meta
+    assert np.array_equal(got.active_count, att.active_count)
+    assert got.active_count.dtype == att.active_count.dtype
+    for a, b in zip(att.results, got.results, strict=True):
+        assert a.contrast.name == b.contrast.name and a.contrast.labels == b.contrast.labels
+        assert len(a.contexts) > 0 and a.contexts.examples
+        for k in ("row", "pos", "label", "form", "token"):
+            x, y = getattr(a.contexts, k), getattr(b.contexts, k)
+            assert np.array_equal(x, y) and x.dtype == y.dtype, k
+        for k in ("skipped", "outside_set", "examples"):
+            assert getattr(a.contexts, k) == getattr(b.contexts, k), k
+        for k in at._RESULT_ARRAYS:
+            x, y = getattr(a, k), getattr(b, k)
+            assert np.array_equal(x, y) and x.dtype == y.dtype, k
+        assert a.max_residual == b.max_residual and a.component_names == b.component_names
+    assert got.summary(texts=tsea.display_texts(tok400)) == att.summary(
+        texts=tsea.display_texts(tok400)
+    )
+
+    names = demo_word_lists()
+    fewer = {"english": names["english_names"][1:], "arabic": list(names["arabic_names"])}
+    with pytest.raises(UserError, match="names contrast's first-token sets are not the ones"):
+        at.Attribution.load(path, at.demo_contrasts(tok400, fewer))
+    with pytest.raises(UserError, match="holds the contrasts"):
+        at.Attribution.load(path, [at.quote_contrast(tok400)])
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="not a saved attribution"):
+        at.Attribution.load(tmp_path / "bad.npz", contrasts)
+
+
 # --- the TSEA contrast --------------------------------------------------------------------------
 
 
@@ -384,10 +432,12 @@ def _cli(argv: list[str]) -> int:
     return main(["sae", *argv])
 
 
-def test_cli_pulse_and_bad_input(tok400, demo_data, tmp_path, capsys):
+def _saved(tok, demo_data, tmp_path):
+    """A model (tmp_path/m), its layer-1 SAE (s) and that SAE's features permuted (s2); the
+    permutation, the SAE, and the --data flags of 24 rows of each demo corpus."""
     from jaxlm.checkpoint import save_model
 
-    model = _model(tok400.vocab_size, D=32, F=64, layers=2, seed=6)
+    model = _model(tok.vocab_size, D=32, F=64, layers=2, seed=6)
     save_model(tmp_path / "m", model, tokenizer=str(demo_data["tok"]))
     sae = _sae(64, 40, seed=1)
     save_sae(tmp_path / "s", sae, layer=1)
@@ -398,9 +448,14 @@ def test_cli_pulse_and_bad_input(tok400, demo_data, tmp_path, capsys):
     copy.load_tensors({"W_enc": t["W_enc"][:, perm], "b_enc": t["b_enc"][perm],
                        "W_dec": t["W_dec"][perm], "b_dec": t["b_dec"]})  # fmt: skip
     save_sae(tmp_path / "s2", copy, layer=1)
-    m, s = str(tmp_path / "m"), str(tmp_path / "s")
     data = ["--data", str(demo_data["translated"]), "--data", str(demo_data["native"]),
             "--split", "train", "--rows", "24"]  # fmt: skip
+    return perm, sae, data
+
+
+def test_cli_pulse_and_bad_input(tok400, demo_data, tmp_path, capsys):
+    perm, sae, data = _saved(tok400, demo_data, tmp_path)
+    m, s = str(tmp_path / "m"), str(tmp_path / "s")
     assert _cli(["attribute", "--model", m, "--sae", s, *data, "--dashboards",
                  "--out", str(tmp_path / "a")]) == 0  # fmt: skip
     out = json.loads((tmp_path / "a/attribution.json").read_text())
@@ -460,6 +515,53 @@ def test_cli_pulse_and_bad_input(tok400, demo_data, tmp_path, capsys):
          "a cosine is in [-1, 1]"),
         (["tsea", "--model", m, "--sae", s, "--regex", "q=«", "--contrast", "q", "--out", o],
          "expected SET_A:SET_B"),
+    ]  # fmt: skip
+    for argv, msg in bad:
+        assert _cli(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and msg in lines[0], lines
+
+
+def test_match_reads_the_attributions_attribute_saved_and_writes_the_same(
+    tok400, demo_data, tmp_path, capsys
+):
+    import shutil
+
+    data = _saved(tok400, demo_data, tmp_path)[2]
+    m, s, s2 = (str((tmp_path / x).resolve()) for x in ("m", "s", "s2"))
+    a, a2 = str(tmp_path / "a"), str(tmp_path / "a2")
+    for sae_dir, out in ((s, a), (s2, a2)):
+        assert _cli(["attribute", "--model", m, "--sae", sae_dir, *data, "--top", "3",
+                     "--out", out]) == 0  # fmt: skip
+    pair = ["--before", m, s, "--after", m, s2, *data]
+    assert _cli(["match", *pair, "--out", str(tmp_path / "x")]) == 0
+    assert _cli(["match", *pair, "--attribution-before", a, "--attribution-after", a2,
+                 "--out", str(tmp_path / "y")]) == 0  # fmt: skip
+    x, y = tmp_path / "x", tmp_path / "y"
+    files = sorted(p.relative_to(x) for p in x.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(y) for p in y.rglob("*") if p.is_file())
+    for f in ("match.json", "before/attribution.json", "after/attribution.json"):
+        assert (x / f).read_text() == (y / f).read_text(), f  # exactly: the arrays round-trip
+    capsys.readouterr()
+
+    old = tmp_path / "old"  # an attribute output of an earlier jaxlm: no arrays
+    shutil.copytree(a, old)
+    (old / "attribution.npz").unlink()
+    native = ["--data", str(demo_data["native"]), "--split", "train", "--rows", "24"]
+    t, n = (demo_data[x].resolve() for x in ("translated", "native"))
+    o = str(tmp_path / "o")
+    bad = [
+        (["match", *pair, "--attribution-before", a2, "--out", o],
+         f"--attribution-before {a2} was attributed from other inputs than --before"),
+        (["match", *pair, "--attribution-after", a, "--out", o], f'(sae "{s}" -> "{s2}")'),
+        (["match", "--before", m, s, "--after", m, s2, *native, "--attribution-before", a,
+          "--out", o], f'(data ["{t}", "{n}"] -> ["{n}"])'),
+        (["match", *pair, "--attribution-before", str(old), "--out", o],
+         "no attribution.npz (an earlier jaxlm's output)"),
+        (["match", *pair, "--attribution-before", str(tmp_path / "x"), "--out", o],
+         "not a `jaxlm sae attribute` output"),
+        (["match", *pair, "--layer", "0", "--attribution-before", a, "--out", o],
+         "attributes layer 1, this reads layer 0"),
     ]  # fmt: skip
     for argv, msg in bad:
         assert _cli(argv) == 2

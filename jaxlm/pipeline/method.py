@@ -407,7 +407,9 @@ class Method:
 
         return Stage(
             f"analysis-{label}",
-            {"dashboards": s.dashboards, "names": self._names()},
+            # arrays: its attribution.npz, which the compare stage reads; an analysis made before
+            # attribute saved it runs again
+            {"dashboards": s.dashboards, "names": self._names(), "arrays": "attribution.npz"},
             (f"sae-{label}", "prepare"),
             run,
             "local",
@@ -472,7 +474,11 @@ class Method:
                     "--after", str(self.model(after)), str(self.sae_dir(after))]  # fmt: skip
             ctx.jaxlm("sae", "tsea-compare", *pair, "--demo-sets", *self._eval_data(),
                       "--out", str(d / "tsea"), fresh_process=True)  # fmt: skip
+            # the attributions the analysis stages computed on the same rows and word lists (the
+            # analysed layer's: `analysis_dir`'s default, as `sae_dir`'s), read, not recomputed
             ctx.jaxlm("sae", "match", *pair, *self._eval_data(), *self._attr_names(),
+                      "--attribution-before", str(self.analysis_dir(before)),
+                      "--attribution-after", str(self.analysis_dir(after)),
                       "--out", str(d / "match"), fresh_process=True)  # fmt: skip
             return compare_summary(d)
 

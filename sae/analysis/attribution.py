@@ -56,11 +56,14 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import json
 import re
 import unicodedata
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -760,6 +763,84 @@ class Attribution:
                 for r in self.results
             },  # fmt: skip
         }
+
+    def save(self, path: str | Path) -> Path:
+        """Everything this holds, for `load`: `jaxlm sae match --attribution-before` reads what
+        `sae attribute` computed instead of running the forwards again. An .npz of plain arrays
+        (no pickles), the rest as one JSON string in it (`HEADER`). The contrasts' regexes are not
+        saved: `load` is handed them rebuilt and checks them against the saved token sets."""
+        arrays: dict[str, Any] = {"active_count": self.active_count}
+        rest = []
+        for r in self.results:
+            c, ctx, p = r.contrast, r.contexts, f"{r.contrast.name}."
+            arrays |= {p + k: getattr(r, k) for k in _RESULT_ARRAYS}
+            arrays |= {f"{p}contexts.{k}": getattr(ctx, k) for k in _CONTEXT_ARRAYS}
+            arrays |= {f"{p}sets.{d}.{j}": ids for d, pair in c.sets.items()
+                       for j, ids in enumerate(pair)}  # fmt: skip
+            arrays |= {f"{p}ambiguous.{d}": ids for d, ids in c.ambiguous.items()}
+            rest.append({"name": c.name, "labels": list(c.labels), "max_residual": r.max_residual,
+                         "component_names": r.component_names, "skipped": ctx.skipped,
+                         "outside_set": ctx.outside_set, "examples": ctx.examples})  # fmt: skip
+        header = {"format": SAVE_FORMAT, "n_tokens": self.n_tokens, "meta": self.meta,
+                  "contrasts": rest}  # fmt: skip
+        arrays[HEADER] = np.asarray(json.dumps(header, ensure_ascii=False))
+        out = Path(path)
+        with open(out, "wb") as f:  # a file object: savez would append .npz to another name
+            np.savez(f, **arrays)
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path, contrasts: Sequence[Contrast]) -> Attribution:
+        """What `save` wrote, with `contrasts` (`demo_contrasts` of the same tokenizer and word
+        lists) in place of the saved ones: a UserError unless their names, labels and token sets
+        are the saved ones (a token set built otherwise would make other contexts)."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            header = json.loads(arrays.pop(HEADER).item())
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            raise UserError(f"{path}: not a saved attribution ({e})") from None
+        if header.get("format") != SAVE_FORMAT:
+            raise UserError(f"{path}: format {header.get('format')}, this jaxlm reads "
+                            f"{SAVE_FORMAT}; attribute again")  # fmt: skip
+        saved = [(h["name"], tuple(h["labels"])) for h in header["contrasts"]]
+        given = [(c.name, tuple(c.labels)) for c in contrasts]
+        if saved != given:
+            raise UserError(f"{path}: holds the contrasts {saved}, not {given}")
+        results = [_load_result(arrays, c, h, path)
+                   for c, h in zip(contrasts, header["contrasts"], strict=True)]  # fmt: skip
+        return cls(results, arrays["active_count"], header["n_tokens"], header["meta"])
+
+
+SAVE_FORMAT = 1  # `Attribution.save`'s layout
+HEADER = "header.json"  # the .npz entry holding what is not an array
+_RESULT_ARRAYS = ("features", "error", "bias", "total", "logit_diff", "part_sum", "act_sum",
+                  "active", "components")  # fmt: skip
+_CONTEXT_ARRAYS = ("row", "pos", "label", "form", "token")
+
+
+def _load_result(arrays: dict, c: Contrast, h: dict, path: Path) -> ContrastAttribution:
+    """One contrast's part of `Attribution.load`: its saved token sets checked against `c`'s."""
+    p = f"{c.name}."
+    try:
+        same = all(np.array_equal(arrays[f"{p}sets.{d}.{j}"], ids)
+                   for d, pair in c.sets.items() for j, ids in enumerate(pair)) and all(
+            np.array_equal(arrays[f"{p}ambiguous.{d}"], ids) for d, ids in c.ambiguous.items()
+        )  # fmt: skip
+        ctx = Contexts(**{k: arrays[f"{p}contexts.{k}"] for k in _CONTEXT_ARRAYS},
+                       skipped=h["skipped"], outside_set=h["outside_set"],
+                       examples=h["examples"])  # fmt: skip
+        parts = {k: arrays[p + k] for k in _RESULT_ARRAYS}
+    except KeyError as e:
+        raise UserError(f"{path}: not a saved attribution (no {e})") from None
+    if not same:
+        raise UserError(
+            f"{path}: the {c.name} contrast's first-token sets are not the ones "
+            "built now (other word lists, tokenizer or jaxlm); attribute again"
+        )
+    return ContrastAttribution(c, ctx, **parts, max_residual=h["max_residual"],
+                               component_names=h["component_names"])  # fmt: skip
 
 
 class _Accumulator:

@@ -8,7 +8,8 @@ jaxlm sae dashboard --model M --sae SAEDIR --data DATADIR [--tokenizer TOKDIR]
     --features 0-99 --out DIR
 jaxlm sae attribute --model M --sae SAEDIR --data DATADIR [--data ...]
     [--names english=FILE --names arabic=FILE] [--dashboards] --out DIR
-jaxlm sae match --before M1 SAE1 --after M2 SAE2 --data DATADIR [...] [--names ...] --out DIR
+jaxlm sae match --before M1 SAE1 --after M2 SAE2 --data DATADIR [...] [--names ...]
+    [--attribution-before DIR --attribution-after DIR] --out DIR
 
 Each --out is an atomic `jaxlm.outputs.Output` (`_output`): identified by its models, SAEs, data,
 tokenizer and word lists (by content or fingerprint) and every other flag; a rerun with the same
@@ -78,6 +79,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     _attribution_args(p)
     p.add_argument("--threshold", type=float, default=0.7,
                    help="decoder cosine for a counterpart (sae.analysis.matching)")  # fmt: skip
+    for side in ("before", "after"):
+        p.add_argument(f"--attribution-{side}", metavar="DIR",
+                       help=f"`sae attribute --out DIR` of the --{side} model and SAE on these "
+                       "rows: read, not computed again")  # fmt: skip
     _overwrite_arg(p)
     p.set_defaults(func=cmd_match)
 
@@ -139,7 +144,8 @@ def _set_args(p: argparse.ArgumentParser) -> None:
 # --- the output ---------------------------------------------------------------------------------
 
 # flags naming inputs, identified by content or fingerprint (the rest are settings, as given)
-_INPUTS = ("model", "sae", "before", "after", "data", "tokenizer", "names")
+_INPUTS = ("model", "sae", "before", "after", "data", "tokenizer", "names", "attribution_before",
+           "attribution_after")  # fmt: skip
 _NOT_IDENTITY = ("func", "command", "sae_command", "out", "overwrite")
 
 
@@ -423,8 +429,19 @@ def _dashboard(args, out: Path) -> tuple[Path, Path, int]:
 # --- attribution and matching -------------------------------------------------------------------
 
 
-def _attribution(args, model_dir: str, sae_dir: str, out: Path, *, dashboards: bool = False):
-    """Load, find contexts, attribute; write DIR/attribution.json + .png (+ dashboards)."""
+def _attribution(
+    args,
+    model_dir: str,
+    sae_dir: str,
+    out: Path,
+    *,
+    dashboards: bool = False,
+    saved: tuple[str, Path] | None = None,
+):
+    """Load, find contexts, attribute; write DIR/attribution.json + .png (+ dashboards).
+    `saved` (the flag, its attribution.npz: `_saved_attribution`): read it instead of finding
+    contexts and running the forwards; the model and SAE are loaded all the same (the tokenizer
+    rebuilds the contrasts; match reads the weights)."""
     from sae.analysis import attribution as at
     from sae.analysis.tsea import display_texts
 
@@ -435,8 +452,15 @@ def _attribution(args, model_dir: str, sae_dir: str, out: Path, *, dashboards: b
     if lists is not None and len(lists) != 2:
         raise UserError(f"--names: give exactly two lists (positive first), got {len(lists)}")
     contrasts = at.demo_contrasts(tok, lists)
-    batches = _batches(args, tokdir, f"--model {model_dir}")
-    att = at.attribute(model, sae, layer, batches, tok, contrasts, progress=True)
+    if saved is None:
+        batches = _batches(args, tokdir, f"--model {model_dir}")
+        att = at.attribute(model, sae, layer, batches, tok, contrasts, progress=True)
+    else:
+        flag, npz = saved
+        batches, att = [], at.Attribution.load(npz, contrasts)
+        if att.meta.get("layer") != layer:
+            raise UserError(f"{flag} {npz.parent}: attributes layer {att.meta.get('layer')}, "
+                            f"this reads layer {layer}")  # fmt: skip
     att.meta.update(model=str(model_dir), sae=str(sae_dir), data=list(args.data),
                     split=args.split)  # fmt: skip
     texts = display_texts(tok)
@@ -489,8 +513,9 @@ def cmd_attribute(args) -> int:
         if owned.done:
             say_done(owned.path)
             return 0
-        _, summary, _ = _attribution(args, args.model, args.sae, owned.tmp,
-                                     dashboards=args.dashboards)  # fmt: skip
+        att, summary, _ = _attribution(args, args.model, args.sae, owned.tmp,
+                                       dashboards=args.dashboards)  # fmt: skip
+        att.save(owned.tmp / "attribution.npz")  # for `sae match --attribution-before/after`
         owned.publish()
     print(json.dumps({"out": str(args.out), **_line(summary)}, ensure_ascii=False))
     return 0
@@ -516,9 +541,12 @@ def _match(args, out: Path) -> dict:
     from sae.analysis import attribution as at
     from sae.analysis import matching, tsea
 
+    sides = {"before": args.before, "after": args.after}
+    saved = {key: _saved_attribution(args, key, *side) for key, side in sides.items()}  # first
     runs = {}
-    for key, (model_dir, sae_dir) in (("before", args.before), ("after", args.after)):
-        att, summary, (model, sae, layer, tok) = _attribution(args, model_dir, sae_dir, out / key)
+    for key, (model_dir, sae_dir) in sides.items():
+        att, summary, (model, sae, layer, tok) = _attribution(args, model_dir, sae_dir, out / key,
+                                                              saved=saved[key])  # fmt: skip
         r = att["names"]
         sets = dict(zip(r.contrast.labels, r.contrast.sets["pooled"], strict=True))
         freq = att.active_count / max(att.n_tokens, 1)
@@ -543,3 +571,54 @@ def _match(args, out: Path) -> dict:
     _write_json(out / "match.json", report)
     matching.scatter_plot(att_b, att_a, m, out / "match.png", threshold=args.threshold)
     return report
+
+
+# what `sae attribute` must have been given, besides the model and SAE, for match to read its output
+_SAME_ROWS = ("data", "split", "rows", "batch_size", "tokenizer", "names")
+
+
+def _saved_attribution(args, key: str, model_dir: str, sae_dir: str) -> tuple[str, Path] | None:
+    """(--attribution-KEY, its attribution.npz), or None without the flag: a `sae attribute`
+    output whose recorded identity (`_output`) names the same model and SAE as --KEY and the same
+    rows (data, split, rows, batch size: a batch's shape can move the last bits of a float) and
+    word lists. Anything else is refused, never computed again quietly. The layer is checked
+    when the arrays are read (`_attribution`): --layer may name the SAE's own."""
+    from jaxlm.outputs import read_identity
+
+    flag, d = f"--attribution-{key}", getattr(args, f"attribution_{key}")
+    if d is None:
+        return None
+    rec = read_identity(d, directory=True) if Path(d).is_dir() else None
+    if rec is None or rec.get("kind") != "attribution":
+        raise UserError(f"{flag} {d}: not a `jaxlm sae attribute` output")
+    npz = Path(d) / "attribution.npz"
+    if not npz.is_file():
+        raise UserError(f"{flag} {d}: no attribution.npz (an earlier jaxlm's output): attribute "
+                        f"again with --overwrite, or leave {flag} out")  # fmt: skip
+    want = {"model": model_dir, "sae": sae_dir} | {k: getattr(args, k) for k in _SAME_ROWS}
+    want = {k: (_input(k, v) if k in _INPUTS else v) for k, v in want.items()}
+    diff = _what_differs(rec.get("identity", {}), want)
+    if diff:
+        raise UserError(f"{flag} {d} was attributed from other inputs than --{key} and these rows "
+                        f"({diff}): pass the one made from these, or leave {flag} out")  # fmt: skip
+    return flag, npz
+
+
+def _what_differs(saved: dict, want: dict) -> str:
+    """Each input of `want` that `saved` records otherwise, as `key OLD -> NEW`: by path where
+    the paths differ, else what changed at the same path (`differences`: `sae.mtime 1 -> 2`)."""
+    from jaxlm.outputs import differences
+
+    def paths(v):  # fingerprints (`_input`) by their paths
+        if isinstance(v, dict) and "path" in v:
+            return v["path"]
+        return [paths(x) for x in v] if isinstance(v, list) else v
+
+    out = []
+    for k, v in want.items():
+        diff = differences({k: saved.get(k)}, {k: v})
+        if diff:
+            a, b = paths(saved.get(k)), paths(json.loads(json.dumps(v)))
+            out.append(f"{k} {json.dumps(a, ensure_ascii=False)} -> "
+                       f"{json.dumps(b, ensure_ascii=False)}" if a != b else diff[0])  # fmt: skip
+    return "; ".join(out)
