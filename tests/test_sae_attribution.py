@@ -358,6 +358,38 @@ def test_an_attribution_saved_and_loaded_is_the_same_and_other_contrasts_are_ref
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(UserError, match="not a saved attribution"):
         at.Attribution.load(tmp_path / "bad.npz", contrasts)
+    count, n, meta = at.saved_counts(path)  # what tsea-compare reads: no contrasts rebuilt
+    assert np.array_equal(count, att.active_count) and count.dtype == att.active_count.dtype
+    assert n == att.n_tokens and meta == att.meta
+    with pytest.raises(UserError, match="not a saved attribution"):
+        at.saved_counts(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize(("arch", "kw"), SAES, ids=[a for a, _ in SAES])
+def test_attributes_firing_count_is_what_tsea_compare_and_ablate_count_on_the_same_batches(
+    arch, kw, tok400, demo_data
+):
+    """attribute's active_count and n_tokens are, to the integer, what `firing_count_fn`
+    (tsea-compare's liveness and frequency, `_live`) counts over the same batches, and what
+    `sae.evaluate.firing_counts` (ablate's live features) counts over them too. ablate reads
+    other batches (a seeded sample of --rows per source, in 8s): it is not handed attribute's."""
+    from sae.analysis.dashboards import firing_count_fn, read_rows
+    from sae.evaluate import firing_counts
+
+    model = _model(tok400.vocab_size, D=32, F=64, layers=2, seed=6)
+    sae = _sae(64, 40, arch, seed=1, **kw)
+    read = lambda d: read_rows(demo_data[d], split="train", max_rows=20, batch_size=8)  # noqa: E731
+    batches = [b for d in ("translated", "native") for b in read(d)]
+    assert sorted({len(b) for b in batches}) == [4, 8]  # a short last batch of each source
+    att = at.attribute(model, sae, 1, batches, tok400, at.demo_contrasts(tok400))
+    fires = firing_count_fn(model, sae, 1)
+    assert np.array_equal(att.active_count, sum(fires(b) for b in batches))
+    assert att.n_tokens == sum(b.size for b in batches)
+    # firing_counts reads rows with their next tokens [B, T + 1] and drops the last column
+    with_next = iter([np.concatenate([b, b[:, -1:]], 1) for b in batches])
+    count, tokens = firing_counts(model, sae, 1, with_next)
+    assert np.array_equal(att.active_count, count) and att.n_tokens == tokens
+    assert 0 < att.live.sum() < 40
 
 
 # --- the TSEA contrast --------------------------------------------------------------------------
@@ -567,3 +599,4 @@ def test_match_reads_the_attributions_attribute_saved_and_writes_the_same(
         assert _cli(argv) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and msg in lines[0], lines
+

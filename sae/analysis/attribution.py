@@ -766,7 +766,8 @@ class Attribution:
 
     def save(self, path: str | Path) -> Path:
         """Everything this holds, for `load`: `jaxlm sae match --attribution-before` reads what
-        `sae attribute` computed instead of running the forwards again. An .npz of plain arrays
+        `sae attribute` computed instead of running the forwards again (`sae tsea-compare`'s
+        reads the firing counts: `saved_counts`). An .npz of plain arrays
         (no pickles), the rest as one JSON string in it (`HEADER`). The contrasts' regexes are not
         saved: `load` is handed them rebuilt and checks them against the saved token sets."""
         arrays: dict[str, Any] = {"active_count": self.active_count}
@@ -795,15 +796,7 @@ class Attribution:
         lists) in place of the saved ones: a UserError unless their names, labels and token sets
         are the saved ones (a token set built otherwise would make other contexts)."""
         path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-            header = json.loads(arrays.pop(HEADER).item())
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-            raise UserError(f"{path}: not a saved attribution ({e})") from None
-        if header.get("format") != SAVE_FORMAT:
-            raise UserError(f"{path}: format {header.get('format')}, this jaxlm reads "
-                            f"{SAVE_FORMAT}; attribute again")  # fmt: skip
+        arrays, header = _read(path)
         saved = [(h["name"], tuple(h["labels"])) for h in header["contrasts"]]
         given = [(c.name, tuple(c.labels)) for c in contrasts]
         if saved != given:
@@ -811,6 +804,30 @@ class Attribution:
         results = [_load_result(arrays, c, h, path)
                    for c, h in zip(contrasts, header["contrasts"], strict=True)]  # fmt: skip
         return cls(results, arrays["active_count"], header["n_tokens"], header["meta"])
+
+
+def saved_counts(path: str | Path) -> tuple[np.ndarray, int, dict]:
+    """(active_count [S], n_tokens, meta) of what `Attribution.save` wrote: each feature's firing
+    count on the rows attribute read, which is all `sae tsea-compare --attribution-before` needs
+    (no contrasts to rebuild: the word lists and tokenizer do not change a count)."""
+    arrays, header = _read(Path(path))
+    if "active_count" not in arrays:
+        raise UserError(f"{path}: not a saved attribution (no 'active_count')")
+    return arrays["active_count"], header["n_tokens"], header["meta"]
+
+
+def _read(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """(the arrays, the header) of a saved attribution; a UserError for anything else."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        header = json.loads(arrays.pop(HEADER).item())
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: not a saved attribution ({e})") from None
+    if header.get("format") != SAVE_FORMAT:
+        raise UserError(f"{path}: format {header.get('format')}, this jaxlm reads "
+                        f"{SAVE_FORMAT}; attribute again")  # fmt: skip
+    return arrays, header
 
 
 SAVE_FORMAT = 1  # `Attribution.save`'s layout
