@@ -600,3 +600,61 @@ def test_match_reads_the_attributions_attribute_saved_and_writes_the_same(
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and msg in lines[0], lines
 
+
+def test_tsea_compare_reads_the_firing_counts_attribute_saved_and_writes_the_same(
+    tok400, demo_data, tmp_path, capsys
+):
+    data = _saved(tok400, demo_data, tmp_path)[2]
+    m, s, s2 = (str((tmp_path / x).resolve()) for x in ("m", "s", "s2"))
+    a, a2 = str(tmp_path / "a"), str(tmp_path / "a2")
+    for sae_dir, out in ((s, a), (s2, a2)):  # other --names than tsea-compare's: no matter
+        assert _cli(["attribute", "--model", m, "--sae", sae_dir, *data, "--top", "3",
+                     "--names", f"english={_words(tmp_path, 'english_names')}",
+                     "--names", f"arabic={_words(tmp_path, 'arabic_names')}",
+                     "--out", out]) == 0  # fmt: skip
+    sets = ["--regex", 'quote=["«]', "--regex", "space=^ ", "--contrast", "quote:space"]
+    pair = ["--before", m, s, "--after", m, s2, *sets, "--null-directions", "8", *data]
+    saved = ["--attribution-before", a, "--attribution-after", a2]
+    assert _cli(["tsea-compare", *pair, "--out", str(tmp_path / "x")]) == 0
+    assert _cli(["tsea-compare", *pair, *saved, "--out", str(tmp_path / "y")]) == 0
+    x, y = tmp_path / "x", tmp_path / "y"
+    files = sorted(str(p.relative_to(x)) for p in x.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(y)) for p in y.rglob("*") if p.is_file())
+    for f in files:  # exactly; the identity names the flags, and an .npz its writing time
+        if f.endswith(".npz"):
+            with np.load(x / f) as p, np.load(y / f) as q:
+                assert p.files == q.files and "live" in p.files and "frequency" in p.files
+                for k in p.files:
+                    assert np.array_equal(p[k], q[k]), (f, k)
+        elif f != "identity.json":
+            assert (x / f).read_bytes() == (y / f).read_bytes(), f
+    cmp = json.loads((x / "tsea_compare.json").read_text())
+    assert 0 < cmp["before"]["n_dead"] < 40 and cmp["after"]["n_dead"] == cmp["before"]["n_dead"]
+    capsys.readouterr()
+
+    o = str(tmp_path / "o")
+    bad = [
+        (["tsea-compare", *pair, "--rows", "12", *saved, "--out", o], "(rows 24 -> 12)"),
+        (["tsea-compare", *pair, "--batch-size", "8", *saved, "--out", o],
+         "(batch_size 32 -> 8)"),
+        (["tsea-compare", *pair, "--attribution-before", a2, "--out", o],
+         f'--attribution-before {a2} was attributed from other inputs than --before and these '
+         f'rows (sae "{s2}" -> "{s}")'),
+        (["tsea-compare", *pair[:6], *sets, "--attribution-after", a2, "--out", o],
+         "(data ["),
+        (["tsea-compare", *pair, "--layer", "0", *saved, "--out", o],
+         "attributes layer 1, this reads layer 0"),
+        (["tsea-compare", *pair, "--attribution-after", str(x), "--out", o],
+         "not a `jaxlm sae attribute` output"),
+    ]  # fmt: skip
+    for argv, msg in bad:
+        assert _cli(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and msg in lines[0], lines
+
+
+def _words(tmp_path, key: str) -> str:
+    """The demo's `key` word list, less its first word, as a file."""
+    path = tmp_path / f"{key}.txt"
+    path.write_text("\n".join(demo_word_lists()[key][1:]) + "\n", encoding="utf-8")
+    return str(path)

@@ -3,7 +3,8 @@
 jaxlm sae tsea --model M --sae SAEDIR [--tokenizer TOKDIR] [--demo-sets]
     [--names english=FILE[#COLUMN] ...] [--regex NAME=PATTERN ...] [--contrast A:B ...]
     [--data DATADIR ...] --out DIR
-jaxlm sae tsea-compare --before M1 SAE1 --after M2 SAE2 [sets as above] --out DIR
+jaxlm sae tsea-compare --before M1 SAE1 --after M2 SAE2 [sets as above]
+    [--attribution-before DIR --attribution-after DIR] --out DIR
 jaxlm sae dashboard --model M --sae SAEDIR --data DATADIR [--tokenizer TOKDIR]
     --features 0-99 --out DIR
 jaxlm sae attribute --model M --sae SAEDIR --data DATADIR [--data ...]
@@ -45,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--before", nargs=2, required=True, metavar=("MODEL", "SAE"))
     p.add_argument("--after", nargs=2, required=True, metavar=("MODEL", "SAE"))
     _set_args(p)
+    _saved_args(p, "--data rows (the features' liveness and firing frequency)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("dashboard", help="feature dashboards: top contexts, logit tokens (HTML)")
@@ -79,10 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _attribution_args(p)
     p.add_argument("--threshold", type=float, default=0.7,
                    help="decoder cosine for a counterpart (sae.analysis.matching)")  # fmt: skip
-    for side in ("before", "after"):
-        p.add_argument(f"--attribution-{side}", metavar="DIR",
-                       help=f"`sae attribute --out DIR` of the --{side} model and SAE on these "
-                       "rows: read, not computed again")  # fmt: skip
+    _saved_args(p, "rows")
     _overwrite_arg(p)
     p.set_defaults(func=cmd_match)
 
@@ -104,6 +103,14 @@ def _attribution_args(p: argparse.ArgumentParser) -> None:
                    "English and Arabic names)")  # fmt: skip
     p.add_argument("--top", type=int, default=10, help="features listed each way")
     p.add_argument("--out", required=True)
+
+
+def _saved_args(p: argparse.ArgumentParser, what: str) -> None:
+    """--attribution-before/--attribution-after: `_saved_attribution`."""
+    for side in ("before", "after"):
+        p.add_argument(f"--attribution-{side}", metavar="DIR",
+                       help=f"`sae attribute --out DIR` of the --{side} model and SAE on these "
+                       f"{what}: read, not computed again")  # fmt: skip
 
 
 def _overwrite_arg(p: argparse.ArgumentParser) -> None:
@@ -286,12 +293,25 @@ def _batches(args, tokdir: str | None, what: str) -> list[np.ndarray]:
     return out
 
 
-def _live(args, model, sae, sae_dir: str, layer: int, tokdir: str | None, what: str):
-    """(live [S] or None, frequency [S] or None, where that came from)."""
+def _live(args, model, sae, sae_dir: str, layer: int, tokdir: str | None, what: str,
+          saved: tuple[str, Path] | None = None):  # fmt: skip
+    """(live [S] or None, frequency [S] or None, where that came from). `saved` (the flag, its
+    attribution.npz: `_saved_attribution`): attribute's firing counts on the same rows, read
+    instead of counted again: the same integers (a test), so the same results."""
     import numpy as np
 
     from sae.io import SPARSITY
 
+    if saved is not None:
+        from sae.analysis.attribution import saved_counts
+
+        flag, npz = saved
+        count, n, meta = saved_counts(npz)
+        _same_layer(flag, npz, meta, layer)
+        if count.shape != (sae.cfg.n_latents,):
+            raise UserError(f"{flag} {npz.parent}: {count.shape[0]} features counted, "
+                            f"{sae_dir} has {sae.cfg.n_latents}")  # fmt: skip
+        return count > 0, count / max(n, 1), f"--data {args.split} rows ({n} tokens)"
     if args.data:
         from sae.analysis.dashboards import firing_count_fn
 
@@ -320,12 +340,13 @@ def _write_json(path: Path, data: dict) -> None:
 # --- commands -----------------------------------------------------------------------------------
 
 
-def _analyse(args, model_dir: str, sae_dir: str):
+def _analyse(args, model_dir: str, sae_dir: str, *, saved: tuple[str, Path] | None = None):
     from sae.analysis import tsea
 
     model, sae, layer, tok, tokdir = _load(model_dir, sae_dir, args.tokenizer, args.layer)
     sets, contrasts = _token_sets(args, tok, tokdir)
-    live, freq, source = _live(args, model, sae, sae_dir, layer, tokdir, f"--model {model_dir}")
+    live, freq, source = _live(args, model, sae, sae_dir, layer, tokdir, f"--model {model_dir}",
+                               saved)  # fmt: skip
     res = tsea.tsea(model, sae.W_dec_sf[...], layer, sets, cosine_sim=args.cosine_sim,
                     correction=args.correction, n_null=args.null_directions,
                     null_quantile=args.null_quantile, progress=True, contrasts=contrasts,
@@ -368,9 +389,12 @@ def cmd_compare(args) -> int:
         if owned.done:
             say_done(owned.path)
             return 0
+        sides = {"before": args.before, "after": args.after}
+        saved = {key: _saved_attribution(args, key, *side, same=_SAME_ROWS)  # first: refused early
+                 for key, side in sides.items()}  # fmt: skip
         (before, texts_b), (after, texts_a) = (
-            _analyse(args, *args.before),
-            _analyse(args, *args.after),
+            _analyse(args, *args.before, saved=saved["before"]),
+            _analyse(args, *args.after, saved=saved["after"]),
         )
         out = owned.tmp
         cmp = tsea.compare(before, after, alpha=args.alpha, top=args.top, texts_before=texts_b,
@@ -458,9 +482,7 @@ def _attribution(
     else:
         flag, npz = saved
         batches, att = [], at.Attribution.load(npz, contrasts)
-        if att.meta.get("layer") != layer:
-            raise UserError(f"{flag} {npz.parent}: attributes layer {att.meta.get('layer')}, "
-                            f"this reads layer {layer}")  # fmt: skip
+        _same_layer(flag, npz, att.meta, layer)
     att.meta.update(model=str(model_dir), sae=str(sae_dir), data=list(args.data),
                     split=args.split)  # fmt: skip
     texts = display_texts(tok)
@@ -542,7 +564,8 @@ def _match(args, out: Path) -> dict:
     from sae.analysis import matching, tsea
 
     sides = {"before": args.before, "after": args.after}
-    saved = {key: _saved_attribution(args, key, *side) for key, side in sides.items()}  # first
+    saved = {key: _saved_attribution(args, key, *side, same=_SAME_CONTEXTS)  # first
+             for key, side in sides.items()}  # fmt: skip
     runs = {}
     for key, (model_dir, sae_dir) in sides.items():
         att, summary, (model, sae, layer, tok) = _attribution(args, model_dir, sae_dir, out / key,
@@ -573,16 +596,23 @@ def _match(args, out: Path) -> dict:
     return report
 
 
-# what `sae attribute` must have been given, besides the model and SAE, for match to read its output
-_SAME_ROWS = ("data", "split", "rows", "batch_size", "tokenizer", "names")
+# what `sae attribute` must have been given, besides the model and SAE, to have read these rows
+# as they are read here: the data, split, rows and batch size (a batch's shape moves the last bits
+# of a float: on the demo, batches of 8 instead of 32 move 3 of 1,024 features' counts by one)
+_SAME_ROWS = ("data", "split", "rows", "batch_size")
+# ... and to have found the same contexts in them (match): the tokenizer and word lists
+_SAME_CONTEXTS = (*_SAME_ROWS, "tokenizer", "names")
 
 
-def _saved_attribution(args, key: str, model_dir: str, sae_dir: str) -> tuple[str, Path] | None:
+def _saved_attribution(
+    args, key: str, model_dir: str, sae_dir: str, *, same: tuple[str, ...]
+) -> tuple[str, Path] | None:
     """(--attribution-KEY, its attribution.npz), or None without the flag: a `sae attribute`
     output whose recorded identity (`_output`) names the same model and SAE as --KEY and the same
-    rows (data, split, rows, batch size: a batch's shape can move the last bits of a float) and
-    word lists. Anything else is refused, never computed again quietly. The layer is checked
-    when the arrays are read (`_attribution`): --layer may name the SAE's own."""
+    flags `same` as these args (`_SAME_ROWS`: tsea-compare reads only its firing counts, which
+    neither the word lists nor the tokenizer change; `_SAME_CONTEXTS`: match reads its contexts).
+    Anything else is refused, never computed again quietly. The layer is checked when the arrays
+    are read (`_same_layer`): --layer may name the SAE's own."""
     from jaxlm.outputs import read_identity
 
     flag, d = f"--attribution-{key}", getattr(args, f"attribution_{key}")
@@ -595,13 +625,21 @@ def _saved_attribution(args, key: str, model_dir: str, sae_dir: str) -> tuple[st
     if not npz.is_file():
         raise UserError(f"{flag} {d}: no attribution.npz (an earlier jaxlm's output): attribute "
                         f"again with --overwrite, or leave {flag} out")  # fmt: skip
-    want = {"model": model_dir, "sae": sae_dir} | {k: getattr(args, k) for k in _SAME_ROWS}
+    want = {"model": model_dir, "sae": sae_dir} | {k: getattr(args, k) for k in same}
     want = {k: (_input(k, v) if k in _INPUTS else v) for k, v in want.items()}
     diff = _what_differs(rec.get("identity", {}), want)
     if diff:
         raise UserError(f"{flag} {d} was attributed from other inputs than --{key} and these rows "
                         f"({diff}): pass the one made from these, or leave {flag} out")  # fmt: skip
     return flag, npz
+
+
+def _same_layer(flag: str, npz: Path, meta: dict, layer: int) -> None:
+    """A saved attribution (`_saved_attribution`) of another layer than the one read here is
+    refused: --layer may name another than the SAE's own."""
+    if meta.get("layer") != layer:
+        raise UserError(f"{flag} {npz.parent}: attributes layer {meta.get('layer')}, "
+                        f"this reads layer {layer}")  # fmt: skip
 
 
 def _what_differs(saved: dict, want: dict) -> str:
