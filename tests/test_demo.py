@@ -87,10 +87,12 @@ def test_pipeline_runs_every_stage_skips_them_on_rerun_and_reruns_only_what_chan
             assert 0 <= al[f"{key}_error_share"] <= 1
     for layer in (0, 7):
         assert (w / "analysis" / "cpt-ts-1m" / f"layer-{layer}" / "attribution.json").is_file()
-    # match reads the analysed layer's (the first configured: -1) attributions, not its own
-    match = next(c for c in r["stages"]["compare-ts-1m"]["commands"] if " match " in c)
-    for side, label in (("before", "pretrain-ts-1m"), ("after", "cpt-ts-1m")):
-        assert f"--attribution-{side} {w / 'analysis' / label / 'layer-7'} " in match, match
+    # tsea-compare and match read the analysed layer's (the first configured: -1) attributions,
+    # not their own forwards
+    for cmd in (" tsea-compare ", " match "):
+        c = next(c for c in r["stages"]["compare-ts-1m"]["commands"] if cmd in c)
+        for side, label in (("before", "pretrain-ts-1m"), ("after", "cpt-ts-1m")):
+            assert f"--attribution-{side} {w / 'analysis' / label / 'layer-7'} " in c, c
     # the tiny SAEs (2,560 tokens) have no feature pushing toward English names, so the ablation
     # says so (the demo-scale run ablates at every layer at once; tests/test_sae_eval.py runs
     # `sae ablate` with two SAEs, and the test below checks its flags)

@@ -472,13 +472,14 @@ class Method:
             d = self.w / "analysis" / f"compare-{preset}"
             pair = ["--before", str(self.model(before)), str(self.sae_dir(before)),
                     "--after", str(self.model(after)), str(self.sae_dir(after))]  # fmt: skip
-            ctx.jaxlm("sae", "tsea-compare", *pair, "--demo-sets", *self._eval_data(),
-                      "--out", str(d / "tsea"), fresh_process=True)  # fmt: skip
             # the attributions the analysis stages computed on the same rows and word lists (the
-            # analysed layer's: `analysis_dir`'s default, as `sae_dir`'s), read, not recomputed
-            ctx.jaxlm("sae", "match", *pair, *self._eval_data(), *self._attr_names(),
-                      "--attribution-before", str(self.analysis_dir(before)),
-                      "--attribution-after", str(self.analysis_dir(after)),
+            # analysed layer's: `analysis_dir`'s default, as `sae_dir`'s), read, not recomputed:
+            # tsea-compare reads their firing counts (live features, frequencies), match all
+            saved = ["--attribution-before", str(self.analysis_dir(before)),
+                     "--attribution-after", str(self.analysis_dir(after))]  # fmt: skip
+            ctx.jaxlm("sae", "tsea-compare", *pair, "--demo-sets", *self._eval_data(), *saved,
+                      "--out", str(d / "tsea"), fresh_process=True)  # fmt: skip
+            ctx.jaxlm("sae", "match", *pair, *self._eval_data(), *self._attr_names(), *saved,
                       "--out", str(d / "match"), fresh_process=True)  # fmt: skip
             return compare_summary(d)
 
