@@ -845,3 +845,22 @@ def test_init_into_a_training_workdir_is_refused(w, tmp_path, trainer_identity):
     assert str(wd) in line and want in line, line
     assert digest(wd) == before and not leftovers(wd)
     ok(*gen)
+
+
+def test_the_late_errors_of_a_failed_saves_orphaned_writes_are_dropped_and_no_others():
+    """After a failed save, its writes still in flight raise "Event loop is closed" through
+    sys.unraisablehook, past the one-line error: dropped; any other unraisable error still shows."""
+    code = (
+        "import gc\n"
+        "from jaxlm.checkpoint import ignore_orphaned_writes\n"
+        "class Late:\n"
+        "    def __init__(self, why): self.why = why\n"
+        "    def __del__(self): raise RuntimeError(self.why)\n"
+        "Late('Event loop is closed (before)'); gc.collect()\n"
+        "ignore_orphaned_writes(); ignore_orphaned_writes()\n"
+        "Late('Event loop is closed'); Late('something else'); gc.collect()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "RuntimeError: Event loop is closed (before)" in r.stderr  # the hook only once installed
+    assert "RuntimeError: something else" in r.stderr
+    assert "RuntimeError: Event loop is closed\n" not in r.stderr
