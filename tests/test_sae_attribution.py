@@ -464,6 +464,14 @@ def _cli(argv: list[str]) -> int:
     return main(["sae", *argv])
 
 
+def _each_refused_in_one_line(bad, capsys) -> None:
+    """Each (argv, message): exit 2 and one line of stderr holding the message."""
+    for argv, msg in bad:
+        assert _cli(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and msg in lines[0], lines
+
+
 def _saved(tok, demo_data, tmp_path):
     """A model (tmp_path/m), its layer-1 SAE (s) and that SAE's features permuted (s2); the
     permutation, the SAE, and the --data flags of 24 rows of each demo corpus."""
@@ -548,10 +556,7 @@ def test_cli_pulse_and_bad_input(tok400, demo_data, tmp_path, capsys):
         (["tsea", "--model", m, "--sae", s, "--regex", "q=«", "--contrast", "q", "--out", o],
          "expected SET_A:SET_B"),
     ]  # fmt: skip
-    for argv, msg in bad:
-        assert _cli(argv) == 2
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1 and msg in lines[0], lines
+    _each_refused_in_one_line(bad, capsys)
 
 
 def test_match_reads_the_attributions_attribute_saved_and_writes_the_same(
@@ -595,10 +600,7 @@ def test_match_reads_the_attributions_attribute_saved_and_writes_the_same(
         (["match", *pair, "--layer", "0", "--attribution-before", a, "--out", o],
          "attributes layer 1, this reads layer 0"),
     ]  # fmt: skip
-    for argv, msg in bad:
-        assert _cli(argv) == 2
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1 and msg in lines[0], lines
+    _each_refused_in_one_line(bad, capsys)
 
 
 def test_tsea_compare_reads_the_firing_counts_attribute_saved_and_writes_the_same(
@@ -647,10 +649,7 @@ def test_tsea_compare_reads_the_firing_counts_attribute_saved_and_writes_the_sam
         (["tsea-compare", *pair, "--attribution-after", str(x), "--out", o],
          "not a `jaxlm sae attribute` output"),
     ]  # fmt: skip
-    for argv, msg in bad:
-        assert _cli(argv) == 2
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1 and msg in lines[0], lines
+    _each_refused_in_one_line(bad, capsys)
 
 
 def _words(tmp_path, key: str) -> str:
