@@ -268,6 +268,22 @@ def test_row_text_maps_byte_pieces(tok400):
     assert at.row_text([3, *ids], tb).text == "\x00" + text  # </s>: a story boundary
 
 
+def test_row_text_owners_at_a_cut_character():
+    """Invalid UTF-8 (a window cut inside a character): each U+FFFD is owned by the token that
+    started the broken character and what a breaking byte starts by its own token."""
+    tb = [b"\xc2", b"\xbb", b" x", b"!"]  # "»" is C2 BB
+    cases = {
+        (0, 1, 2): ("» x", [0, 2, 2]),
+        (1, 2): ("\ufffd x", [0, 1, 1]),  # starts after the lead byte
+        (3, 0): ("!\ufffd", [0, 1]),  # ends before the continuation byte
+        (0, 2): ("\ufffd x", [0, 1, 1]),  # the space is the next token's, not the lead byte's
+        (0, 0, 1): ("\ufffd»", [0, 1]),  # "»" is the second lead byte's
+    }
+    for ids, (text, owner) in cases.items():
+        rt = at.row_text(ids, tb)
+        assert (rt.text, rt.owner.tolist()) == (text, owner), ids
+
+
 # --- the name-slot logit difference under ablation (sae ablate) ---------------------------------
 
 

@@ -113,7 +113,11 @@ def row_text(ids: Sequence[int], tbytes: Sequence[bytes]) -> RowText:
     """Decode ids [T] with `tbytes` (`token_bytes`), mapping characters to tokens.
 
     A character split over byte pieces belongs to the token holding its first byte; invalid UTF-8
-    reads as U+FFFD.
+    reads as U+FFFD. Token rows are windows of valid text, so invalid bytes sit only at a cut: a
+    row (or a dashboard's window) starting inside a character or ending before its last byte. A
+    byte that cannot continue the pending character ends it: that character's U+FFFD stays with
+    the token that started it, and what the byte starts is its own token's (else the text after a
+    cut-off lead byte, or a second lead byte's character, would be owned by the earlier token).
     """
     dec = codecs.getincrementaldecoder("utf-8")("replace")
     chars: list[str] = []
@@ -130,9 +134,14 @@ def row_text(ids: Sequence[int], tbytes: Sequence[bytes]) -> RowText:
             except UnicodeDecodeError:
                 pass
         for byte in b:
-            if not dec.getstate()[0]:
-                first = k
+            pending = dec.getstate()[0]
             s = dec.decode(bytes([byte]))
+            if not pending:
+                first = k
+            elif s and s.encode() != pending + bytes([byte]):  # the byte broke the character
+                chars.append(s[0])  # its U+FFFD
+                owner.append(first)
+                s, first = s[1:], k
             chars.append(s)
             owner.extend([first] * len(s))
     tail = dec.decode(b"", final=True)
