@@ -85,14 +85,28 @@ _WORD = rf"\w{_MARKS}"
 # --- text of token rows -------------------------------------------------------------------------
 
 
+def piece_byte(piece: str) -> int | None:
+    """The byte of a SentencePiece byte-fallback piece (`<0xC2>` -> 0xC2); None for any other."""
+    m = re.fullmatch(r"<0x([0-9A-F]{2})>", piece)
+    return None if m is None else int(m.group(1), 16)
+
+
+def text_bytes(text: str) -> bytes:
+    """A token's bytes from its display text (`tsea.display_texts`, as dashboards.json keeps it):
+    a byte piece `<0xC2>` is its byte, any other text its UTF-8. For decoding what was written out
+    without the tokenizer; `token_bytes` reads the tokenizer itself."""
+    b = piece_byte(text)
+    return text.encode() if b is None else bytes([b])
+
+
 def token_bytes(tok) -> list[bytes]:
     """Each id's bytes: the piece with "▁" as a space, a byte piece as its byte, a control piece
     (<pad> <unk> <s> </s>) as one NUL, read as a boundary."""
     out: list[bytes] = []
     for i in range(tok.vocab_size):
         piece = tok.id_to_piece(i)
-        if re.fullmatch(r"<0x[0-9A-F]{2}>", piece):
-            out.append(bytes([int(piece[3:5], 16)]))
+        if (b := piece_byte(piece)) is not None:
+            out.append(bytes([b]))
         elif i < 4 and re.fullmatch(r"<[a-z/]+>", piece):
             out.append(BOUNDARY.encode())
         else:

@@ -71,7 +71,7 @@ from jaxlm.errors import UserError
 from jaxlm.eval.wordlists import demo_word_lists
 from jaxlm.eval.wordlists import load_word_list as load_word_list  # callers read them from here
 from jaxlm.eval.wordlists import parse_names_spec as parse_names_spec
-from sae.analysis.attribution import first_token, row_text, token_bytes
+from sae.analysis.attribution import first_token, piece_byte, row_text, token_bytes
 
 SPACE = "\u2581"  # SentencePiece's visible space
 Correction = Literal["bh", "bonferroni"]
@@ -102,8 +102,7 @@ def token_texts(tok) -> list[str | None]:
     out: list[str | None] = []
     for i in range(tok.vocab_size):
         piece = tok.id_to_piece(i)
-        if re.fullmatch(r"<0x[0-9A-F]{2}>", piece):
-            byte = int(piece[3:5], 16)
+        if (byte := piece_byte(piece)) is not None:
             out.append(chr(byte) if byte < 0x80 else None)
         elif re.fullmatch(r"<[a-z/]+>", piece) and i < 4:  # <pad> <unk> <s> </s>
             out.append(None)
