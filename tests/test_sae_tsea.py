@@ -3,7 +3,9 @@ against the model's own forward, a planted English-name feature, token sets, das
 
 from __future__ import annotations
 
+import html
 import json
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -410,6 +412,79 @@ def test_dashboard_html_escapes_text():
     page = db.render_html(data, title="<b>t</b>")
     assert "<script>" not in page and "<b>t</b>" not in page
     assert page.count("&lt;script&gt;") == 2 and "ليلي" in page
+
+
+def _visible_text(fragment: str) -> str:
+    """What a reader sees of an HTML fragment: the text outside tags (attributes dropped)."""
+    return html.unescape(re.sub(r"<[^>]+>", "", fragment))
+
+
+def test_dashboard_shows_byte_pieces_as_characters():
+    """`»` is `<0xC2><0xBB>` in the demo's tokenizer: the page shows the character, on one item
+    over both tokens (shaded by their highest activation, each listed in its tooltip), the outline
+    on it when the maximum is its second byte; a window cutting it shows it too (its other byte
+    kept in "after"), and a lone byte reads `‹byte C2›`, in context and among promoted tokens."""
+    tokens = [" قال", ":", " «", "لا", "!", "<0xC2>", "<0xBB>", "\n\n", "<0xC2>"]
+    acts = [0.0, 0.1, 0.0, 0.2, 0.0, 0.3, 0.9, 0.0, 0.4]
+    shown = db.shown_tokens(tokens, after=["<0xBB>"])
+    assert [(s.text, s.start, s.stop) for s in shown] == [
+        (" قال", 0, 1), (":", 1, 2), (" «", 2, 3), ("لا", 3, 4), ("!", 4, 5), ("»", 5, 7),
+        ("\n\n", 7, 8), ("»", 8, 9)
+    ]  # fmt: skip
+    assert shown[-1].after == ("<0xBB>",) and not any(s.byte for s in shown)
+    ctx = {"row": 0, "position": 6, "activation": 0.9, "tokens": tokens, "acts": acts,
+           "max_index": 6, "after": ["<0xBB>"]}  # fmt: skip
+    lone = dict(ctx, tokens=tokens[:-1] + ["<0xC2>"], after=[])  # the row ends: no "<0xBB>"
+    feature = {"feature": 3, "density": 0.1, "max_activation": 0.9, "contexts": [ctx, lone],
+               "promotes": [{"token": "<0xC2>", "weight": 0.5}, {"token": " «", "weight": 0.4}],
+               "suppresses": []}  # fmt: skip
+    page = db.render_html({"layer": 0, "tokens_seen": 9, "k": 2, "features": [feature]})
+    lines = re.findall(r'<div class="ctx">.*?</div>', page, re.S)
+    seen = [_visible_text(line) for line in lines]
+    assert seen[0].endswith("قال: «لا!»\u21b5\u21b5»") and "<0x" not in seen[0]
+    assert seen[1].endswith("قال: «لا!»\u21b5\u21b5\u2039byte C2\u203a")
+    # the marked item is the whole character, its tooltip both bytes with their activations
+    mark = re.search(r'<mark title="([^"]*)"><span style="([^"]*)">([^<]*)</span></mark>', lines[0])
+    assert mark is not None and mark.group(3) == "»"
+    assert html.unescape(mark.group(1)) == "» is 2 tokens:\n<0xC2> 0.3\n<0xBB> 0.9"
+    assert "rgba(255, 140, 0, 1.00)" in mark.group(2)  # 0.9 / max 0.9: the span's highest
+    cut = re.findall(r'<span title="([^"]*)"[^>]*>»</span>', lines[0])[-1]
+    assert html.unescape(cut) == "» is 2 tokens:\n<0xC2> 0.4\n<0xBB> (after this context)"
+    chips = re.search(r'<div class="chips pos">.*?</div>', page, re.S).group(0)
+    assert _visible_text(chips) == "promotes: \u2039byte C2\u203a «"
+    assert db.shown_text("<0xBB>") == "\u2039byte BB\u203a" and db.shown_text(" قال") == " قال"
+    assert "\u2039byte C2\u203a" in _visible_text(
+        re.search(r'<p class="legend">.*?</p>', page).group(0)
+    )
+
+
+def test_dashboard_contexts_keep_the_bytes_a_window_cuts():
+    """A window starting after a character's first byte and ending before its last: the JSON keeps
+    the window's own pieces (positions and activations index them) and, in "before"/"after", the
+    pieces outside it that complete the characters, so the page shows both."""
+    texts = ["a", "b", "<0xC2>", "<0xBB>"]
+    row = np.array([[0, 2, 3, 1, 0, 1, 2, 3, 1]])
+    acts = np.zeros((1, 9, 1), np.float32)
+    acts[0, 4, 0] = 1.0
+    acts[0, 2, 0] = 0.5
+    store = db.ContextStore(k=1, left=2, right=2, n_features=1)
+    store.add(row, acts, row0=0)
+    (c,) = db._contexts(store, 0, texts)
+    assert c["tokens"] == ["<0xBB>", "b", "a", "b", "<0xC2>"] and c["max_index"] == 2
+    assert c["acts"] == [0.5, 0.0, 1.0, 0.0, 0.0]
+    assert c["before"] == ["<0xC2>"] and c["after"] == ["<0xBB>"]
+    shown = db.shown_tokens(c["tokens"], c["before"], c["after"])
+    assert [(s.text, s.start, s.stop) for s in shown] == [
+        ("»", 0, 1), ("b", 1, 2), ("a", 2, 3), ("b", 3, 4), ("»", 4, 5)
+    ]  # fmt: skip
+    # at the row's edges there is nothing outside: the bytes read as bytes
+    store = db.ContextStore(k=1, left=2, right=2, n_features=1)
+    store.add(row[:, 2:7], acts[:, 2:7], row0=0)  # <0xBB> b a b <0xC2>
+    (c,) = db._contexts(store, 0, texts)
+    assert "before" not in c and "after" not in c
+    assert [s.text for s in db.shown_tokens(c["tokens"])] == [
+        "\u2039byte BB\u203a", "b", "a", "b", "\u2039byte C2\u203a"
+    ]  # fmt: skip
 
 
 # --- CLI ----------------------------------------------------------------------------------------

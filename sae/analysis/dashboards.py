@@ -8,6 +8,13 @@ Written as JSON and as one static HTML page (all text escaped; `dir="auto"` lets
 out Arabic right to left). Sized for the demo: a few hundred features over a few thousand rows on
 a CPU.
 
+The JSON keeps each token's own text (`tsea.display_texts`: a byte-fallback piece stays `<0xC2>`),
+so positions and activations index tokens. The page shows what a person reads instead
+(`shown_tokens`): a character the tokenizer wrote as several byte pieces (the demo's `»` is
+`<0xC2><0xBB>`) appears once, decoded, and a byte that is no character on its own (a lone `<0xC2>`
+among the promoted tokens) as `‹byte C2›`. A context whose window cuts a character keeps the
+pieces just outside it that complete it ("before"/"after"), so that character reads too.
+
 The SAE is a `sae.base.SAE` of any registered architecture, as `sae.io.load_sae` gives it: its
 own `encode` gives the activations (of the model's MLP post-activation, captured by
 `sae.activations.capture_fn`) and its `W_dec_sf` the logit directions, so a new variant needs
@@ -31,6 +38,7 @@ from flax import nnx
 
 from jaxlm.errors import UserError
 from sae.activations import capture_fn
+from sae.analysis.attribution import piece_byte, row_text, text_bytes
 from sae.base import SAE
 
 # --- activations --------------------------------------------------------------------------------
@@ -107,9 +115,16 @@ def read_rows(
 # --- dashboards ---------------------------------------------------------------------------------
 
 
+EDGE = 3  # tokens kept either side of a window: a UTF-8 character has <= 3 bytes after its first
+
+
 @dataclasses.dataclass
 class ContextStore:
-    """The running top-k activating contexts of a set of features."""
+    """The running top-k activating contexts of a set of features.
+
+    Besides each window, the `EDGE` tokens either side of it (`edge_tokens`): where the window
+    cuts a character written as byte pieces, they hold its other bytes (`_contexts`).
+    """
 
     k: int
     left: int
@@ -123,6 +138,7 @@ class ContextStore:
         self.positions = np.full((S, k), -1, np.int64)
         self.window_tokens = np.full((S, k, W), -1, np.int32)  # -1: outside the row
         self.window_acts = np.zeros((S, k, W), np.float32)
+        self.edge_tokens = np.full((S, k, 2, EDGE), -1, np.int32)  # before, after; -1 as above
         self.active = np.zeros(S, np.int64)  # tokens with activation > 0
         self.tokens = 0
         self.max_act = np.zeros(S, np.float32)
@@ -138,32 +154,39 @@ class ContextStore:
         cand_ks = np.argpartition(-flat_ns, k - 1, axis=0)[:k]  # [k, S] positions in the batch
         vals_ks = np.take_along_axis(flat_ns, cand_ks, 0)
         b_ks, t_ks = cand_ks // T, cand_ks % T
-        offs = np.arange(-self.left, self.right + 1)  # [W]
-        tpos = t_ks[..., None] + offs  # [k, S, W]
+        offs = np.arange(-self.left - EDGE, self.right + EDGE + 1)  # [W + 2 EDGE]
+        tpos = t_ks[..., None] + offs  # [k, S, W + 2 EDGE]
         inside = (tpos >= 0) & (tpos < T)
         tclip = np.clip(tpos, 0, T - 1)
-        win_tok = np.where(inside, tokens_bt[b_ks[..., None], tclip], -1)
+        all_tok = np.where(inside, tokens_bt[b_ks[..., None], tclip], -1)
+        win_tok, win_pos, win_in = (a[..., EDGE:-EDGE] for a in (all_tok, tclip, inside))
+        edge_tok = np.stack([all_tok[..., :EDGE], all_tok[..., -EDGE:]], -2)  # [k, S, 2, EDGE]
         s_idx = np.arange(S)[None, :, None]
-        win_act = np.where(inside, acts_bts[b_ks[..., None], tclip, s_idx], 0.0)
+        win_act = np.where(win_in, acts_bts[b_ks[..., None], win_pos, s_idx], 0.0)
         self._merge(
             vals_ks.T,
             (b_ks + row0).T,
             t_ks.T,
             win_tok.transpose(1, 0, 2),
             win_act.transpose(1, 0, 2),
+            edge_tok.transpose(1, 0, 2, 3),
         )
 
-    def _merge(self, vals, rows, pos, win_tok, win_act) -> None:
+    def _merge(self, vals, rows, pos, win_tok, win_act, edge_tok) -> None:
         vals = np.where(vals > 0, vals, -np.inf)  # a context is one where the feature fires
         all_v = np.concatenate([self.values, vals], 1)  # old first: ties keep earlier rows
         all_r = np.concatenate([self.rows, rows], 1)
         all_p = np.concatenate([self.positions, pos], 1)
         # best first; among equal values the earlier row, then the earlier position
         order = np.lexsort((all_p, all_r, -all_v), axis=1)[:, : self.k]
-        pick = lambda a: np.take_along_axis(a, order if a.ndim == 2 else order[..., None], 1)  # noqa: E731
+
+        def pick(a):  # a [S, 2k, ...] -> [S, k, ...] in `order`
+            return np.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), 1)
+
         self.values, self.rows, self.positions = pick(all_v), pick(all_r), pick(all_p)
         self.window_tokens = pick(np.concatenate([self.window_tokens, win_tok], 1))
         self.window_acts = pick(np.concatenate([self.window_acts, win_act], 1))
+        self.edge_tokens = pick(np.concatenate([self.edge_tokens, edge_tok], 1))
         empty = ~np.isfinite(self.values)
         self.rows[empty], self.positions[empty] = -1, -1
 
@@ -258,22 +281,92 @@ def _logit_tokens(w_v: np.ndarray, texts: Sequence[str], n: int, sign: int = 1) 
 
 
 def _contexts(store: ContextStore, j: int, texts: Sequence[str]) -> list[dict]:
-    """Feature j's contexts, best first; window tokens outside the row are left out."""
+    """Feature j's contexts, best first; window tokens outside the row are left out. Where the
+    window cuts a character written as byte pieces, "before"/"after" hold the pieces just outside
+    it that complete the character (for the page: `shown_tokens`)."""
     out = []
     for c in np.flatnonzero(np.isfinite(store.values[j])):
         toks = store.window_tokens[j, c]
         keep = toks >= 0
-        out.append(
-            {
-                "row": int(store.rows[j, c]),
-                "position": int(store.positions[j, c]),
-                "activation": round(float(store.values[j, c]), 5),
-                "tokens": [texts[t] for t in toks[keep]],
-                "acts": [round(float(a), 5) for a in store.window_acts[j, c][keep]],
-                "max_index": int(store.left - np.sum(~keep[: store.left])),
-            }
-        )
+        tokens = [texts[t] for t in toks[keep]]
+        entry: dict[str, Any] = {
+            "row": int(store.rows[j, c]),
+            "position": int(store.positions[j, c]),
+            "activation": round(float(store.values[j, c]), 5),
+            "tokens": tokens,
+            "acts": [round(float(a), 5) for a in store.window_acts[j, c][keep]],
+            "max_index": int(store.left - np.sum(~keep[: store.left])),
+        }
+        before, after = ([texts[t] for t in e if t >= 0] for e in store.edge_tokens[j, c])
+        shown = shown_tokens(tokens, before, after)
+        if shown and shown[0].before:
+            entry["before"] = list(shown[0].before)
+        if shown and shown[-1].after:
+            entry["after"] = list(shown[-1].after)
+        out.append(entry)
     return out
+
+
+# --- what a person reads ------------------------------------------------------------------------
+
+
+def byte_label(byte: int) -> str:
+    """A byte that is no character on its own, as a person reads it: `‹byte C2›`. SentencePiece's
+    `<0xC2>` says the same only to someone who knows its byte fallback, and beside Arabic it reads
+    like markup; the page's legend explains the label."""
+    return f"\u2039byte {byte:02X}\u203a"
+
+
+@dataclasses.dataclass(frozen=True)
+class Shown:
+    """What a person reads for the window's tokens start .. stop - 1 (`shown_tokens`)."""
+
+    text: str
+    start: int
+    stop: int
+    before: tuple[str, ...] = ()  # pieces before the window holding the character's first bytes
+    after: tuple[str, ...] = ()  # pieces after the window holding its last bytes
+    byte: bool = False  # `text` is `byte_label`: the token is a byte that decodes to nothing
+
+
+def shown_tokens(
+    texts: Sequence[str], before: Sequence[str] = (), after: Sequence[str] = ()
+) -> list[Shown]:
+    """A window of tokens (their texts as the JSON keeps them: `tsea.display_texts`) as a person
+    reads it, covering every window token once, in order.
+
+    Decoded with `attribution.row_text` (each character belongs to the token holding its first
+    byte): a token and the tokens after it that start no character (a character's other byte
+    pieces) are one item showing the character. `before`/`after`, the tokens just outside the
+    window, complete a character the window's edges cut; one that stays incomplete (a row's
+    edge, or a lone byte) shows each of its byte pieces as `byte_label`.
+    """
+    seq = [*before, *texts, *after]
+    lo, hi = len(before), len(before) + len(texts)
+    rt = row_text(range(len(seq)), [text_bytes(t) for t in seq])
+    heads = [k for k in range(len(seq)) if k == 0 or rt.start[k] >= 0]
+    out: list[Shown] = []
+    for g0, g1 in zip(heads, [*heads[1:], len(seq)], strict=True):
+        a, b = max(g0, lo), min(g1, hi)
+        if a >= b:  # wholly outside the window
+            continue
+        group = seq[g0:g1]
+        c0, c1 = np.searchsorted(rt.owner, [g0, g1])  # owners never decrease
+        try:
+            b"".join(text_bytes(t) for t in group).decode()
+        except UnicodeDecodeError:  # an incomplete character: each byte on its own
+            for k in range(a, b):
+                byte = piece_byte(seq[k])
+                text = seq[k] if byte is None else byte_label(byte)
+                out.append(Shown(text, k - lo, k - lo + 1, byte=byte is not None))
+            continue
+        out.append(Shown(rt.text[c0:c1], a - lo, b - lo, tuple(seq[g0:a]), tuple(seq[b:g1])))
+    return out
+
+
+def shown_text(text: str) -> str:
+    """One token on its own (its `tsea.display_texts` text) as a person reads it."""
+    return shown_tokens([text])[0].text
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -290,33 +383,69 @@ h2 { font-size: 1.05em; margin: .2em 0; }
 .ctx span { white-space: pre; border-radius: 2px; }
 .ctx mark { outline: 2px solid #c0392b; background: inherit; white-space: pre; }
 .act { color: #888; font-size: .8em; font-family: monospace; margin-inline-end: .5em; }
+.byte { color: #777; font-family: monospace; font-size: .8em; }
+.legend { color: #555; font-size: .85em; max-width: 60em; }
 """
+
+_LEGEND = (
+    "Each context is a window of tokens around the feature's maximum (outlined), each token shaded "
+    "by the feature's activation there; hover a token for its activation. \u21b5 is a newline. "
+    "A character the tokenizer writes as several byte tokens (\u00bb is &lt;0xC2&gt;&lt;0xBB&gt;)"
+    " shows once, shaded by the highest of their activations; hover it for each byte token and "
+    'its activation. <span class="byte">\u2039byte C2\u203a</span> is a byte token that is no '
+    "character on its own (SentencePiece's &lt;0xC2&gt;: part of a character's UTF-8 bytes)."
+)
 
 
 def _visible(text: str) -> str:
     return text.replace("\n", "\u21b5")  # show newlines as ↵
 
 
-def _token_span(text: str, act: float, max_act: float, marked: bool) -> str:
+def _shown_title(s: Shown, tokens: Sequence[str], acts: Sequence[float]) -> str:
+    """The tooltip of one shown item: its activation, or, where it is not simply one token, each
+    token it covers (and any just outside the window) with its activation."""
+    own = [f"{tokens[i]} {acts[i]:.3g}" for i in range(s.start, s.stop)]
+    if not (s.byte or s.before or s.after or s.stop - s.start > 1):
+        return f"{acts[s.start]:.3g}"
+    if s.byte:
+        return f"{own[0]} (one byte of a character's UTF-8, no character on its own)"
+    pieces = [*(f"{p} (before this context)" for p in s.before), *own,
+              *(f"{p} (after this context)" for p in s.after)]  # fmt: skip
+    return "\n".join([f"{_visible(s.text)} is {len(pieces)} tokens:", *pieces])
+
+
+def _token_span(s: Shown, tokens: Sequence[str], acts: Sequence[float], max_act: float,
+                marked: bool) -> str:  # fmt: skip
+    """One shown item, shaded by the highest activation of the tokens it covers."""
+    act = max(acts[s.start : s.stop])
     alpha = 0.0 if max_act <= 0 else min(max(act / max_act, 0.0), 1.0)
-    body = html.escape(_visible(text))
-    title = f' title="{act:.3g}"'
+    body = html.escape(_visible(s.text))
+    if s.byte:
+        body = f'<span class="byte">{body}</span>'
+    title = f' title="{html.escape(_shown_title(s, tokens, acts))}"'
     style = f' style="background: rgba(255, 140, 0, {alpha:.2f})"' if alpha > 0 else ""
     if marked:
         return f"<mark{title}><span{style}>{body}</span></mark>"
     return f"<span{title}{style}>{body}</span>"
 
 
+def _chip(t: dict) -> str:
+    """A promoted or suppressed token: its text, or `byte_label` for a byte that is none."""
+    shown = shown_text(t["token"])
+    if shown == t["token"]:
+        return f'<span dir="auto" title="{t["weight"]:.3g}">{html.escape(_visible(shown))}</span>'
+    title = f"{t['weight']:.3g}: {t['token']}"
+    return f'<span class="byte" title="{html.escape(title)}">{html.escape(shown)}</span>'
+
+
 def _feature_html(f: dict) -> str:
-    chips = lambda items: "".join(  # noqa: E731
-        f'<span dir="auto" title="{t["weight"]:.3g}">{html.escape(_visible(t["token"]))}</span>'
-        for t in items
-    )
+    chips = lambda items: "".join(_chip(t) for t in items)  # noqa: E731
     lines = []
     for c in f["contexts"]:
+        toks, acts = c["tokens"], c["acts"]
         spans = "".join(
-            _token_span(t, a, f["max_activation"], i == c["max_index"])
-            for i, (t, a) in enumerate(zip(c["tokens"], c["acts"], strict=True))
+            _token_span(s, toks, acts, f["max_activation"], s.start <= c["max_index"] < s.stop)
+            for s in shown_tokens(toks, c.get("before", ()), c.get("after", ()))
         )
         lines.append(
             f'<div class="ctx"><span class="act">{c["activation"]:.3g}</span>'
@@ -341,6 +470,7 @@ def render_html(data: dict, title: str = "SAE feature dashboards") -> str:
         f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
         f'<p class="meta">layer {data["layer"]} · {data["tokens_seen"]} tokens · '
         f"top {data['k']} contexts per feature</p>"
+        f'<p class="legend">{_LEGEND}</p>'
     )
     return head + body + "</body></html>\n"
 
