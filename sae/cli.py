@@ -36,6 +36,13 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data", action="append", metavar="DATADIR[:WEIGHT]", help="repeat to mix; data.sources"
     )
+    p.add_argument(
+        "--eval-data",
+        action="append",
+        metavar="DATADIR",
+        help="evaluate the trained SAE on these held-out rows instead of the training sources' "
+        "(repeat per source; eval.data)",
+    )
     p.add_argument("--out", required=True, help="the SAE (SAELens layout), checkpoints, metrics")
     p.add_argument("--config", help="YAML overlay on the SAETrainConfig defaults")
     p.add_argument("--architecture", help="standard, topk, batchtopk or jumprelu")
@@ -78,6 +85,8 @@ def cmd_train(args) -> int:
         flags.setdefault("model", {})["path"] = args.model
     if args.data:
         flags["data"] = {"sources": [parse_data_arg(d) for d in args.data]}
+    if args.eval_data:
+        flags["eval"] = {"data": list(args.eval_data)}
     if args.architecture:
         flags["sae"] = {"architecture": args.architecture}
     if args.training_tokens is not None:

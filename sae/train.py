@@ -138,9 +138,16 @@ class EvalSection:
     """SAELens' reconstruction and downstream metrics (`sae.evaluate`: CE loss recovered, KL,
     explained variance, L0, dead and dense latents) of each trained SAE, on held-out rows of every
     training source, written to SAE_DIR/eval.json as `jaxlm sae eval` would (SAELens evaluates at
-    the end of training too). rows=0 turns it off."""
+    the end of training too). rows=0 turns it off.
+
+    `data`: evaluate on these DATADIRs instead of the training sources' held-out rows. Why: a
+    small source's validation split can be a handful of rows (the demo's native stories: 4), too
+    few for a per-source score with a usable interval, while a held-out evaluation set of the
+    same style has hundreds. Not part of the run's identity: evaluating elsewhere does not change
+    the SAE."""
 
     rows: int = 256  # rows (contexts) per data source
+    data: tuple[str, ...] = ()  # DATADIRs to evaluate on; empty: the training sources
     batch_size: int = 8
     split: str = "validation"  # the train split when a source has no validation rows
     seed: int = 0
@@ -336,6 +343,10 @@ def train(cfg: SAETrainConfig, out: str | Path, *, overwrite: bool = False) -> d
     # model and activation store
     model, info = load_model(cfg.model.path, mesh=mesh, rules=rules)
     _check_data_fits(f"--model {cfg.model.path}", model.cfg.vocab_size, info.tokenizer, tok)
+    if cfg.eval.rows and cfg.eval.data:  # refused now, not after the training it follows
+        etok, _, _ = read_sources([(p, 1.0) for p in cfg.eval.data])
+        _check_data_fits(f"eval.data {cfg.eval.data[0]}", model.cfg.vocab_size, info.tokenizer,
+                         etok)  # fmt: skip
     layers = cfg.model.resolve(model.cfg.n_layers)
     identity = _identity(cfg, layers, sources)
     # the output's lock for the whole run; its identity checked (a rerun with another layer,
@@ -439,7 +450,7 @@ def _evaluate(cfg: SAETrainConfig, out: Path, model, saes: list[SAE], layers, so
     e, scores = cfg.eval, {}
     for sae, layer in zip(saes, layers, strict=True):
         d = _sae_dir(out, layer, multi)
-        result = evaluate(model, sae, layer, sources, split=e.split, rows=e.rows,
+        result = evaluate(model, sae, layer, e.data or sources, split=e.split, rows=e.rows,
                           batch_size=e.batch_size, seed=e.seed)  # fmt: skip
         save_eval(d, {"model": str(Path(cfg.model.path).resolve()), "sae": str(d), **result})
         prefix = f"layer-{layer}/" if multi else ""

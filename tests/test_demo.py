@@ -77,6 +77,9 @@ def test_pipeline_runs_every_stage_skips_them_on_rerun_and_reruns_only_what_chan
     for layer in (0, 7):
         ev = json.loads((w / "sae" / "cpt-ts-1m" / f"layer-{layer}" / "eval.json").read_text())
         assert ev["layer"] == layer and ev["pooled"]["ce_loss_score"] is not None
+        # on the held-out evaluation sets the analysis reads, not the training sources
+        assert {s["path"] for s in ev["sources"].values()} == {
+            str(w / "data" / e) for e in ("eval_native", "eval_translated")}  # fmt: skip
     # each layer's attribution, and their sum
     al = r["models"]["cpt-ts-1m"]["analysis"]["all_layers"]
     assert al["layers"] == [0, 7] and [x["layer"] for x in al["per_layer"]] == [0, 7]

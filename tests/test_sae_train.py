@@ -114,6 +114,26 @@ def test_cli_has_a_pulse(model_dir, demo_data, tmp_path, capsys):
     assert res["step"] == 2 and np.isfinite(res["loss"])
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["d_in"] == 256 and cfg["d_sae"] == 1024 and cfg["jaxlm"]["layer"] == LAYER
+    assert _eval_paths(out) == {str(demo_data["translated"])}
+
+
+def _eval_paths(out) -> set[str]:
+    return {s["path"] for s in json.loads((out / "eval.json").read_text())["sources"].values()}
+
+
+def test_eval_data_replaces_the_training_sources_in_the_evaluation(model_dir, demo_data, tmp_path):
+    """`--eval-data`: the trained SAE is scored on those rows; a rerun evaluating elsewhere
+    resumes the same run (evaluation is not part of its identity)."""
+    out = tmp_path / "sae"
+    argv = ["train", "--model", str(model_dir), "--layer", str(LAYER), "--data",
+            str(demo_data["translated"]), "--out", str(out), "--config", "configs/sae/tiny.yaml",
+            "--training-tokens", "512", *FAST]  # fmt: skip
+    assert main([*argv, "--eval-data", str(demo_data["native"])]) == 0
+    assert _eval_paths(out) == {str(demo_data["native"])}
+    assert json.loads((out / "eval.json").read_text())["pooled"]["rows"] == 8
+    assert main([*argv, "--eval-data", str(demo_data["translated"]), "--eval-data",
+                 str(demo_data["native"])]) == 0  # fmt: skip
+    assert _eval_paths(out) == {str(demo_data[k]) for k in ("translated", "native")}
 
 
 @pytest.mark.parametrize(
@@ -122,6 +142,7 @@ def test_cli_has_a_pulse(model_dir, demo_data, tmp_path, capsys):
         (["--model", "/nonexistent/m"], "/nonexistent/m"),
         (["--set", "sae.l1_coefficent=2"], "l1_coefficent"),
         (["--layer", "8"], "model.layer=8"),
+        (["--eval-data", "/nonexistent/d"], "/nonexistent/d"),
     ],
 )
 def test_bad_input_is_one_line(model_dir, demo_data, tmp_path, capsys, flags, needle):

@@ -363,11 +363,15 @@ class Method:
             args = ["sae", "train", "--model", str(self.model(label)), *which, "--data",
                     f"{self.data('translated')}:1", "--data", f"{self.data('native')}:1",
                     "--config", str(config), "--set", "log.progress=false", "--out",
-                    str(self.w / "sae" / label)]  # fmt: skip
+                    str(self.w / "sae" / label),
+                    *[x for e in EVAL for x in ("--eval-data", str(self.data(e)))]]  # fmt: skip
             for x in s.set:
                 args += ["--set", x]
-            # the trainer evaluates each SAE on held-out rows of both sources (its `eval`
-            # section: `jaxlm sae eval`'s defaults) and writes SAE_DIR/eval.json
+            # the trainer evaluates each SAE (its `eval` section: `jaxlm sae eval`'s defaults) on
+            # the held-out evaluation sets the analysis reads, one per style and of equal size, so
+            # the pooled score weighs the styles as the SAE was trained (1:1); not on the training
+            # sources' validation splits: the native one is 2% of 1% of the corpus (4 rows on
+            # the demo). Writes SAE_DIR/eval.json.
             ctx.jaxlm(*args, fresh_process=True)
             per_layer = [{"layer": layer, "dir": str(self.sae_dir(label, layer)),
                           **_sae_cfg(self.sae_dir(label, layer)),
@@ -377,8 +381,9 @@ class Method:
             first = per_layer[0]
             return {**first, "other_layers": per_layer[1:]} if len(layers) > 1 else first
 
-        settings = {"sae": {**_asdict(s), "config": _sha(config)}}
-        settings["sae"].pop("ablation_features"), settings["sae"].pop("dashboards")
+        sae = {**_asdict(s), "config": _sha(config)}
+        sae.pop("ablation_features"), sae.pop("dashboards")
+        settings = {"sae": sae, "eval_data": list(EVAL)}
         return Stage(
             f"sae-{label}",
             settings,
