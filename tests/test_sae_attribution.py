@@ -392,6 +392,65 @@ def test_attributes_firing_count_is_what_tsea_compare_and_ablate_count_on_the_sa
     assert 0 < att.live.sum() < 40
 
 
+# --- the rows read -----------------------------------------------------------------------------
+
+
+def _all_rows(datadir, split: str) -> np.ndarray:
+    """Every row of a split [R, T] (without its shifted target), in order: one-row batches, which
+    no loader leaves a remainder of."""
+    from jaxlm.data.pipeline import make_loader
+
+    loader = make_loader([(str(datadir), 1.0)], split=split, batch_size=1, seed=0, num_epochs=1,
+                         shuffle=False)  # fmt: skip
+    return np.concatenate([b["tokens"][:, :-1] for b in loader])
+
+
+def test_read_rows_reads_every_row_in_order_its_last_batch_smaller(demo_data):
+    """`read_rows` yields the first min(max_rows, rows) rows, in order, in batches of
+    `batch_size` but the last: the loader's remainder is read, not dropped."""
+    from sae.analysis.dashboards import read_rows, rows_read
+
+    def sizes(n: int, b: int) -> list[int]:
+        b = min(b, n)
+        return [b] * (n // b) + [n % b] * (n % b > 0)
+
+    assert sizes(13, 5) == [5, 5, 3]
+    for d in (demo_data["translated"], demo_data["native"]):  # 176 and 10 held-out rows
+        want = _all_rows(d, "validation")
+        R = len(want)
+        for max_rows, b in ((13, 5), (R, 32), (R, 7), (R + 100, 3), (R - 1, R), (R, 1)):
+            got = list(read_rows(d, split="validation", max_rows=max_rows, batch_size=b))
+            n = min(max_rows, R)
+            assert [len(g) for g in got] == sizes(n, b), (R, max_rows, b)
+            assert rows_read(d, split="validation", max_rows=max_rows) == n
+            assert np.array_equal(np.concatenate(got), want[:n])
+
+
+def test_attribute_reads_every_row_when_the_batch_size_does_not_divide_them(tok400, demo_data):
+    """attribute over batches of 32 with a short last one finds the contexts, and counts the
+    tokens, of every row: those of one batch holding them all."""
+    from sae.analysis.dashboards import read_rows
+
+    d = demo_data["translated"]
+    R = len(_all_rows(d, "validation"))
+    assert R % 32, R  # 176 held-out rows: 5 batches of 32 and one of 16
+    model = _model(tok400.vocab_size, D=32, F=64, layers=2, seed=6)
+    sae = _sae(64, 40, seed=1)
+    contrasts = at.demo_contrasts(tok400)
+    read = lambda b: list(read_rows(d, split="validation", max_rows=10_000, batch_size=b))  # noqa: E731
+    batched, whole = (at.attribute(model, sae, 1, read(b), tok400, contrasts) for b in (32, R))
+    assert batched.meta["rows"] == whole.meta["rows"] == R
+    assert batched.n_tokens == whole.n_tokens == R * 32  # seq_len 32
+    # contexts in the last, short batch's rows: the rows a dropped remainder would lose
+    assert any((r.contexts.row >= R - R % 32).any() for r in batched.results)
+    for a, b in zip(batched.results, whole.results, strict=True):
+        for k in ("row", "pos", "label", "form", "token"):
+            x, y = getattr(a.contexts, k), getattr(b.contexts, k)
+            assert np.array_equal(x, y), (a.contrast.name, k)
+    # the same positions fire, but for one whose activation a batch's shape moves across zero
+    assert np.abs(batched.active_count - whole.active_count).max() <= 1
+
+
 # --- the TSEA contrast --------------------------------------------------------------------------
 
 
