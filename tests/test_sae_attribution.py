@@ -643,6 +643,7 @@ def test_match_reads_the_attributions_attribute_saved_and_writes_the_same(
     old = tmp_path / "old"  # an attribute output of an earlier jaxlm: no arrays
     shutil.copytree(a, old)
     (old / "attribution.npz").unlink()
+    short = _fewer_rows(a, tmp_path / "short")
     native = ["--data", str(demo_data["native"]), "--split", "train", "--rows", "24"]
     t, n = (demo_data[x].resolve() for x in ("translated", "native"))
     o = str(tmp_path / "o")
@@ -658,8 +659,27 @@ def test_match_reads_the_attributions_attribute_saved_and_writes_the_same(
          "not a `jaxlm sae attribute` output"),
         (["match", *pair, "--layer", "0", "--attribution-before", a, "--out", o],
          "attributes layer 1, this reads layer 0"),
+        (["match", *pair, "--attribution-before", short, "--out", o],
+         f"--attribution-before {short}: attributes 40 rows, these flags read 48: attribute again"),
     ]  # fmt: skip
     _each_refused_in_one_line(bad, capsys)
+
+
+def _fewer_rows(src: str, dst) -> str:
+    """A copy of `sae attribute`'s output `src` whose attribution.npz records 40 rows read, as
+    an earlier jaxlm's did with the same flags (it dropped each source's last partial batch)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    npz = dst / "attribution.npz"
+    with np.load(npz) as z:
+        arrays = {k: z[k] for k in z.files}
+    header = json.loads(arrays[at.HEADER].item())
+    header["meta"]["rows"] = 40
+    arrays[at.HEADER] = np.asarray(json.dumps(header, ensure_ascii=False))
+    with open(npz, "wb") as f:
+        np.savez(f, **arrays)
+    return str(dst)
 
 
 def test_tsea_compare_reads_the_firing_counts_attribute_saved_and_writes_the_same(
@@ -693,7 +713,7 @@ def test_tsea_compare_reads_the_firing_counts_attribute_saved_and_writes_the_sam
     assert 0 < cmp["before"]["n_dead"] < 40 and cmp["after"]["n_dead"] == cmp["before"]["n_dead"]
     capsys.readouterr()
 
-    o = str(tmp_path / "o")
+    o, short = str(tmp_path / "o"), _fewer_rows(a2, tmp_path / "short")
     bad = [
         (["tsea-compare", *pair, "--rows", "12", *saved, "--out", o], "(rows 24 -> 12)"),
         (["tsea-compare", *pair, "--batch-size", "8", *saved, "--out", o],
@@ -707,6 +727,8 @@ def test_tsea_compare_reads_the_firing_counts_attribute_saved_and_writes_the_sam
          "attributes layer 1, this reads layer 0"),
         (["tsea-compare", *pair, "--attribution-after", str(x), "--out", o],
          "not a `jaxlm sae attribute` output"),
+        (["tsea-compare", *pair, "--attribution-after", short, "--out", o],
+         f"--attribution-after {short}: attributes 40 rows, these flags read 48: attribute again"),
     ]  # fmt: skip
     _each_refused_in_one_line(bad, capsys)
 

@@ -74,7 +74,7 @@ def firing_count_fn(model, sae: SAE, layer: int):
 
 def rows_read(datadir: str | Path, *, split: str = "train", max_rows: int = 2048) -> int:
     """How many rows `read_rows` yields: `max_rows`, or every row of the split when it has
-    fewer."""
+    fewer. `sae tsea-compare` and `sae match` check a saved attribution's row count against it."""
     from jaxlm.data.pipeline import read_metadata
 
     rows = read_metadata(datadir)["splits"].get(split, {}).get("rows", 0)
