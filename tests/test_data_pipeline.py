@@ -121,3 +121,6 @@ def test_bad_sources(datadirs, tmp_path):
         make_loader([(str(tmp_path), 1.0)], split="train", batch_size=2, seed=0)
     with pytest.raises(UserError, match="no rows in split 'test'"):
         make_loader([(datadirs[0], 1.0)], split="test", batch_size=2, seed=0)
+    with pytest.raises(ValueError, match="drop_remainder=False needs slice_global_batch=False"):
+        make_loader([(datadirs[0], 1.0)], split="train", batch_size=2, seed=0, num_epochs=1,
+                    slice_global_batch=True, drop_remainder=False)  # fmt: skip

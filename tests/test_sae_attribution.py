@@ -408,6 +408,65 @@ def test_attributes_firing_count_is_what_tsea_compare_and_ablate_count_on_the_sa
     assert 0 < att.live.sum() < 40
 
 
+# --- the rows read -----------------------------------------------------------------------------
+
+
+def _all_rows(datadir, split: str) -> np.ndarray:
+    """Every row of a split [R, T] (without its shifted target), in order: one-row batches, which
+    no loader leaves a remainder of."""
+    from jaxlm.data.pipeline import make_loader
+
+    loader = make_loader([(str(datadir), 1.0)], split=split, batch_size=1, seed=0, num_epochs=1,
+                         shuffle=False)  # fmt: skip
+    return np.concatenate([b["tokens"][:, :-1] for b in loader])
+
+
+def test_read_rows_reads_every_row_in_order_its_last_batch_smaller(demo_data):
+    """`read_rows` yields the first min(max_rows, rows) rows, in order, in batches of
+    `batch_size` but the last: the loader's remainder is read, not dropped."""
+    from sae.analysis.dashboards import read_rows, rows_read
+
+    def sizes(n: int, b: int) -> list[int]:
+        b = min(b, n)
+        return [b] * (n // b) + [n % b] * (n % b > 0)
+
+    assert sizes(13, 5) == [5, 5, 3]
+    for d in (demo_data["translated"], demo_data["native"]):  # 176 and 10 held-out rows
+        want = _all_rows(d, "validation")
+        R = len(want)
+        for max_rows, b in ((13, 5), (R, 32), (R, 7), (R + 100, 3), (R - 1, R), (R, 1)):
+            got = list(read_rows(d, split="validation", max_rows=max_rows, batch_size=b))
+            n = min(max_rows, R)
+            assert [len(g) for g in got] == sizes(n, b), (R, max_rows, b)
+            assert rows_read(d, split="validation", max_rows=max_rows) == n
+            assert np.array_equal(np.concatenate(got), want[:n])
+
+
+def test_attribute_reads_every_row_when_the_batch_size_does_not_divide_them(tok400, demo_data):
+    """attribute over batches of 32 with a short last one finds the contexts, and counts the
+    tokens, of every row: those of one batch holding them all."""
+    from sae.analysis.dashboards import read_rows
+
+    d = demo_data["translated"]
+    R = len(_all_rows(d, "validation"))
+    assert R % 32, R  # 176 held-out rows: 5 batches of 32 and one of 16
+    model = _model(tok400.vocab_size, D=32, F=64, layers=2, seed=6)
+    sae = _sae(64, 40, seed=1)
+    contrasts = at.demo_contrasts(tok400)
+    read = lambda b: list(read_rows(d, split="validation", max_rows=10_000, batch_size=b))  # noqa: E731
+    batched, whole = (at.attribute(model, sae, 1, read(b), tok400, contrasts) for b in (32, R))
+    assert batched.meta["rows"] == whole.meta["rows"] == R
+    assert batched.n_tokens == whole.n_tokens == R * 32  # seq_len 32
+    # contexts in the last, short batch's rows: the rows a dropped remainder would lose
+    assert any((r.contexts.row >= R - R % 32).any() for r in batched.results)
+    for a, b in zip(batched.results, whole.results, strict=True):
+        for k in ("row", "pos", "label", "form", "token"):
+            x, y = getattr(a.contexts, k), getattr(b.contexts, k)
+            assert np.array_equal(x, y), (a.contrast.name, k)
+    # the same positions fire, but for one whose activation a batch's shape moves across zero
+    assert np.abs(batched.active_count - whole.active_count).max() <= 1
+
+
 # --- the TSEA contrast --------------------------------------------------------------------------
 
 
@@ -600,6 +659,7 @@ def test_match_reads_the_attributions_attribute_saved_and_writes_the_same(
     old = tmp_path / "old"  # an attribute output of an earlier jaxlm: no arrays
     shutil.copytree(a, old)
     (old / "attribution.npz").unlink()
+    short = _fewer_rows(a, tmp_path / "short")
     native = ["--data", str(demo_data["native"]), "--split", "train", "--rows", "24"]
     t, n = (demo_data[x].resolve() for x in ("translated", "native"))
     o = str(tmp_path / "o")
@@ -615,8 +675,27 @@ def test_match_reads_the_attributions_attribute_saved_and_writes_the_same(
          "not a `jaxlm sae attribute` output"),
         (["match", *pair, "--layer", "0", "--attribution-before", a, "--out", o],
          "attributes layer 1, this reads layer 0"),
+        (["match", *pair, "--attribution-before", short, "--out", o],
+         f"--attribution-before {short}: attributes 40 rows, these flags read 48: attribute again"),
     ]  # fmt: skip
     _each_refused_in_one_line(bad, capsys)
+
+
+def _fewer_rows(src: str, dst) -> str:
+    """A copy of `sae attribute`'s output `src` whose attribution.npz records 40 rows read, as
+    an earlier jaxlm's did with the same flags (it dropped each source's last partial batch)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    npz = dst / "attribution.npz"
+    with np.load(npz) as z:
+        arrays = {k: z[k] for k in z.files}
+    header = json.loads(arrays[at.HEADER].item())
+    header["meta"]["rows"] = 40
+    arrays[at.HEADER] = np.asarray(json.dumps(header, ensure_ascii=False))
+    with open(npz, "wb") as f:
+        np.savez(f, **arrays)
+    return str(dst)
 
 
 def test_tsea_compare_reads_the_firing_counts_attribute_saved_and_writes_the_same(
@@ -650,7 +729,7 @@ def test_tsea_compare_reads_the_firing_counts_attribute_saved_and_writes_the_sam
     assert 0 < cmp["before"]["n_dead"] < 40 and cmp["after"]["n_dead"] == cmp["before"]["n_dead"]
     capsys.readouterr()
 
-    o = str(tmp_path / "o")
+    o, short = str(tmp_path / "o"), _fewer_rows(a2, tmp_path / "short")
     bad = [
         (["tsea-compare", *pair, "--rows", "12", *saved, "--out", o], "(rows 24 -> 12)"),
         (["tsea-compare", *pair, "--batch-size", "8", *saved, "--out", o],
@@ -664,6 +743,8 @@ def test_tsea_compare_reads_the_firing_counts_attribute_saved_and_writes_the_sam
          "attributes layer 1, this reads layer 0"),
         (["tsea-compare", *pair, "--attribution-after", str(x), "--out", o],
          "not a `jaxlm sae attribute` output"),
+        (["tsea-compare", *pair, "--attribution-after", short, "--out", o],
+         f"--attribution-after {short}: attributes 40 rows, these flags read 48: attribute again"),
     ]  # fmt: skip
     _each_refused_in_one_line(bad, capsys)
 

@@ -156,6 +156,7 @@ def make_loader(
     num_epochs: int | None = None,
     shuffle: bool = True,
     slice_global_batch: bool = False,
+    drop_remainder: bool = True,
 ) -> Loader:
     """A loader over (DATADIR, weight) `sources`; `batch_size` is per process.
 
@@ -167,6 +168,11 @@ def make_loader(
     order of batches of `batch_size * process_count` rows and reads only its own slice, so the
     data a run sees does not depend on how many hosts feed it (1 host x 8 devices trains exactly
     like 2 hosts x 4 devices, and a run may resume on another topology).
+
+    `drop_remainder=False` (with `num_epochs`): the last batch holds the rows left over, fewer
+    than `batch_size`, for readers that must see every row (`sae.analysis.dashboards.read_rows`);
+    training keeps every batch full. Not with `slice_global_batch`: a short global batch would
+    leave the processes slices of different sizes, some empty.
     """
     import grain
 
@@ -174,6 +180,8 @@ def make_loader(
         raise UserError("make_loader needs at least one (datadir, weight) source")
     if not 0 <= process_index < process_count:
         raise UserError(f"process_index {process_index} not in [0, {process_count})")
+    if slice_global_batch and not drop_remainder:
+        raise ValueError("drop_remainder=False needs slice_global_batch=False")
     metas = [read_metadata(d) for d, _ in sources]
     row_lens = {m["row_len"] for m in metas}
     if len(row_lens) != 1:
@@ -199,7 +207,7 @@ def make_loader(
         ds = ds.batch(batch_size * process_count, drop_remainder=True, batch_fn=_stack_codes)
         ds = ds.map(_Slice(process_index * batch_size, (process_index + 1) * batch_size))
     else:
-        ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_stack_codes)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=_stack_codes)
     ds = ds.map(_ReadBatch(paths, row_lens.pop()))
     read = grain.ReadOptions(num_threads=2 if worker_count == 0 else 1, prefetch_buffer_size=8)
     ids = ds.to_iter_dataset(read)

@@ -839,18 +839,24 @@ def saved_counts(path: str | Path) -> tuple[np.ndarray, int, dict]:
     return arrays["active_count"], header["n_tokens"], header["meta"]
 
 
-def _read(path: Path) -> tuple[dict[str, np.ndarray], dict]:
-    """(the arrays, the header) of a saved attribution; a UserError for anything else."""
+def saved_meta(path: str | Path) -> dict:
+    """The meta of what `Attribution.save` wrote (layer, rows read, ...), its arrays left unread:
+    `sae tsea-compare` and `sae match` check the rows it read before loading a model."""
+    return _read(Path(path), arrays=False)[1]["meta"]
+
+
+def _read(path: Path, *, arrays: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+    """(the arrays, or none, the header) of a saved attribution; a UserError for anything else."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        header = json.loads(arrays.pop(HEADER).item())
+            header = json.loads(z[HEADER].item())
+            out = {k: z[k] for k in z.files if k != HEADER} if arrays else {}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a saved attribution ({e})") from None
     if header.get("format") != SAVE_FORMAT:
         raise UserError(f"{path}: format {header.get('format')}, this jaxlm reads "
                         f"{SAVE_FORMAT}; attribute again")  # fmt: skip
-    return arrays, header
+    return out, header
 
 
 SAVE_FORMAT = 1  # `Attribution.save`'s layout

@@ -611,9 +611,14 @@ def _saved_attribution(
     output whose recorded identity (`_output`) names the same model and SAE as --KEY and the same
     flags `same` as these args (`_SAME_ROWS`: tsea-compare reads only its firing counts, which
     neither the word lists nor the tokenizer change; `_SAME_CONTEXTS`: match reads its contexts).
-    Anything else is refused, never computed again quietly. The layer is checked when the arrays
-    are read (`_same_layer`): --layer may name the SAE's own."""
+    Anything else is refused, never computed again quietly; so is one that read another number of
+    rows than these flags read now (`dashboards.rows_read`): an earlier jaxlm, given the same
+    flags, left out each source's last partial batch, so its counts and contexts are of fewer rows
+    than this side's or the other side's. The layer is checked when the arrays are read
+    (`_same_layer`): --layer may name the SAE's own."""
     from jaxlm.outputs import read_identity
+    from sae.analysis import dashboards as db
+    from sae.analysis.attribution import saved_meta
 
     flag, d = f"--attribution-{key}", getattr(args, f"attribution_{key}")
     if d is None:
@@ -631,6 +636,11 @@ def _saved_attribution(
     if diff:
         raise UserError(f"{flag} {d} was attributed from other inputs than --{key} and these rows "
                         f"({diff}): pass the one made from these, or leave {flag} out")  # fmt: skip
+    read = sum(db.rows_read(src, split=args.split, max_rows=args.rows) for src in args.data)
+    rows = saved_meta(npz).get("rows")
+    if rows != read:
+        raise UserError(f"{flag} {d}: attributes {rows} rows, these flags read {read}: attribute "
+                        f"again with --overwrite, or leave {flag} out")  # fmt: skip
     return flag, npz
 
 

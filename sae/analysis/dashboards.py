@@ -80,20 +80,29 @@ def firing_count_fn(model, sae: SAE, layer: int):
     return run
 
 
+def rows_read(datadir: str | Path, *, split: str = "train", max_rows: int = 2048) -> int:
+    """How many rows `read_rows` yields: `max_rows`, or every row of the split when it has
+    fewer. `sae tsea-compare` and `sae match` check a saved attribution's row count against it."""
+    from jaxlm.data.pipeline import read_metadata
+
+    rows = read_metadata(datadir)["splits"].get(split, {}).get("rows", 0)
+    if rows == 0:
+        raise UserError(f"{datadir}: no rows in split {split!r}")
+    return min(max_rows, rows)
+
+
 def read_rows(
     datadir: str | Path, *, split: str = "train", max_rows: int = 2048, batch_size: int = 32
 ) -> Iterator[np.ndarray]:
-    """Batches [B, T] of token rows from a prepared DATADIR, in order, at most `max_rows` rows.
+    """Batches [B, T] of token rows from a prepared DATADIR, in order: the first `rows_read`
+    rows, every one of them. All batches hold `batch_size` rows but the last, which holds what is
+    left (the loader keeps its remainder: dropping it lost 21 of the demo's 1,397 held-out rows).
 
     A prepared row holds T + 1 tokens (inputs and shifted targets); the first T are used.
     """
-    from jaxlm.data.pipeline import make_loader, read_metadata
+    from jaxlm.data.pipeline import make_loader
 
-    meta = read_metadata(datadir)
-    rows = meta["splits"].get(split, {}).get("rows", 0)
-    if rows == 0:
-        raise UserError(f"{datadir}: no rows in split {split!r}")
-    n = min(max_rows, rows)
+    n = rows_read(datadir, split=split, max_rows=max_rows)
     batch_size = min(batch_size, n)
     loader = make_loader(
         [(str(datadir), 1.0)],
@@ -102,10 +111,11 @@ def read_rows(
         seed=0,
         num_epochs=1,
         shuffle=False,
+        drop_remainder=False,
     )
     seen = 0
     for batch in loader:
-        take = min(batch_size, n - seen)
+        take = min(len(batch["tokens"]), n - seen)
         yield batch["tokens"][:take, :-1]
         seen += take
         if seen >= n:
