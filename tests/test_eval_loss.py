@@ -47,6 +47,15 @@ def test_eval_loss_equals_transformers_per_source(tmp_path, demo_data, capsys):
         assert got[name]["perplexity"] == pytest.approx(float(np.exp(per_row.mean())), rel=1e-4)
         lo, hi = got[name]["ci95"]
         assert lo < got[name]["loss"] < hi
+    # a split smaller than --rows is read whole, also when the batch size does not divide it
+    n_val = json.loads((demo_data["native"] / "metadata.json").read_text())["splits"]
+    n_val = n_val["validation"]["rows"]
+    assert n_val % 4 != 0  # the case a loader dropping its last partial batch gets wrong
+    argv = ["eval", "loss", "--checkpoint", str(m), "--data", data[1], "--rows", "1000",
+            "--batch-size", "4", "--out", str(tmp_path / "val.json")]  # fmt: skip
+    assert main(argv) == 0
+    got = json.loads((tmp_path / "val.json").read_text())["sources"]
+    assert got["data_native"]["rows"] == n_val
 
 
 @pytest.mark.slow

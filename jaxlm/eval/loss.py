@@ -77,12 +77,13 @@ def evaluate_sources(
             raise UserError(f"{path} has no rows in split {split!r}")
         n = min(rows, max_rows)
         b = min(batch_size, n)
+        # the last partial batch kept: "every row when fewer" means every row
         loader = make_loader([(str(path), 1.0)], split=split, batch_size=b, seed=0,
-                             shuffle=False, num_epochs=1)  # fmt: skip
+                             shuffle=False, num_epochs=1, drop_remainder=False)  # fmt: skip
         got: list[np.ndarray] = []
         seen = 0
         for batch in loader:
-            take = min(b, n - seen)
+            take = min(len(batch["tokens"]), n - seen)
             got.append(np.asarray(losses_fn(batch["tokens"]))[:take])
             seen += take
             if seen >= n:
