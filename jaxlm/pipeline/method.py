@@ -559,7 +559,8 @@ def sae_eval_summary(ev: dict) -> dict:
         return out
 
     out = ours(ev.get("pooled", {}))
-    out["per_source"] = {n: ours(s) for n, s in ev.get("sources", {}).items()}
+    # eval_native -> native, as the evaluation losses are named
+    out["per_source"] = {n.removeprefix("eval_"): ours(s) for n, s in ev.get("sources", {}).items()}
     return out
 
 
