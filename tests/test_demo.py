@@ -80,7 +80,7 @@ def test_pipeline_runs_every_stage_skips_them_on_rerun_and_reruns_only_what_chan
         # on the held-out evaluation sets the analysis reads, not the training sources
         assert {s["path"] for s in ev["sources"].values()} == {
             str(w / "data" / e) for e in ("eval_native", "eval_translated")}  # fmt: skip
-    assert set(sae["per_source"]) == {"native", "translated"}  # named as the losses are
+    assert set(sae["eval"]["per_source"]) == {"native", "translated"}  # named as the losses are
     # each layer's attribution, and their sum
     al = r["models"]["cpt-ts-1m"]["analysis"]["all_layers"]
     assert al["layers"] == [0, 7] and [x["layer"] for x in al["per_layer"]] == [0, 7]

@@ -1439,6 +1439,12 @@ def _sae_cell(ev: dict, key: str, digits: int) -> Cell:
         return Cell(DASH)
     if ev.get("ce_loss_measurable") is False:
         return Cell(f"{_fmt(e.value, digits)} (not measurable)", e.ci(digits))
+    # pooled over a source where it is not measurable: a mixture, not a score of the SAE there
+    unmeasurable = [src for src, v in _dict(ev.get("per_source")).items()
+                    if isinstance(v, dict) and v.get("ce_loss_measurable") is False]  # fmt: skip
+    if unmeasurable:
+        return Cell(f"{_fmt(e.value, digits)} (pools {', '.join(unmeasurable)}: not measurable "
+                    "there)", e.ci(digits))  # fmt: skip
     return est_cell(e, digits)
 
 
