@@ -93,7 +93,9 @@ def test_demo_page_has_each_part(reports):
     assert "0.910" in page and "[0.890, 0.930]" in page
     assert page.count("0.716 (not measurable)") == 1  # only the CPT model's translated rows
     # and its pooled score, over those rows, says it is a mixture
-    assert page.count("0.910 (pools translated: not measurable there)") == 1
+    assert page.count("0.910 \u2020") == 1
+    assert "not measurable (zero-ablating the MLP does not raise the loss there; the table " in page
+    assert "cpt-ts-1m (layer 7): translated. A mixture" in page
     # where the logit difference comes from: the components, the analysed layer marked
     assert "Where the model&#x27;s own logit difference" in page and "<th>mlp 7</th>" in page
     assert "analysed layer" in page and "+6.00" in page

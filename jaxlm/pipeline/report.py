@@ -1403,6 +1403,18 @@ def sae_section(b: Builder) -> Section | None:
                 )
         heads = ["model", "layer", "architecture", "latents", *(h for _, h, _ in SAE_KEYS)]
         blocks.append(Table(heads, rows))
+        mixed = [f"{m.label} (layer {sae.get('layer')}): {', '.join(srcs)}"
+                 for m in have for sae in [m.rec["sae"], *_list(m.rec["sae"].get("other_layers"))]
+                 if (srcs := _pools_unmeasurable(_dict(sae.get("eval"))))]  # fmt: skip
+        if mixed:
+            blocks.append(
+                Para(
+                    "\u2020 Pooled over rows where CE loss recovered is not measurable "
+                    "(zero-ablating the MLP does not raise the loss there; the table below has "
+                    f"each source): {'; '.join(mixed)}. A mixture, not a score of the SAE on "
+                    "those rows."
+                )
+            )
         if (per := _sae_per_source(have)) is not None:
             blocks.append(per)
     _dashboards(b, blocks)
@@ -1439,13 +1451,16 @@ def _sae_cell(ev: dict, key: str, digits: int) -> Cell:
         return Cell(DASH)
     if ev.get("ce_loss_measurable") is False:
         return Cell(f"{_fmt(e.value, digits)} (not measurable)", e.ci(digits))
-    # pooled over a source where it is not measurable: a mixture, not a score of the SAE there
-    unmeasurable = [src for src, v in _dict(ev.get("per_source")).items()
-                    if isinstance(v, dict) and v.get("ce_loss_measurable") is False]  # fmt: skip
-    if unmeasurable:
-        return Cell(f"{_fmt(e.value, digits)} (pools {', '.join(unmeasurable)}: not measurable "
-                    "there)", e.ci(digits))  # fmt: skip
+    if _pools_unmeasurable(ev):  # explained under the table (`sae_section`)
+        return Cell(f"{_fmt(e.value, digits)} \u2020", e.ci(digits))
     return est_cell(e, digits)
+
+
+def _pools_unmeasurable(ev: dict) -> list[str]:
+    """The sources of a pooled CE loss recovered where it is not measurable: the pooled figure
+    mixes them in, so it is not a score of the SAE there."""
+    return [src for src, v in _dict(ev.get("per_source")).items()
+            if isinstance(v, dict) and v.get("ce_loss_measurable") is False]  # fmt: skip
 
 
 def _dashboards(b: Builder, blocks: list) -> None:
