@@ -1389,9 +1389,11 @@ def sae_section(b: Builder) -> Section | None:
                 "reconstruction is spliced in, and the KL divergence it adds."
             )
         )
-        rows = []
+        rows, mixed = [], []
         for m in have:  # the analysed layer first, then any other layers trained with it
             for sae in [m.rec["sae"], *_list(m.rec["sae"].get("other_layers"))]:
+                if srcs := _pools_unmeasurable(_dict(sae.get("eval"))):
+                    mixed.append(f"{m.label} (layer {sae.get('layer')}): {', '.join(srcs)}")
                 rows.append(
                     [
                         text_cell(m.label),
@@ -1403,9 +1405,6 @@ def sae_section(b: Builder) -> Section | None:
                 )
         heads = ["model", "layer", "architecture", "latents", *(h for _, h, _ in SAE_KEYS)]
         blocks.append(Table(heads, rows))
-        mixed = [f"{m.label} (layer {sae.get('layer')}): {', '.join(srcs)}"
-                 for m in have for sae in [m.rec["sae"], *_list(m.rec["sae"].get("other_layers"))]
-                 if (srcs := _pools_unmeasurable(_dict(sae.get("eval"))))]  # fmt: skip
         if mixed:
             blocks.append(
                 Para(

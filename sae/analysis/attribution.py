@@ -833,24 +833,24 @@ def saved_counts(path: str | Path) -> tuple[np.ndarray, int, dict]:
     """(active_count [S], n_tokens, meta) of what `Attribution.save` wrote: each feature's firing
     count on the rows attribute read, which is all `sae tsea-compare --attribution-before` needs
     (no contrasts to rebuild: the word lists and tokenizer do not change a count)."""
-    arrays, header = _read(Path(path))
-    if "active_count" not in arrays:
-        raise UserError(f"{path}: not a saved attribution (no 'active_count')")
+    arrays, header = _read(Path(path), keys=("active_count",))  # the one array it needs
     return arrays["active_count"], header["n_tokens"], header["meta"]
 
 
 def saved_meta(path: str | Path) -> dict:
     """The meta of what `Attribution.save` wrote (layer, rows read, ...), its arrays left unread:
     `sae tsea-compare` and `sae match` check the rows it read before loading a model."""
-    return _read(Path(path), arrays=False)[1]["meta"]
+    return _read(Path(path), keys=())[1]["meta"]
 
 
-def _read(path: Path, *, arrays: bool = True) -> tuple[dict[str, np.ndarray], dict]:
-    """(the arrays, or none, the header) of a saved attribution; a UserError for anything else."""
+def _read(path: Path, *, keys: Sequence[str] | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """(the arrays, every one or only `keys`, the header) of a saved attribution; a UserError for
+    anything else, a missing key included. An .npz entry is read only when asked for."""
     try:
         with np.load(path, allow_pickle=False) as z:
             header = json.loads(z[HEADER].item())
-            out = {k: z[k] for k in z.files if k != HEADER} if arrays else {}
+            names = [k for k in z.files if k != HEADER] if keys is None else keys
+            out = {k: z[k] for k in names}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a saved attribution ({e})") from None
     if header.get("format") != SAVE_FORMAT:
