@@ -21,8 +21,10 @@ SAE's error term, as one ablation does. Everything below takes either kind of ed
 `ablation_report` samples the same stories (prompts, seeds, batches) with and without the edit,
 so the edit is the only difference, and reads their translation artifacts (English-name rate,
 English-dialogue share, jaxlm.eval.artifacts) side by side, with a paired bootstrap interval of
-the change. Random control features (`--random K`) are drawn, seeded, from the LIVE ones: active
-on rows of the DATADIRs, or, without any, firing in the SAE's training (its sparsity.safetensors);
+the change. Two such runs with other features (top and random) sample the same stories too, so
+`paired_runs` compares their ablated sides story by story, from the counts each row keeps. Random
+control features (`--random K`) are drawn, seeded, from the LIVE ones: active on rows of the
+DATADIRs, or, without any, firing in the SAE's training (its sparsity.safetensors);
 with several SAEs, K from each, SAE i drawing with seed + i so that the layers' draws differ.
 
 A sample-level rate sits at its ceiling when the model never writes the other kind of name (the
@@ -185,6 +187,28 @@ def paired_difference(
     return out
 
 
+def paired_runs(
+    rows_a: Sequence[dict], rows_b: Sequence[dict], *, resamples: int = 1000, seed: int = 0
+) -> dict:
+    """`paired_difference` of two ablations' ablated stories (e.g. the top features' minus random
+    ones'): the stories of one `ablation_report` (its JSONL rows) against another's, story i of
+    each from the same prompt and seed. Two runs are paired only when they sampled the same
+    stories without an edit (same prompts, seeds and baseline texts), so the edits are the only
+    difference; otherwise ValueError says which story differs. The pairing is what makes the
+    interval narrower than two independent intervals combined: the samples share their noise."""
+    if len(rows_a) != len(rows_b):
+        raise ValueError(f"{len(rows_a)} stories against {len(rows_b)}: not the same sampling")
+    for a, b in zip(rows_a, rows_b, strict=True):
+        for k in ("prompt", "seed", "baseline"):
+            if a.get(k) != b.get(k):
+                raise ValueError(f"story {a.get('i')}: another {k}, not the same sampling")
+        if "counts" not in a or "counts" not in b:
+            raise ValueError(f"story {a.get('i')}: no per-story counts (written before they were)")
+    per_a = [r["counts"]["ablated"] for r in rows_a]
+    per_b = [r["counts"]["ablated"] for r in rows_b]
+    return paired_difference(per_a, per_b, resamples=resamples, seed=seed)
+
+
 def ablation_report(
     model: GPTNeo,
     tok: Tokenizer,
@@ -199,9 +223,10 @@ def ablation_report(
     lists: NameLists | None = None,
     resamples: int = 1000,
 ) -> tuple[list[dict], dict]:
-    """(one row per story: prompt, seed, ablated and baseline text; the report: both sides'
-    artifact metrics and their paired difference). Sampling as `jaxlm.eval.samples` samples (the
-    demo's temperature 0.8, top-k 50 unless `sampling` says otherwise)."""
+    """(one row per story: prompt, seed, ablated and baseline text, each side's name and dialogue
+    counts; the report: both sides' artifact metrics and their paired difference). Sampling as
+    `jaxlm.eval.samples` samples (the demo's temperature 0.8, top-k 50 unless `sampling` says
+    otherwise)."""
     from jaxlm.eval.artifacts import artifact_metrics
     from jaxlm.eval.samples import DEMO_SAMPLING, sample_stories
 
@@ -226,6 +251,7 @@ def ablation_report(
     }
     per = {side: r.pop("per_story") for side, r in reports.items()}
     begin = list(prompts) if prompts else [""]
+    counted = [k for pair in _POOLED.values() for k in pair]
     rows = [
         {
             "i": i,
@@ -233,6 +259,8 @@ def ablation_report(
             "seed": seed + i // batch_size,
             "ablated": a,
             "baseline": b,
+            # what the rates pool, per story: another run's rows pair with these (`paired_runs`)
+            "counts": {side: {k: per[side][i][k] for k in counted} for side in per},
         }
         for i, (a, b) in enumerate(zip(ablated, baseline, strict=True))
     ]

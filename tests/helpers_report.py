@@ -280,6 +280,14 @@ def _sae_parts(run: Path, label: str, role: str) -> dict:
             "name_logit_diff_change_top": _logit(-0.46, 0.05),
             "name_logit_diff_change_random": _logit(-0.03, 0.02),
             "name_logit_diff_contexts": {"english": 6888, "arabic": 6819},
+            # top - random, paired story by story (narrower than the two rates' intervals)
+            "difference_top_vs_random": {"value": -0.62, "ci95": [-0.7, -0.55], "n": N_SAMPLES},
+            "name_mentions": {
+                "stories": N_SAMPLES,
+                "none": {"english": 151, "arabic": 2},
+                "top": {"english": 40, "arabic": 61},
+                "random": {"english": 149, "arabic": 3},
+            },  # fmt: skip
         },
     }
 

@@ -83,6 +83,13 @@ def test_demo_page_has_each_part(reports):
     assert "Not in this run: judge grades for any model" in page  # the demo has no judge
     for sets in res["comparisons"]["pretrain-ts-1m -> cpt-ts-1m"]["tsea"]["sets"]:
         assert f"<td>{sets}</td>" in page
+    # the ablation's first table: top - random paired story by story (the runs' own interval,
+    # not MOVER's), and the name mentions that say whether names went or changed kind
+    assert "<th>name mentions, English / Arabic (none; random; top)</th>" in page
+    assert "151 / 2; 149 / 3; 40 / 61" in page
+    assert re.search(r"with as many random features: lower \(-0\.62 \[-0\.70, -0\.55\]\); name "
+                     r"mentions \(English / Arabic\) 40 / 61 with the top features, 149 / 3 with "
+                     r"random ones, 151 / 2 unablated\.", page)  # fmt: skip
     # the ablation's second table: the name-slot logit difference, paired changes, top - random
     assert "Name-slot logit difference" in page and "<th>top - none</th>" in page
     assert "9.770 <span" in page or "9.770 [" in page, "the unablated logit difference"
@@ -162,6 +169,10 @@ def test_metrics_json_holds_the_fixture_values(reports):
             e = rec["ablation"][f"english_name_rate_{k}"]
             assert got[f"ablation.english_name_rate_{k}"] == e["value"]
             assert got[f"ablation.english_name_rate_{k}.ci95"] == e["ci95"]
+        e = rec["ablation"]["difference_top_vs_random"]
+        assert got["ablation.difference_top_vs_random"] == e["value"]
+        assert got["ablation.difference_top_vs_random.ci95"] == e["ci95"]
+        assert got["ablation.name_mentions.top.arabic"] == 61
         for k in ("top", "random", "none", "change_top", "change_random"):
             e = rec["ablation"][f"name_logit_diff_{k}"]
             assert got[f"ablation.name_logit_diff_{k}"] == e["value"]
@@ -218,6 +229,30 @@ def test_change_interval_and_words():
     assert reading("native", c) == "repair: native loss falls"
     assert reading("translated", Change(0.2, 0.1, 0.3)) == "forgetting: translated loss rises"
     assert reading("translated", same) == "no clear change"
+
+
+def test_top_minus_random_is_paired_where_the_runs_kept_it():
+    """The ablation's top - random: the runs' story-by-story difference when recorded; a run
+    from before gets MOVER of the two rates (wider), and no mentions rather than made-up ones."""
+    from jaxlm.pipeline.report import Model, Run, _mentions, _top_minus_random
+
+    ab = {"english_name_rate_top": {"value": 0.75, "ci95": [0.73, 0.77]},
+          "english_name_rate_random": {"value": 0.77, "ci95": [0.76, 0.79]}}  # fmt: skip
+    run = Run(Path("."), {}, "r")
+    old = Model("p", "p", run, {"ablation": ab})
+    mover = _top_minus_random(old)
+    assert mover is not None and mover.d == pytest.approx(-0.02)
+    assert (mover.lo, mover.hi) == pytest.approx((-0.02 - math.hypot(0.02, 0.02),
+                                                  -0.02 + math.hypot(0.02, 0.01)))  # fmt: skip
+    assert _mentions(old) is None
+    paired = {**ab, "difference_top_vs_random": {"value": -0.011, "ci95": [-0.031, 0.008]},
+              "name_mentions": {"none": {"english": 4346, "arabic": 1237},
+                                "top": {"english": 2197, "arabic": 709},
+                                "random": {"english": 4282, "arabic": 1297}}}  # fmt: skip
+    new = Model("p", "p", run, {"ablation": paired})
+    c = _top_minus_random(new)
+    assert c is not None and (c.d, c.lo, c.hi) == (-0.011, -0.031, 0.008)
+    assert _mentions(new) == ["4346 / 1237", "4282 / 1297", "2197 / 709"]
 
 
 def test_summary_follows_the_numbers(tmp_path, reports):

@@ -440,6 +440,10 @@ def test_ablate_cli_pulse(saved, demo_data, tmp_path, capsys):
     for side in ("ablated", "baseline"):
         assert report[side]["stories"] == 4 and "english_name_rate" in report[side]["metrics"]
     assert set(report["difference"]) == {"english_name_rate", "english_dialogue_share"}
+    # each story keeps what the rates pool, so another run's stories can pair with these
+    for side in ("ablated", "baseline"):
+        for k in ("english_mentions", "arabic_mentions", "english_turns", "arabic_turns"):
+            assert sum(r["counts"][side][k] for r in rows) == report[side]["counts"][k]
     line = json.loads(capsys.readouterr().out)
     assert line["report"] == str(tmp_path / "samples.artifacts.json")
     # the name-slot logit difference on the --data rows: unmoved by latents that never fire
@@ -448,6 +452,50 @@ def test_ablate_cli_pulse(saved, demo_data, tmp_path, capsys):
     assert ld["baseline"]["value"] == pytest.approx(ld["ablated"]["value"], abs=1e-5)
     assert abs(ld["difference"]["value"]) < 1e-5 and line["name_logit_diff"] == ld["difference"]
     assert ld["difference"]["n"] == ld["contexts"]["english"] + ld["contexts"]["arabic"]
+
+
+def _ablated_rows(names_ablated: list[tuple[int, int]], baseline: str = "b") -> list[dict]:
+    """JSONL rows of `sae ablate` with these (English, Arabic) mentions in the ablated stories."""
+    return [{"i": i, "prompt": "", "seed": i // 2, "ablated": f"a{i}", "baseline": baseline,
+             "counts": {"ablated": {"english_mentions": e, "arabic_mentions": a,
+                                    "english_turns": 0, "arabic_turns": 0}}}
+            for i, (e, a) in enumerate(names_ablated)]  # fmt: skip
+
+
+def test_two_ablations_pair_story_by_story_only_when_they_sampled_the_same_stories(tmp_path):
+    from jaxlm.pipeline.method import ablation_summary
+    from sae.ablate import paired_difference, paired_runs
+
+    top = _ablated_rows([(1, 3), (0, 2), (2, 2), (1, 1)])
+    rnd = _ablated_rows([(3, 1), (2, 0), (2, 1), (2, 1)])
+    got = paired_runs(top, rnd, resamples=200, seed=5)["english_name_rate"]
+    per = [[r["counts"]["ablated"] for r in rows] for rows in (top, rnd)]
+    want = paired_difference(*per, resamples=200, seed=5)
+    assert got == want["english_name_rate"]
+    assert got["value"] == pytest.approx(4 / 12 - 9 / 12) and got["n"] == 4
+    for other, needle in ((rnd[:3], "4 stories against 3"),
+                          (_ablated_rows([(3, 1)] * 4, baseline="c"), "another baseline"),
+                          ([{k: v for k, v in r.items() if k != "counts"} for r in rnd],
+                           "no per-story counts")):  # fmt: skip
+        with pytest.raises(ValueError, match=needle):
+            paired_runs(top, other)
+    # the pipeline's summary reads both runs' files: the paired difference and the mentions
+    side = lambda e, a: {"stories": 4, "metrics": {"english_name_rate": {"value": e / (e + a)}},  # noqa: E731
+                         "counts": {"english_mentions": e, "arabic_mentions": a},
+                         "bootstrap": {"resamples": 200, "seed": 5}}  # fmt: skip
+    for name, rows, abl in (("top", top, side(4, 8)), ("random", rnd, side(9, 3))):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        report = {"features": [1], "baseline": side(10, 2), "ablated": abl, "difference": {}}
+        (tmp_path / f"{name}.json").write_text(json.dumps(report))
+    summary = ablation_summary(tmp_path, [1])
+    assert summary["difference_top_vs_random"] == got
+    assert summary["name_mentions"] == {"stories": 4, "none": {"english": 10, "arabic": 2},
+                                        "top": {"english": 4, "arabic": 8},
+                                        "random": {"english": 9, "arabic": 3}}  # fmt: skip
+    # runs from before the rows kept counts: no paired figure (the report falls back to MOVER)
+    stripped = [{k: v for k, v in r.items() if k != "counts"} for r in top]
+    (tmp_path / "top.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stripped))
+    assert ablation_summary(tmp_path, [1])["difference_top_vs_random"] is None
 
 
 def test_ablate_cli_draws_random_live_features(hf_pair, saved, demo_data):

@@ -218,7 +218,8 @@ def _summary(workdir: Path, r: dict) -> None:
             print(
                 f"  {'':22s} ablation: English names {_fmt(ab.get('english_name_rate_none'))} "
                 f"-> top features off {_fmt(ab.get('english_name_rate_top'))}, random off "
-                f"{_fmt(ab.get('english_name_rate_random'))}"
+                f"{_fmt(ab.get('english_name_rate_random'))}; top - random (paired) "
+                f"{_fmt(ab.get('difference_top_vs_random'))}"
             )
     page = workdir / "report" / "index.html"
     if page.exists():

@@ -466,7 +466,7 @@ class Method:
             return ablation_summary(out, feats)
 
         return Stage(f"ablation-{label}", {"k": s.ablation_features, "samples": _asdict(
-            self.cfg.samples), "name_logit_diff": {"data": list(EVAL)}},
+            self.cfg.samples), "name_logit_diff": {"data": list(EVAL)}, "paired": "per story"},
             (f"analysis-{label}",), run, "local",
             f"ablate {label}'s top English-name features vs as many random live ones")  # fmt: skip
 
@@ -680,6 +680,8 @@ def ablation_summary(d: Path, feats: list[int] | dict[str, list[int]]) -> dict:
     top, rand = (json.loads((d / f).read_text()) for f in ("top.json", "random.json"))
     rate = lambda r, side: r[side]["metrics"].get("english_name_rate")  # noqa: E731
     logit = lambda r, side: (r.get("name_logit_diff") or {}).get(side)  # noqa: E731
+    mentions = lambda r, side: {k: r[side]["counts"].get(f"{k}_mentions")  # noqa: E731
+                                for k in ("english", "arabic")}  # fmt: skip
     return {
         "features_top": feats,
         "features_random": rand.get("features"),
@@ -689,6 +691,14 @@ def ablation_summary(d: Path, feats: list[int] | dict[str, list[int]]) -> dict:
         "english_name_rate_random": rate(rand, "ablated"),
         "difference_top": top.get("difference", {}).get("english_name_rate"),
         "difference_random": rand.get("difference", {}).get("english_name_rate"),
+        "difference_top_vs_random": _top_vs_random(d, top),
+        # fewer names of both kinds, or English ones turned Arabic: the rate alone cannot say
+        "name_mentions": {
+            "stories": top["baseline"].get("stories"),
+            "none": mentions(top, "baseline"),
+            "top": mentions(top, "ablated"),
+            "random": mentions(rand, "ablated"),
+        },  # fmt: skip
         "name_logit_diff_none": logit(top, "baseline"),
         "name_logit_diff_top": logit(top, "ablated"),
         "name_logit_diff_random": logit(rand, "ablated"),
@@ -696,6 +706,22 @@ def ablation_summary(d: Path, feats: list[int] | dict[str, list[int]]) -> dict:
         "name_logit_diff_change_random": logit(rand, "difference"),
         "name_logit_diff_contexts": (top.get("name_logit_diff") or {}).get("contexts"),
     }
+
+
+def _top_vs_random(d: Path, top: dict) -> dict | None:
+    """The top features' English-name rate minus the random ones', story by story (both runs
+    sample the same stories: `sae.ablate.paired_runs`, which refuses two that do not),
+    bootstrapped as each run's own paired difference is (its resamples and seed); None for runs
+    that kept no per-story counts."""
+    from sae.ablate import paired_runs
+
+    rows = [[json.loads(x) for x in (d / f).read_text().splitlines() if x.strip()]
+            for f in ("top.jsonl", "random.jsonl")]  # fmt: skip
+    if not all("counts" in r for rs in rows for r in rs):  # written before rows kept them
+        return None
+    boot = top["ablated"].get("bootstrap") or {}
+    diff = paired_runs(*rows, resamples=boot.get("resamples", 1000), seed=boot.get("seed", 0))
+    return diff["english_name_rate"]
 
 
 def compare_summary(d: Path) -> dict:

@@ -803,11 +803,16 @@ def _ablation_findings(ms: list[Model]) -> list[str]:
             which = f" ({n} features, at MLP layers {', '.join(map(str, feats))} at once)"
         else:
             which = f" ({', '.join(map(str, feats))})" if isinstance(feats, list) and feats else ""
-        c = Change.between(rnd, top)
+        c = _top_minus_random(m)
+        assert c is not None  # both rates are there
+        said = ""
+        if got := _mentions(m):
+            said = (f"; name mentions (English / Arabic) {got[2]} with the top features, {got[1]} "
+                    f"with random ones, {got[0]} unablated")  # fmt: skip
         out.append(
             f"Ablating {m.label}'s top English-name SAE features{which}: English-name rate "
             f"{top.text(RATE_DIGITS)}, against {rnd.text(RATE_DIGITS)} with as many random "
-            f"features: {c.words(RATE_DIGITS, up='higher', down='lower')}."
+            f"features: {c.words(RATE_DIGITS, up='higher', down='lower')}{said}."
         )
     for m in ms:
         none = m.est("ablation", "name_logit_diff_none")
@@ -822,6 +827,31 @@ def _ablation_findings(ms: list[Model]) -> list[str]:
             f"features it {_paired(rnd).words(LOGIT_DIGITS)}."
         )
     return out
+
+
+def _top_minus_random(m: Model) -> Change | None:
+    """The top ablation's English-name rate minus the random one's: the paired story-by-story
+    difference where the runs kept it (same stories, so their noise cancels), else MOVER of the
+    two rates' own intervals (wider: it treats the two samples as independent)."""
+    if (paired := m.est("ablation", "difference_top_vs_random")) is not None:
+        return _paired(paired)
+    top = m.est("ablation", "english_name_rate_top")
+    rnd = m.est("ablation", "english_name_rate_random")
+    return Change.between(rnd, top) if top and rnd else None
+
+
+def _mentions(m: Model) -> list[str] | None:
+    """English / Arabic name mentions in the sampled stories: ["4346 / 1237", ...] for no
+    ablation, random features, top features."""
+    got = _get(m.rec, "ablation", "name_mentions")
+    sides = [_get(got, k) for k in ("none", "random", "top")]
+    if not all(isinstance(v, dict) for v in sides):
+        return None
+    return [f"{v.get('english')} / {v.get('arabic')}" for v in sides]
+
+
+def _mentions_text(m: Model) -> str | None:
+    return "; ".join(got) if (got := _mentions(m)) else None
 
 
 def _features_text(feats: Any) -> str | None:
@@ -1634,23 +1664,25 @@ def ablation_section(b: Builder) -> Section | None:
     blocks.append(
         Para(
             "English-name rate in stories sampled with the top English-name features "
-            "ablated, against as many random features and no ablation."
+            "ablated, against as many random features and no ablation. All three sample the "
+            "same stories (prompts and seeds), so top - random is paired story by story; "
+            "name mentions say whether an ablation removed names or changed which kind."
         )
     )
     rows = []
     for m in have:
-        top = m.est("ablation", "english_name_rate_top")
-        rnd = m.est("ablation", "english_name_rate_random")
         feats = _get(m.rec, "ablation", "features_top")
         rows.append(
             [
                 text_cell(m.label),
                 *(est_cell(m.est("ablation", k), RATE_DIGITS) for k, _ in ABLATION_KEYS),
-                change_cell(Change.between(rnd, top) if top and rnd else None, RATE_DIGITS),
+                change_cell(_top_minus_random(m), RATE_DIGITS),
+                text_cell(_mentions_text(m)),
                 text_cell(_features_text(feats)),
             ]
         )
-    heads = ["model", *(h for _, h in ABLATION_KEYS), "top - random", "top features"]
+    heads = ["model", *(h for _, h in ABLATION_KEYS), "top - random",
+             "name mentions, English / Arabic (none; random; top)", "top features"]  # fmt: skip
     blocks.append(Table(heads, rows))
     if logit := _logit_table(have):
         blocks += logit
