@@ -222,11 +222,14 @@ def ablation_report(
     batch_size: int = 64,
     lists: NameLists | None = None,
     resamples: int = 1000,
+    baseline: Sequence[str] | None = None,
 ) -> tuple[list[dict], dict]:
     """(one row per story: prompt, seed, ablated and baseline text, each side's name and dialogue
     counts; the report: both sides' artifact metrics and their paired difference). Sampling as
     `jaxlm.eval.samples` samples (the demo's temperature 0.8, top-k 50 unless `sampling` says
-    otherwise)."""
+    otherwise). `baseline`: the unedited stories of an earlier run with the same model, prompts,
+    seeds and sampling settings (the caller checks), read instead of sampled again: sampling
+    without an edit does not depend on the edit, so they are the stories this run would sample."""
     from jaxlm.eval.artifacts import artifact_metrics
     from jaxlm.eval.samples import DEMO_SAMPLING, sample_stories
 
@@ -243,7 +246,9 @@ def ablation_report(
             edit=ablation,
         )
 
-    baseline = sample(None)
+    if baseline is not None and len(baseline) != n:
+        raise ValueError(f"{len(baseline)} baseline stories for n={n}")
+    baseline = list(baseline) if baseline is not None else sample(None)
     ablated = sample(edit)
     reports = {
         side: artifact_metrics(stories, lists, resamples=resamples, seed=seed)

@@ -126,6 +126,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the lists whole, as attribute does)",
     )
     a.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    a.add_argument(
+        "--baseline-from",
+        metavar="REPORT",
+        help="an earlier ablate run's --report with the same model, tokenizer, prompts and "
+        "sampling flags: its unedited stories are this run's (refused otherwise), not sampled "
+        "again (e.g. the random control after the top features)",
+    )
     a.add_argument("--out", required=True, help="the stories (JSONL: ablated and baseline text)")
     a.add_argument("--report", help="the metrics (JSON; default: OUT with .artifacts.json)")
     a.set_defaults(func=cmd_ablate)
@@ -314,6 +321,17 @@ def cmd_ablate(args) -> int:
         _check_tokenizer(minfo.path, tokdir, d)
     edit, which = _ablation(args, model, saes)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k)
+    settings = {
+        "n": args.n,
+        "prompts": args.prompts,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "seed": args.sample_seed,
+        "batch_size": args.batch_size,
+    }
+    where = {"model": minfo.path, "tokenizer": str(Path(tokdir).resolve())}
+    baseline = _baseline_from(args.baseline_from, where, settings) if args.baseline_from else None
     tok = Tokenizer.load(tokdir)
     logit = _name_logit_diff(args, model, tok, edit) if args.data else None
     rows, report = ablation_report(
@@ -328,23 +346,17 @@ def cmd_ablate(args) -> int:
         batch_size=args.batch_size,
         lists=lists,
         resamples=args.resamples,
+        baseline=baseline,
     )
     report_path = args.report or str(Path(args.out).with_suffix(".artifacts.json"))
     report = {
-        "model": minfo.path,
+        **where,
         **which,
         "mode": args.mode,
         "value": args.value,
-        "sampling": {
-            "n": args.n,
-            "prompts": args.prompts,
-            "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature,
-            "top_k": args.top_k,
-            "seed": args.sample_seed,
-            "batch_size": args.batch_size,
-        },
-        "samples": str(args.out),
+        "sampling": settings,
+        "samples": str(Path(args.out).resolve()),
+        **({"baseline_from": str(Path(args.baseline_from).resolve())} if baseline else {}),
         **report,
         **({"name_logit_diff": logit} if logit is not None else {}),
     }
@@ -363,6 +375,38 @@ def cmd_ablate(args) -> int:
         )
     )
     return 0
+
+
+def _baseline_from(path: str, where: dict, settings: dict) -> list[str]:
+    """The unedited stories of the ablate run whose report is `path`, when it sampled what this
+    run would: the same model and tokenizer, and every sampling flag the same (else one line
+    naming the first that differs)."""
+    flag = f"--baseline-from {path}"
+    try:
+        earlier = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag}: cannot read it as JSON ({e})") from None
+    if not isinstance(earlier, dict):
+        raise UserError(f"{flag}: not an ablate report (a JSON object)")
+    theirs = {**{k: earlier.get(k) for k in where}, **(earlier.get("sampling") or {})}
+    for k, ours in {**where, **settings}.items():
+        if theirs.get(k) != ours:
+            raise UserError(f"{flag}: it sampled with {k}={theirs.get(k)!r}, this run with "
+                            f"{k}={ours!r}: not the same stories")  # fmt: skip
+    samples = Path(str(earlier.get("samples")))
+    try:
+        lines = samples.read_text(encoding="utf-8").splitlines()
+        rows = [json.loads(x) for x in lines if x.strip()]
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag}: its stories {samples}: {e}") from None
+    seeds = [settings["seed"] + i // settings["batch_size"] for i in range(settings["n"])]
+    if [r.get("seed") if isinstance(r, dict) else None for r in rows] != seeds:
+        raise UserError(f"{flag}: its stories {samples} are not the {settings['n']} its report "
+                        "names (rows missing, or another run's)")  # fmt: skip
+    texts = [r.get("baseline") for r in rows]
+    if not all(isinstance(t, str) for t in texts):
+        raise UserError(f"{flag}: its stories {samples}: a row without its baseline text")
+    return texts
 
 
 def _ablation(args, model, saes) -> tuple[FeatureAblation | LayerEdits, dict]:

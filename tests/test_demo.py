@@ -102,8 +102,12 @@ def test_pipeline_runs_every_stage_skips_them_on_rerun_and_reruns_only_what_chan
     # `sae ablate` with two SAEs, and the test below checks its flags)
     ab = r["models"]["pretrain-ts-1m"]["ablation"]
     if "skipped" not in ab:
-        top = json.loads((w / "analysis" / "ablation-pretrain-ts-1m" / "top.json").read_text())
+        d = w / "analysis" / "ablation-pretrain-ts-1m"
+        top = json.loads((d / "top.json").read_text())
         assert set(ab["layers"]) <= {0, 7} and top.get("layers", [top.get("layer")]) == ab["layers"]
+        # the random control reads the top run's unedited stories rather than sampling them again
+        rand = json.loads((d / "random.json").read_text())
+        assert rand["baseline_from"] == str((d / "top.json").resolve())
 
     again = _pipeline(cfg, w)
     assert again.returncode == 0, again.stderr[-3000:]

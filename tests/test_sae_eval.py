@@ -454,6 +454,44 @@ def test_ablate_cli_pulse(saved, demo_data, tmp_path, capsys):
     assert ld["difference"]["n"] == ld["contexts"]["english"] + ld["contexts"]["arabic"]
 
 
+def test_ablate_cli_reads_the_baseline_of_a_run_that_sampled_the_same_stories(
+    saved, tmp_path, capsys
+):
+    """--baseline-from: the unedited stories are the earlier run's, exactly what sampling again
+    gives; a run with other sampling flags (another seed, n, model) is refused in one line."""
+    common = ["ablate", "--model", str(saved / "m"), "--sae", str(saved / "sae"), "--n", "4",
+              "--max-new-tokens", "8", "--batch-size", "2", "--resamples", "20"]  # fmt: skip
+    first = tmp_path / "top.json"
+    assert _sae_cli([*common, "--features", "5,9", "--out", str(tmp_path / "top.jsonl"),
+                     "--report", str(first)]) == 0  # fmt: skip
+    runs = {}
+    for name, extra in (("fresh", []), ("reused", ["--baseline-from", str(first)])):
+        out = tmp_path / f"{name}.jsonl"
+        assert _sae_cli([*common, "--features", "1,2,3", *extra, "--out", str(out)]) == 0
+        rows = [json.loads(x) for x in out.read_text().splitlines()]
+        report = json.loads(out.with_suffix(".artifacts.json").read_text())
+        runs[name] = rows, report
+    (fresh, fresh_report), (reused, reused_report) = runs["fresh"], runs["reused"]
+    assert [r["baseline"] for r in reused] == [r["baseline"] for r in fresh]
+    assert [r["ablated"] for r in reused] == [r["ablated"] for r in fresh]
+    assert reused_report["baseline_from"] == str(first.resolve())
+    assert "baseline_from" not in fresh_report
+    assert reused_report["baseline"] == fresh_report["baseline"]
+    capsys.readouterr()
+    for flags, needle in ((["--sample-seed", "1"], "seed=0, this run with seed=1"),
+                          (["--batch-size", "4"], "batch_size=2, this run with batch_size=4"),
+                          (["--n", "3"], "n=4, this run with n=3")):  # fmt: skip
+        argv = [*common, *flags, "--features", "1,2,3", "--baseline-from", str(first),
+                "--out", str(tmp_path / "x.jsonl")]  # fmt: skip
+        assert _sae_cli(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err and "--baseline-from" in err, err
+    (tmp_path / "top.jsonl").write_text("")  # its stories gone: refused, not sampled anew
+    assert _sae_cli([*common, "--features", "1,2,3", "--baseline-from", str(first),
+                     "--out", str(tmp_path / "x.jsonl")]) == 2  # fmt: skip
+    assert "are not the 4 its report names" in capsys.readouterr().err
+
+
 def _ablated_rows(names_ablated: list[tuple[int, int]], baseline: str = "b") -> list[dict]:
     """JSONL rows of `sae ablate` with these (English, Arabic) mentions in the ablated stories."""
     return [{"i": i, "prompt": "", "seed": i // 2, "ablated": f"a{i}", "baseline": baseline,

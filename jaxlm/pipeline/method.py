@@ -447,7 +447,19 @@ class Method:
             top_flags = [x for ids in per_layer.values()
                          for x in ("--features", ",".join(map(str, ids)))]  # fmt: skip
             k = max(len(ids) for ids in per_layer.values())
-            picks = {"top": top_flags, "random": ["--random", str(k), "--seed", "0"]}
+            # the random run reads the top run's unedited stories: the same sampling, so the
+            # same stories (sae ablate checks), sampled once
+            picks = {
+                "top": top_flags,
+                "random": [
+                    "--random",
+                    str(k),
+                    "--seed",
+                    "0",
+                    "--baseline-from",
+                    str(out / "top.json"),
+                ],
+            }
             feats = (next(iter(per_layer.values())) if len(per_layer) == 1
                      else {str(layer): ids for layer, ids in per_layer.items()})  # fmt: skip
             for name, pick in picks.items():
