@@ -330,7 +330,8 @@ def cmd_ablate(args) -> int:
         "seed": args.sample_seed,
         "batch_size": args.batch_size,
     }
-    where = {"model": minfo.path, "tokenizer": str(Path(tokdir).resolve())}
+    # absolute where they are paths, so that another run's report compares alike (--baseline-from)
+    where = {"model": _absolute(minfo.path), "tokenizer": _absolute(tokdir)}
     baseline = _baseline_from(args.baseline_from, where, settings) if args.baseline_from else None
     tok = Tokenizer.load(tokdir)
     logit = _name_logit_diff(args, model, tok, edit) if args.data else None
@@ -375,6 +376,12 @@ def cmd_ablate(args) -> int:
         )
     )
     return 0
+
+
+def _absolute(path: str) -> str:
+    """A path that exists, made absolute; anything else (a hub name) as given."""
+    p = Path(path)
+    return str(p.resolve()) if p.exists() else path
 
 
 def _baseline_from(path: str, where: dict, settings: dict) -> list[str]:

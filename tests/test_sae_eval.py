@@ -465,7 +465,11 @@ def test_ablate_cli_reads_the_baseline_of_a_run_that_sampled_the_same_stories(
     assert _sae_cli([*common, "--features", "5,9", "--out", str(tmp_path / "top.jsonl"),
                      "--report", str(first)]) == 0  # fmt: skip
     runs = {}
-    for name, extra in (("fresh", []), ("reused", ["--baseline-from", str(first)])):
+    other_spelling = ["--model", str(saved / "m" / ".." / "m")]  # the same model, spelt otherwise
+    for name, extra in (
+        ("fresh", []),
+        ("reused", [*other_spelling, "--baseline-from", str(first)]),
+    ):
         out = tmp_path / f"{name}.jsonl"
         assert _sae_cli([*common, "--features", "1,2,3", *extra, "--out", str(out)]) == 0
         rows = [json.loads(x) for x in out.read_text().splitlines()]
@@ -475,6 +479,7 @@ def test_ablate_cli_reads_the_baseline_of_a_run_that_sampled_the_same_stories(
     assert [r["baseline"] for r in reused] == [r["baseline"] for r in fresh]
     assert [r["ablated"] for r in reused] == [r["ablated"] for r in fresh]
     assert reused_report["baseline_from"] == str(first.resolve())
+    assert reused_report["model"] == str((saved / "m").resolve())  # as given or not, alike
     assert "baseline_from" not in fresh_report
     assert reused_report["baseline"] == fresh_report["baseline"]
     capsys.readouterr()
