@@ -332,7 +332,8 @@ def cmd_ablate(args) -> int:
     }
     # absolute where they are paths, so that another run's report compares alike (--baseline-from)
     where = {"model": _absolute(minfo.path), "tokenizer": _absolute(tokdir)}
-    baseline = _baseline_from(args.baseline_from, where, settings) if args.baseline_from else None
+    baseline = (_baseline_from(args.baseline_from, where, settings, prompts)
+                if args.baseline_from else None)  # fmt: skip
     tok = Tokenizer.load(tokdir)
     logit = _name_logit_diff(args, model, tok, edit) if args.data else None
     rows, report = ablation_report(
@@ -384,10 +385,10 @@ def _absolute(path: str) -> str:
     return str(p.resolve()) if p.exists() else path
 
 
-def _baseline_from(path: str, where: dict, settings: dict) -> list[str]:
+def _baseline_from(path: str, where: dict, settings: dict, prompts: list[str] | None) -> list[str]:
     """The unedited stories of the ablate run whose report is `path`, when it sampled what this
-    run would: the same model and tokenizer, and every sampling flag the same (else one line
-    naming the first that differs)."""
+    run would: the same model and tokenizer, every sampling flag the same, and each story begun
+    from the prompt this run gives it (else one line naming what differs)."""
     flag = f"--baseline-from {path}"
     try:
         earlier = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -410,6 +411,10 @@ def _baseline_from(path: str, where: dict, settings: dict) -> list[str]:
     if [r.get("seed") if isinstance(r, dict) else None for r in rows] != seeds:
         raise UserError(f"{flag}: its stories {samples} are not the {settings['n']} its report "
                         "names (rows missing, or another run's)")  # fmt: skip
+    begin = prompts or [""]
+    for i, r in enumerate(rows):
+        if r.get("prompt") != begin[i % len(begin)]:
+            raise UserError(f"{flag}: its story {i} began from another prompt than this run's")
     texts = [r.get("baseline") for r in rows]
     if not all(isinstance(t, str) for t in texts):
         raise UserError(f"{flag}: its stories {samples}: a row without its baseline text")

@@ -491,6 +491,16 @@ def test_ablate_cli_reads_the_baseline_of_a_run_that_sampled_the_same_stories(
         assert _sae_cli(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err and "--baseline-from" in err, err
+    # the same prompts file, rewritten since: its stories began elsewhere
+    rows = [json.loads(x) for x in (tmp_path / "top.jsonl").read_text().splitlines()]
+    (tmp_path / "top.jsonl").write_text(
+        "".join(
+            json.dumps({**r, "prompt": "x" if r["i"] == 2 else r["prompt"]}) + "\n" for r in rows
+        )
+    )
+    assert _sae_cli([*common, "--features", "1,2,3", "--baseline-from", str(first),
+                     "--out", str(tmp_path / "x.jsonl")]) == 2  # fmt: skip
+    assert "its story 2 began from another prompt" in capsys.readouterr().err
     (tmp_path / "top.jsonl").write_text("")  # its stories gone: refused, not sampled anew
     assert _sae_cli([*common, "--features", "1,2,3", "--baseline-from", str(first),
                      "--out", str(tmp_path / "x.jsonl")]) == 2  # fmt: skip
