@@ -458,6 +458,32 @@ def test_dashboard_shows_byte_pieces_as_characters():
     )
 
 
+def test_dashboard_shows_control_pieces_as_what_they_mean():
+    """`</s>` is the token between two packed stories: the page reads `‹end of story›` (styled
+    apart, its tooltip naming the piece), in context and among promoted tokens; the JSON keeps the
+    piece. Beside a cut character too."""
+    tokens = ["!", "</s>", " كان", "</s>", "<0xBB>"]
+    shown = db.shown_tokens(tokens)
+    assert [(s.text, s.start, s.stop, s.control) for s in shown] == [
+        ("!", 0, 1, False), ("\u2039end of story\u203a", 1, 2, True), (" كان", 2, 3, False),
+        ("\u2039end of story\u203a", 3, 4, True), ("\u2039byte BB\u203a", 4, 5, False),
+    ]  # fmt: skip
+    assert db.shown_text("</s>") == "\u2039end of story\u203a" and db.shown_text("<s>") != "<s>"
+    ctx = {"row": 0, "position": 1, "activation": 0.5, "tokens": tokens,
+           "acts": [0.0, 0.5, 0.1, 0.0, 0.0], "max_index": 1}  # fmt: skip
+    feature = {"feature": 7, "density": 0.1, "max_activation": 0.5, "contexts": [ctx],
+               "promotes": [{"token": "</s>", "weight": 0.5}], "suppresses": []}  # fmt: skip
+    page = db.render_html({"layer": 0, "tokens_seen": 5, "k": 1, "features": [feature]})
+    line = re.search(r'<div class="ctx">.*?</div>', page, re.S).group(0)
+    assert "&lt;/s&gt;" not in _visible_text(line) and "\u2039end of story\u203a" in line
+    mark = re.search(r'<mark title="([^"]*)">', line)
+    assert (
+        mark is not None and html.unescape(mark.group(1)) == "</s> 0.5 (a control token, not text)"
+    )
+    chips = re.search(r'<div class="chips pos">.*?</div>', page, re.S).group(0)
+    assert _visible_text(chips) == "promotes: \u2039end of story\u203a"
+
+
 def test_dashboard_contexts_keep_the_bytes_a_window_cuts():
     """A window starting after a character's first byte and ending before its last: the JSON keeps
     the window's own pieces (positions and activations index them) and, in "before"/"after", the

@@ -327,6 +327,17 @@ def byte_label(byte: int) -> str:
     return f"\u2039byte {byte:02X}\u203a"
 
 
+# SentencePiece's control pieces as a person reads them: in the packed rows `</s>` is the token
+# between two stories (no `<s>`), which read as markup beside Arabic text
+CONTROL_LABELS = {"</s>": "end of story", "<s>": "start", "<pad>": "padding", "<unk>": "unknown"}
+
+
+def control_label(piece: str) -> str | None:
+    """`‹end of story›` for `</s>` (any control piece of CONTROL_LABELS); None for other text."""
+    label = CONTROL_LABELS.get(piece)
+    return None if label is None else f"\u2039{label}\u203a"
+
+
 @dataclasses.dataclass(frozen=True)
 class Shown:
     """What a person reads for the window's tokens start .. stop - 1 (`shown_tokens`)."""
@@ -337,6 +348,7 @@ class Shown:
     before: tuple[str, ...] = ()  # pieces before the window holding the character's first bytes
     after: tuple[str, ...] = ()  # pieces after the window holding its last bytes
     byte: bool = False  # `text` is `byte_label`: the token is a byte that decodes to nothing
+    control: bool = False  # `text` is `control_label`: the token is a control piece, not text
 
 
 def shown_tokens(
@@ -361,11 +373,17 @@ def shown_tokens(
         if a >= b:  # wholly outside the window
             continue
         group = seq[g0:g1]
+        if len(group) == 1 and (label := control_label(group[0])) is not None:
+            out.append(Shown(label, a - lo, b - lo, control=True))
+            continue
         c0, c1 = np.searchsorted(rt.owner, [g0, g1])  # owners never decrease
         try:
             b"".join(text_bytes(t) for t in group).decode()
         except UnicodeDecodeError:  # an incomplete character: each byte on its own
             for k in range(a, b):
+                if (label := control_label(seq[k])) is not None:
+                    out.append(Shown(label, k - lo, k - lo + 1, control=True))
+                    continue
                 byte = piece_byte(seq[k])
                 text = seq[k] if byte is None else byte_label(byte)
                 out.append(Shown(text, k - lo, k - lo + 1, byte=byte is not None))
@@ -403,7 +421,9 @@ _LEGEND = (
     "A character the tokenizer writes as several byte tokens (\u00bb is &lt;0xC2&gt;&lt;0xBB&gt;)"
     " shows once, shaded by the highest of their activations; hover it for each byte token and "
     'its activation. <span class="byte">\u2039byte C2\u203a</span> is a byte token that is no '
-    "character on its own (SentencePiece's &lt;0xC2&gt;: part of a character's UTF-8 bytes)."
+    "character on its own (SentencePiece's &lt;0xC2&gt;: part of a character's UTF-8 bytes). "
+    '<span class="byte">\u2039end of story\u203a</span> is the token between two stories '
+    "(SentencePiece's &lt;/s&gt;)."
 )
 
 
@@ -415,6 +435,8 @@ def _shown_title(s: Shown, tokens: Sequence[str], acts: Sequence[float]) -> str:
     """The tooltip of one shown item: its activation, or, where it is not simply one token, each
     token it covers (and any just outside the window) with its activation."""
     own = [f"{tokens[i]} {acts[i]:.3g}" for i in range(s.start, s.stop)]
+    if s.control:
+        return f"{own[0]} (a control token, not text)"
     if not (s.byte or s.before or s.after or s.stop - s.start > 1):
         return f"{acts[s.start]:.3g}"
     if s.byte:
@@ -430,7 +452,7 @@ def _token_span(s: Shown, tokens: Sequence[str], acts: Sequence[float], max_act:
     act = max(acts[s.start : s.stop])
     alpha = 0.0 if max_act <= 0 else min(max(act / max_act, 0.0), 1.0)
     body = html.escape(_visible(s.text))
-    if s.byte:
+    if s.byte or s.control:
         body = f'<span class="byte">{body}</span>'
     title = f' title="{html.escape(_shown_title(s, tokens, acts))}"'
     style = f' style="background: rgba(255, 140, 0, {alpha:.2f})"' if alpha > 0 else ""
