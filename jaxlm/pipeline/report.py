@@ -850,10 +850,6 @@ def _mentions(m: Model) -> list[str] | None:
     return [f"{v.get('english')} / {v.get('arabic')}" for v in sides]
 
 
-def _mentions_text(m: Model) -> str | None:
-    return "; ".join(got) if (got := _mentions(m)) else None
-
-
 def _features_text(feats: Any) -> str | None:
     """The ablated features: ids (one layer), or per layer "L7: 1, 2; L6: ..." (several)."""
     if isinstance(feats, list):
@@ -1677,7 +1673,7 @@ def ablation_section(b: Builder) -> Section | None:
                 text_cell(m.label),
                 *(est_cell(m.est("ablation", k), RATE_DIGITS) for k, _ in ABLATION_KEYS),
                 change_cell(_top_minus_random(m), RATE_DIGITS),
-                text_cell(_mentions_text(m)),
+                text_cell("; ".join(got) if (got := _mentions(m)) else None),
                 text_cell(_features_text(feats)),
             ]
         )

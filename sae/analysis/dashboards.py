@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.errors import UserError
+from jaxlm.tokenizer import BOS, EOS, PAD, UNK
 from sae.activations import capture_fn
 from sae.analysis.attribution import piece_byte, row_text, text_bytes
 from sae.base import SAE
@@ -329,7 +330,7 @@ def byte_label(byte: int) -> str:
 
 # SentencePiece's control pieces as a person reads them: in the packed rows `</s>` is the token
 # between two stories (no `<s>`), which read as markup beside Arabic text
-CONTROL_LABELS = {"</s>": "end of story", "<s>": "start", "<pad>": "padding", "<unk>": "unknown"}
+CONTROL_LABELS = {EOS: "end of story", BOS: "start", PAD: "padding", UNK: "unknown"}
 
 
 def control_label(piece: str) -> str | None:
@@ -361,7 +362,8 @@ def shown_tokens(
     byte): a token and the tokens after it that start no character (a character's other byte
     pieces) are one item showing the character. `before`/`after`, the tokens just outside the
     window, complete a character the window's edges cut; one that stays incomplete (a row's
-    edge, or a lone byte) shows each of its byte pieces as `byte_label`.
+    edge, or a lone byte) shows each of its byte pieces as `byte_label`, and a control piece
+    shows as `control_label`.
     """
     seq = [*before, *texts, *after]
     lo, hi = len(before), len(before) + len(texts)
@@ -373,13 +375,7 @@ def shown_tokens(
         if a >= b:  # wholly outside the window
             continue
         group = seq[g0:g1]
-        if len(group) == 1 and (label := control_label(group[0])) is not None:
-            out.append(Shown(label, a - lo, b - lo, control=True))
-            continue
-        c0, c1 = np.searchsorted(rt.owner, [g0, g1])  # owners never decrease
-        try:
-            b"".join(text_bytes(t) for t in group).decode()
-        except UnicodeDecodeError:  # an incomplete character: each byte on its own
+        if not _reads_as_text(group):  # each token on its own: a byte, a control piece
             for k in range(a, b):
                 if (label := control_label(seq[k])) is not None:
                     out.append(Shown(label, k - lo, k - lo + 1, control=True))
@@ -388,8 +384,21 @@ def shown_tokens(
                 text = seq[k] if byte is None else byte_label(byte)
                 out.append(Shown(text, k - lo, k - lo + 1, byte=byte is not None))
             continue
+        c0, c1 = np.searchsorted(rt.owner, [g0, g1])  # owners never decrease
         out.append(Shown(rt.text[c0:c1], a - lo, b - lo, tuple(seq[g0:a]), tuple(seq[b:g1])))
     return out
+
+
+def _reads_as_text(group: Sequence[str]) -> bool:
+    """Whether `shown_tokens`' group of tokens is whole characters of text: no control piece, and
+    bytes that decode (not a character an edge or a lone byte leaves incomplete)."""
+    if any(t in CONTROL_LABELS for t in group):
+        return False
+    try:
+        b"".join(text_bytes(t) for t in group).decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def shown_text(text: str) -> str:
