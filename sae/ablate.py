@@ -25,7 +25,8 @@ the change. Two such runs with other features (top and random) sample the same s
 `paired_runs` compares their ablated sides story by story, from the counts each row keeps. Random
 control features (`--random K`) are drawn, seeded, from the LIVE ones: active on rows of the
 DATADIRs, or, without any, firing in the SAE's training (its sparsity.safetensors);
-with several SAEs, K from each, SAE i drawing with seed + i so that the layers' draws differ.
+with several SAEs, K from each (or `--random K1,K2,...`: as many at each layer as the features
+they control for there), SAE i drawing with seed + i so that the layers' draws differ.
 
 A sample-level rate sits at its ceiling when the model never writes the other kind of name (the
 demo's pretrained model writes only English names: no ablation can move 1.00), so
@@ -122,6 +123,19 @@ def parse_features(spec: str, n_latents: int) -> list[int]:
     if bad:
         raise UserError(f"--features: {bad} are not latents of the SAE (0..{n_latents - 1})")
     return ids
+
+
+def parse_counts(spec: str, n_saes: int) -> list[int]:
+    """`--random`'s `K` (the same for every SAE) or `K1,K2,...` (one per SAE, in --sae order) ->
+    one count per SAE. Each is checked against the live latents when drawn (`pick_random`)."""
+    try:
+        ks = [int(p) for p in spec.split(",")]
+    except ValueError:
+        raise UserError(f"--random {spec!r}: expected K or comma-separated counts") from None
+    if len(ks) not in (1, n_saes):
+        raise UserError(f"--random {spec}: {len(ks)} counts for {n_saes} SAEs: give one K, or "
+                        "one per --sae in the same order")  # fmt: skip
+    return ks * n_saes if len(ks) == 1 else ks
 
 
 def live_from_sparsity(sae_dir: str | Path) -> np.ndarray:

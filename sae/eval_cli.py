@@ -73,7 +73,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="latent ids, e.g. 3,17,42; with several --sae, one per --sae in the same order",
     )
     pick.add_argument(
-        "--random", type=int, metavar="K", help="K random live features per SAE (a control)"
+        "--random",
+        metavar="K[,K...]",
+        help="K random live features per SAE (a control); or one K per --sae, in the same order "
+        "(as many per layer as the features they control for)",
     )
     a.add_argument(
         "--seed", type=int, default=0, help="the --random draw's seed (SAE i draws with seed + i)"
@@ -283,11 +286,11 @@ def _features(args, model, sae, info, layer, index: int = 0) -> tuple[list[int],
     else:
         live = ablate.live_from_sparsity(info.path)
         live_from = f"fired in training ({info.path}/sparsity.safetensors, log10 freq > -10)"
-    seed = args.seed + index
-    feats = ablate.pick_random(live, args.random, seed)
+    seed, k = args.seed + index, args.random[index]
+    feats = ablate.pick_random(live, k, seed)
     return feats, {
         "how": "random live",
-        "k": args.random,
+        "k": k,
         "seed": seed,
         "live_from": live_from,
         "n_live": int(len(live)),
@@ -299,7 +302,7 @@ def cmd_ablate(args) -> int:
     from jaxlm.eval.samples import load_prompts
     from jaxlm.generate import SamplingConfig
     from jaxlm.tokenizer import Tokenizer
-    from sae.ablate import ablation_report
+    from sae.ablate import ablation_report, parse_counts
 
     if (args.mode == "clamp") != (args.value is not None):
         raise UserError("--value goes with --mode clamp (and --mode clamp needs --value)")
@@ -313,6 +316,8 @@ def cmd_ablate(args) -> int:
     if args.features is not None and len(args.features) != len(paths):
         raise UserError(f"{len(args.features)} --features for {len(paths)} SAEs: give one "
                         "--features per --sae, in the same order")  # fmt: skip
+    if args.random is not None:
+        args.random = parse_counts(args.random, len(paths))
     model, minfo, saes = _load_saes(args, paths)
     tokdir = args.tokenizer or minfo.tokenizer
     if not tokdir:

@@ -113,11 +113,15 @@ def test_pipeline_runs_every_stage_skips_them_on_rerun_and_reruns_only_what_chan
     assert again.returncode == 0, again.stderr[-3000:]
     assert _ran(again.stdout) == set(), again.stdout
 
-    # a setting only the ablation reads (the SAE stage leaves it out of its fingerprint): the
+    # settings only the ablation reads (the SAE stage leaves them out of its fingerprint): the
     # ablation and the report run again, nothing else (the SAEs, models and analyses are kept)
-    changed = _pipeline(cfg, w, "--set", "sae.ablation_features=3")
+    changed = _pipeline(cfg, w, "--set", "sae.ablation_features=3",
+                        "--set", "sae.ablation_coverage=0.8")  # fmt: skip
     assert changed.returncode == 0, changed.stderr[-3000:]
     assert _ran(changed.stdout) == {"ablation-pretrain-ts-1m", "report"}, changed.stdout
+    ab = json.loads((w / "results.json").read_text())["models"]["pretrain-ts-1m"]["ablation"]
+    if "skipped" not in ab:
+        assert "80%" in ab["selection"], ab["selection"]
 
 
 def test_plan_of_the_papers_setting_names_every_figures_source():

@@ -72,3 +72,22 @@ def test_a_share_the_corpus_cannot_use_is_refused_in_one_line(corpus, says):
         load(None, [{"corpus": corpus}])
     assert "\n" not in str(e.value)
     load(None, [{"corpus": {**corpus, "english_name_share": 1.0}}])  # the default is fine
+
+
+def _ablation_stage(**sae):
+    cfg = load(None, [{"sae": sae}] if sae else None)
+    return Method(cfg, Path("run"), None)._ablation_stage("ts-1m")
+
+
+def test_the_ablations_pick_is_in_its_fingerprint_and_a_bad_coverage_is_one_line():
+    """A fixed number of top features by default; `sae.ablation_coverage` replaces it (a changed
+    pick reruns the ablation); out of (0, 1] it is refused before anything runs."""
+    top8, cov = _ablation_stage(), _ablation_stage(ablation_coverage=0.8)
+    assert top8.settings["k"] == 8 and "coverage" not in top8.settings
+    assert cov.settings["coverage"] == 0.8 and "k" not in cov.settings
+    up = {"analysis-pretrain-ts-1m": "same"}
+    assert fingerprint(cov, up) != fingerprint(top8, up)
+    assert fingerprint(_ablation_stage(ablation_coverage=0.5), up) != fingerprint(cov, up)
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(UserError, match=rf"sae.ablation_coverage={bad} must be in \(0, 1\]"):
+            load(None, [{"sae": {"ablation_coverage": bad}}])

@@ -255,6 +255,22 @@ def test_top_minus_random_is_paired_where_the_runs_kept_it():
     assert _mentions(new) == ["4346 / 1237", "4282 / 1297", "2197 / 709"]
 
 
+def test_a_coverage_ablation_says_how_its_features_were_chosen_and_counts_them():
+    """Tens of features per layer (a coverage pick) are counted in the table, not listed; the
+    finding names the rule the pipeline recorded."""
+    from jaxlm.pipeline.report import Model, Run, _ablation_findings, _features_text
+
+    assert _features_text([3, 17]) == "3, 17"
+    many = {"0": list(range(40)), "7": [5, 9]}
+    assert _features_text(many) == "L0: 40 features; L7: 5, 9"
+    ab = {"english_name_rate_top": {"value": 0.74, "ci95": [0.72, 0.76]},
+          "english_name_rate_random": {"value": 0.77, "ci95": [0.76, 0.78]},
+          "features_top": many, "selection": "the fewest carrying 80% of the layer's positive "
+          "English-name part"}  # fmt: skip
+    [found] = _ablation_findings([Model("p", "p", Run(Path("."), {}, "r"), {"ablation": ab})])
+    assert "(42 features, at MLP layers 0, 7 at once; per layer the fewest carrying 80%" in found
+
+
 def test_summary_follows_the_numbers(tmp_path, reports):
     summary = _page(reports["demo"]).split('<section id="loss">')[0]
     res = reports["demo"]["results"]["models"]

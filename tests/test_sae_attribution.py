@@ -374,11 +374,28 @@ def test_an_attribution_saved_and_loaded_is_the_same_and_other_contrasts_are_ref
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(UserError, match="not a saved attribution"):
         at.Attribution.load(tmp_path / "bad.npz", contrasts)
+    for r in att.results:  # what the pipeline's ablation reads: the balanced mean part
+        ns = [(r.contexts.label == j).sum() for j in (0, 1)]
+        want = np.mean([r.part_sum[j] / ns[j] for j in (0, 1) if ns[j]], axis=0)
+        np.testing.assert_allclose(at.saved_mean_parts(path, r.contrast.name), want, rtol=1e-6)
+        np.testing.assert_allclose(r.mean_parts(), want, rtol=1e-6)
     count, n, meta = at.saved_counts(path)  # what tsea-compare reads: no contrasts rebuilt
     assert np.array_equal(count, att.active_count) and count.dtype == att.active_count.dtype
     assert n == att.n_tokens and meta == att.meta
     with pytest.raises(UserError, match="not a saved attribution"):
         at.saved_counts(tmp_path / "bad.npz")
+
+
+def test_coverage_takes_the_fewest_top_features_carrying_the_share_of_the_positive_part():
+    parts = np.asarray([4.0, -8.0, 1.0, 3.0, 0.0, 1.0])  # positive: 9 in all
+    assert at.coverage_features(parts, 0.7) == [0, 3]  # 4 + 3 = 7 >= 6.3
+    assert at.coverage_features(parts, 7 / 9) == [0, 3]  # exactly reached
+    assert at.coverage_features(parts, 0.8) == [0, 2, 3]  # 8 >= 7.2; ties: the lower id first
+    assert at.coverage_features(parts, 1.0) == [0, 2, 3, 5]  # never a negative or zero part
+    assert at.coverage_features(-np.abs(parts), 0.8) == []
+    for bad in (0.0, 1.5):
+        with pytest.raises(UserError, match="must be in"):
+            at.coverage_features(parts, bad)
 
 
 @pytest.mark.parametrize(("arch", "kw"), SAES, ids=[a for a, _ in SAES])

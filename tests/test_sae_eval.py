@@ -559,12 +559,21 @@ def test_ablate_cli_draws_random_live_features(hf_pair, saved, demo_data):
 
     sae, info = load_sae(saved / "sae")
     model = hf_pair[1]  # the saved model's weights
-    args = argparse.Namespace(features=None, random=3, seed=5, data=[str(demo_data["native"])],
+    args = argparse.Namespace(features=None, random=[3], seed=5, data=[str(demo_data["native"])],
                               split="validation", rows=8)  # fmt: skip
     feats, how = _features(args, model, sae, info, LAYER)
     assert len(feats) == 3 and min(feats) >= 8  # latents 0..7 never fire
     assert how["how"] == "random live" and how["n_live"] == S - 8 and how["seed"] == 5
     assert _features(args, model, sae, info, LAYER)[0] == feats
+
+
+def test_random_counts_are_one_for_every_sae_or_one_per_sae():
+    from sae.ablate import parse_counts
+
+    assert parse_counts("4", 3) == [4, 4, 4]
+    assert parse_counts("4,1,2", 3) == [4, 1, 2]
+    with pytest.raises(UserError, match="2 counts for 3 SAEs"):
+        parse_counts("4,1", 3)
 
 
 @pytest.mark.parametrize(
@@ -676,13 +685,14 @@ def test_ablate_cli_pulse_with_two_saes(saved, layered, demo_data, tmp_path, cap
 
 
 def test_ablate_cli_draws_random_live_features_per_layer(hf_pair, layered, demo_data):
-    """`--random K` with a directory of layer-N/ SAEs: K live latents of each SAE at its layer,
-    SAE i drawing with seed + i; the edit is one FeatureAblation per layer."""
+    """`--random 3,2` with a directory of layer-N/ SAEs: that many live latents of each SAE at its
+    layer (one count per SAE, as the pipeline matches each layer's top features), SAE i drawing
+    with seed + i; the edit is one FeatureAblation per layer."""
     import argparse
 
     from sae.eval_cli import _ablation, _load_saes, _sae_dirs
 
-    args = argparse.Namespace(model=None, layer=None, features=None, random=3, seed=5,
+    args = argparse.Namespace(model=None, layer=None, features=None, random=[3, 2], seed=5,
                               data=[str(demo_data["native"])], split="validation", rows=8,
                               mode="zero", value=None)  # fmt: skip
     paths = _sae_dirs([str(layered)])
@@ -694,8 +704,8 @@ def test_ablate_cli_draws_random_live_features_per_layer(hf_pair, layered, demo_
     for i, (_, sae, _, layer) in enumerate(saes):
         feats, how = which["features"][str(layer)], which["selection"][str(layer)]
         live = np.flatnonzero(firing_counts(hf_pair[1], sae, layer, rows())[0])
-        assert len(feats) == 3 and set(feats) <= set(live.tolist())
-        assert how["seed"] == 5 + i and how["n_live"] == len(live)
+        assert len(feats) == [3, 2][i] and set(feats) <= set(live.tolist())
+        assert how["seed"] == 5 + i and how["n_live"] == len(live) and how["k"] == [3, 2][i]
         assert np.flatnonzero(np.asarray(edit.edits[i].mask_s[...])).tolist() == feats
     assert _ablation(args, model, saes)[1] == which  # seeded
 
@@ -706,6 +716,8 @@ def test_ablate_cli_draws_random_live_features_per_layer(hf_pair, layered, demo_
         (["--features", "1"], "1 --features for 2 SAEs"),
         (["--features", "1", "--features", "2", "--layer", "1"], "--layer 1 goes with one SAE"),
         (["--features", "1", "--features", "999"], "layer-1: --features: [999] are not latents"),
+        (["--random", "1,2,3"], "--random 1,2,3: 3 counts for 2 SAEs"),
+        (["--random", "2,x"], "--random '2,x': expected K or comma-separated counts"),
     ],
 )
 def test_ablate_cli_several_saes_bad_input_is_one_line(layered, tmp_path, capsys, flags, needle):

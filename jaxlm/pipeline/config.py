@@ -126,6 +126,9 @@ class SAESection:
     config: str = "configs/demo/sae.yaml"
     set: tuple[str, ...] = ()  # extra --set overrides of the SAE training config
     ablation_features: int = 8  # the top English-name features ablated (and as many random)
+    # instead: per layer, the fewest top features carrying this share of the layer's positive
+    # English-name part (`sae.analysis.attribution.coverage_features`); None: ablation_features
+    ablation_coverage: float | None = None
     dashboards: int = 8  # dashboards of the top attributed features
 
 
@@ -237,6 +240,8 @@ class PipelineConfig:
         if c.kind == "files" and c.english_name_share != 1:
             raise UserError("corpus.english_name_share applies to corpus.kind=demo only (the "
                             "generator's names); leave it at 1.0 with files")  # fmt: skip
+        if (cov := self.sae.ablation_coverage) is not None and not 0 < cov <= 1:
+            raise UserError(f"sae.ablation_coverage={cov} must be in (0, 1]")
         if not 0 <= self.models.replay < 1:
             raise UserError(f"models.replay={self.models.replay} must be in [0, 1)")
         if self.judge.repeat < 1 or self.judge.n < 1 or self.samples.n < 1:

@@ -382,7 +382,7 @@ class Method:
             return {**first, "other_layers": per_layer[1:]} if len(layers) > 1 else first
 
         sae = {**_asdict(s), "config": _sha(config)}
-        sae.pop("ablation_features"), sae.pop("dashboards")
+        sae.pop("ablation_features"), sae.pop("ablation_coverage"), sae.pop("dashboards")
         settings = {"sae": sae, "eval_data": list(EVAL)}
         return Stage(
             f"sae-{label}",
@@ -426,13 +426,22 @@ class Method:
 
         def run(ctx: Context) -> dict:
             # every trained layer: its own SAE's top English-name features (by that layer's
-            # attribution), all removed in one forward pass; one layer: that layer's
+            # attribution: the top ablation_features, or those covering ablation_coverage of its
+            # positive part), all removed in one forward pass; one layer: that layer's
+            from sae.analysis.attribution import coverage_features, saved_mean_parts
+
             per_layer = {}
             for layer in sorted(self.sae_layers(label)):
-                top = attribution_summary(self.analysis_dir(label, layer) / "attribution.json")
-                ids = [f["feature"] for f in top["top_english_name_features"]]
-                if ids[: s.ablation_features]:
-                    per_layer[layer] = ids[: s.ablation_features]
+                d = self.analysis_dir(label, layer)
+                if s.ablation_coverage is not None:
+                    ids = coverage_features(saved_mean_parts(d / "attribution.npz"),
+                                            s.ablation_coverage)  # fmt: skip
+                else:
+                    top = attribution_summary(d / "attribution.json")
+                    ids = [f["feature"] for f in top["top_english_name_features"]]
+                    ids = ids[: s.ablation_features]
+                if ids:
+                    per_layer[layer] = ids
             if not per_layer:  # SAEs too small or too briefly trained to have such features
                 return {"skipped": "no SAE feature pushes toward English names"}
             out = self.w / "analysis" / f"ablation-{label}"
@@ -443,17 +452,17 @@ class Method:
                       *self._eval_data()]  # fmt: skip
             # the held-out rows: the name-slot logit difference at attribute's name contexts
             # (both runs), and where the random run's live features are found; random: as many
-            # live features per layer as the largest top set (seed 0 + the SAE's index)
+            # live features at each layer as its top set there (seed 0 + the SAE's index)
             top_flags = [x for ids in per_layer.values()
                          for x in ("--features", ",".join(map(str, ids)))]  # fmt: skip
-            k = max(len(ids) for ids in per_layer.values())
+            counts = ",".join(str(len(ids)) for ids in per_layer.values())
             # the random run reads the top run's unedited stories: the same sampling, so the
             # same stories (sae ablate checks), sampled once
             picks = {
                 "top": top_flags,
                 "random": [
                     "--random",
-                    str(k),
+                    counts,
                     "--seed",
                     "0",
                     "--baseline-from",
@@ -475,10 +484,18 @@ class Method:
                     fresh_process=True,
                     overwrite_flag=False,  # ablate rewrites its two files; it has no --overwrite
                 )
-            return ablation_summary(out, feats)
+            chosen = (f"the top {s.ablation_features} by attribution" if s.ablation_coverage is None
+                      else f"the fewest carrying {s.ablation_coverage:.0%} of the layer's positive "
+                      "English-name part")  # fmt: skip
+            return {**ablation_summary(out, feats), "selection": chosen}
 
-        return Stage(f"ablation-{label}", {"k": s.ablation_features, "samples": _asdict(
-            self.cfg.samples), "name_logit_diff": {"data": list(EVAL)}, "paired": "per story"},
+        # how the top features are chosen (a fixed number or a share per layer), and the random
+        # control's count: per layer, as many as the top features there
+        pick = {"k": s.ablation_features} if s.ablation_coverage is None else {
+            "coverage": s.ablation_coverage}  # fmt: skip
+        return Stage(f"ablation-{label}", {**pick, "random": "as many per layer", "samples":
+            _asdict(self.cfg.samples), "name_logit_diff": {"data": list(EVAL)},
+            "paired": "per story"},
             (f"analysis-{label}",), run, "local",
             f"ablate {label}'s top English-name features vs as many random live ones")  # fmt: skip
 

@@ -798,9 +798,11 @@ def _ablation_findings(ms: list[Model]) -> list[str]:
         if top is None or rnd is None:
             continue
         feats = _get(m.rec, "ablation", "features_top")
+        chosen = _get(m.rec, "ablation", "selection")
+        how = f"; per layer {chosen}" if isinstance(chosen, str) else ""
         if isinstance(feats, dict) and feats:
             n = sum(len(_list(v)) for v in feats.values())
-            which = f" ({n} features, at MLP layers {', '.join(map(str, feats))} at once)"
+            which = f" ({n} features, at MLP layers {', '.join(map(str, feats))} at once{how})"
         else:
             which = f" ({', '.join(map(str, feats))})" if isinstance(feats, list) and feats else ""
         c = _top_minus_random(m)
@@ -851,13 +853,18 @@ def _mentions(m: Model) -> list[str] | None:
 
 
 def _features_text(feats: Any) -> str | None:
-    """The ablated features: ids (one layer), or per layer "L7: 1, 2; L6: ..." (several)."""
+    """The ablated features: ids (one layer), or per layer "L7: 1, 2; L6: ..." (several); a
+    layer's count instead of its ids where they are many (a coverage pick: tens per layer)."""
+    ids = lambda v: (", ".join(map(str, v)) if len(v) <= FEATURE_IDS_SHOWN  # noqa: E731
+                     else f"{len(v)} features")  # fmt: skip
     if isinstance(feats, list):
-        return ", ".join(map(str, feats))
+        return ids(feats)
     if isinstance(feats, dict) and feats:
-        return "; ".join(f"L{layer}: {', '.join(map(str, _list(ids)))}"
-                         for layer, ids in feats.items())  # fmt: skip
+        return "; ".join(f"L{layer}: {ids(_list(v))}" for layer, v in feats.items())
     return None
+
+
+FEATURE_IDS_SHOWN = 16  # a table cell lists up to this many ids per layer
 
 
 def _paired(e: Est) -> Change:

@@ -608,6 +608,32 @@ def decompose(
 # --- the whole attribution ----------------------------------------------------------------------
 
 
+def balanced_parts(part_sum_ls: np.ndarray, label_c: np.ndarray) -> np.ndarray:
+    """[S] the mean over labels (those with contexts) of each feature's mean part per label: both
+    labels weigh the same however many contexts each has."""
+    ns = np.bincount(np.asarray(label_c, np.int64), minlength=2)[:2].astype(np.float64)
+    have = ns > 0
+    if not have.any():
+        return np.zeros(part_sum_ls.shape[1])
+    return (part_sum_ls[have] / ns[have, None]).mean(0)
+
+
+def coverage_features(parts_s: np.ndarray, share: float) -> list[int]:
+    """The fewest features, largest part first, whose positive parts add up to at least `share`
+    of all the positive parts (sorted ids; none when no part is positive). A fixed number of top
+    features removes a different fraction of the push at each layer (a handful carries most of
+    it at one layer, a small part at another); a share removes the same fraction at each."""
+    if not 0 < share <= 1:
+        raise UserError(f"coverage {share}: must be in (0, 1]")
+    order = np.argsort(-parts_s, kind="stable")
+    pos = order[parts_s[order] > 0]
+    if not len(pos):
+        return []
+    csum = np.cumsum(parts_s[pos])
+    k = min(int(np.searchsorted(csum, share * csum[-1])) + 1, len(pos))
+    return sorted(int(f) for f in pos[:k])
+
+
 @dataclasses.dataclass
 class ContrastAttribution:
     """One contrast's contexts and their parts: per context, and per label and feature summed."""
@@ -635,11 +661,7 @@ class ContrastAttribution:
 
     def mean_parts(self) -> np.ndarray:
         """[S] balanced mean part: the mean over labels (with contexts) of the label means."""
-        ns = np.asarray([self.n(0), self.n(1)], np.float64)
-        have = ns > 0
-        if not have.any():
-            return np.zeros(self.part_sum.shape[1])
-        return (self.part_sum[have] / ns[have, None]).mean(0)
+        return balanced_parts(self.part_sum, self.contexts.label)
 
     def error_share(self) -> float | None:
         denom = np.abs(self.features) + np.abs(self.error) + np.abs(self.bias)
@@ -827,6 +849,15 @@ class Attribution:
         results = [_load_result(arrays, c, h, path)
                    for c, h in zip(contrasts, header["contrasts"], strict=True)]  # fmt: skip
         return cls(results, arrays["active_count"], header["n_tokens"], header["meta"])
+
+
+def saved_mean_parts(path: str | Path, contrast: str = "names") -> np.ndarray:
+    """[S] one contrast's balanced mean part per feature (`ContrastAttribution.mean_parts`) from
+    what `Attribution.save` wrote, reading only the two arrays it needs (no model, no contrasts
+    to rebuild): the pipeline picks the features to ablate from it."""
+    keys = (f"{contrast}.part_sum", f"{contrast}.contexts.label")
+    arrays, _ = _read(Path(path), keys=keys)
+    return balanced_parts(*(arrays[k] for k in keys))
 
 
 def saved_counts(path: str | Path) -> tuple[np.ndarray, int, dict]:
