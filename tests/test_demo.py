@@ -186,6 +186,15 @@ def test_an_interrupted_stage_resumes_and_only_refuses_stale_inputs(tmp_path):
     run_stages(_stages(log, {"a": 1, "b": 1}), tmp_path, log=quiet)
     assert ("b", False) in log  # the same settings: resumed, its outputs not replaced
     log.clear()
+    # a rerun with changed settings, interrupted, still replaces on its resume: the outputs it
+    # left are partly the old settings' (a command refuses those without --overwrite)
+    stages = _stages(log, {"a": 1, "b": 2})
+    stages[1].run = dies
+    with pytest.raises(KeyboardInterrupt):
+        run_stages(stages, tmp_path, log=quiet)
+    run_stages(_stages(log, {"a": 1, "b": 2}), tmp_path, log=quiet)
+    assert log == [("b", True), ("d", True)]
+    log.clear()
     # --only: a stage whose input is not done with the current settings is refused
     with pytest.raises(UserError, match="needs a"):
         run_stages(_stages(log, {"a": 3, "b": 1}), tmp_path, log=quiet, only=lambda n: n == "b")

@@ -176,7 +176,11 @@ def run_stages(
             if stale:
                 raise UserError(f"stage {stage.name} needs {stale[0]}, which is not done with "
                                 "these settings: run it too (or without --only)")  # fmt: skip
-            changed = (done is not None) or (started is not None and started["fingerprint"] != fp)
+            # replaced rather than resumed: outputs made with other settings (done, or a run
+            # started with them), or a replacing run that was interrupted (its outputs are
+            # partly the old settings'; the commands' own --overwrite resumes what is new)
+            changed = (done is not None) or (started is not None and (
+                started["fingerprint"] != fp or started.get("changed", False)))  # fmt: skip
             if dry_run:
                 out[stage.name] = _dry_one(stage, workdir, changed, log)
             else:
@@ -190,7 +194,7 @@ def _run_one(stage: Stage, fp: str, workdir: Path, changed: bool, log) -> Outcom
     markers = workdir / ".stages"
     what = "running again (its settings or inputs changed)" if changed else "running"
     log(f"[{stage.name}] {what} ...")
-    _write(markers / f"{stage.name}.started.json", {"fingerprint": fp})
+    _write(markers / f"{stage.name}.started.json", {"fingerprint": fp, "changed": changed})
     (markers / f"{stage.name}.json").unlink(missing_ok=True)
     ctx = Context(workdir, overwrite=changed, log=log, stage=stage.name)
     t0 = time.time()
