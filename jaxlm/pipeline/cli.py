@@ -209,9 +209,9 @@ def _summary(workdir: Path, r: dict) -> None:
             ev = sae.get("eval", {})
             print(
                 f"  {'':22s} SAE: CE loss recovered {_ce(ev)}, "
-                f"KL {ev.get('kl_div')}; features' push toward English names "
-                f"{a.get('english_name_attribution')} (error share "
-                f"{a.get('english_name_error_share')})"
+                f"KL {_num(ev.get('kl_div'), '.4f')}; features' push toward English names "
+                f"{_num(a.get('english_name_attribution'), '+.3f')} (error share "
+                f"{_num(a.get('english_name_error_share'), '.2f')})"
             )
         if m.get("ablation"):
             ab = m["ablation"]
@@ -226,8 +226,17 @@ def _summary(workdir: Path, r: dict) -> None:
         print(f"  report: {page}")
 
 
-def _ce(ev: dict) -> str:
-    """CE loss recovered as printed: a bare number or an estimate, "not measurable" flagged."""
+def _num(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _ce(ev: dict, *, sources: bool = True) -> str:
+    """CE loss recovered as printed: pooled (SAELens's figure), then per source, each "not
+    measurable" where zero-ablating the MLP does not clearly cost the model anything there."""
     v = ev.get("ce_loss_recovered")
     v = v.get("value") if isinstance(v, dict) else v
-    return f"{v}" + (" (not measurable)" if ev.get("ce_loss_measurable") is False else "")
+    out = _num(v, ".3f") + (" (not measurable)" if ev.get("ce_loss_measurable") is False else "")
+    per = ev.get("per_source") or {}
+    if sources and per:
+        out += " (" + ", ".join(f"{k} {_ce(e, sources=False)}" for k, e in per.items()) + ")"
+    return out
