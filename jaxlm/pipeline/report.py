@@ -1647,7 +1647,8 @@ def _attribution_bars(b: Builder, have: list[Model]) -> Image:
         ax.bar(xs, vals, width * 0.95, color=ROLE_COLOR.get(m.role, f"C{i + 3}"), label=m.label)
     ax.set_xticks(range(len(ANALYSIS_KEYS)), [h.replace(" ", "\n", 1) for _, h in ANALYSIS_KEYS])
     ax.tick_params(axis="x", labelsize=8)
-    ax.set_ylabel("share")
+    ax.set_ylabel("attribution: logits\nerror share: fraction", fontsize=8)  # two units, one axis
+    ax.axhline(0, color="black", linewidth=0.6)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
