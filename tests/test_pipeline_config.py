@@ -91,3 +91,60 @@ def test_the_ablations_pick_is_in_its_fingerprint_and_a_bad_coverage_is_one_line
     for bad in (0.0, 1.5, -0.2):
         with pytest.raises(UserError, match=rf"sae.ablation_coverage={bad} must be in \(0, 1\]"):
             load(None, [{"sae": {"ablation_coverage": bad}}])
+
+
+class _Recorder:
+    """A Context that records the commands a stage would run instead of running them."""
+
+    def __init__(self):
+        self.argv: list[list[str]] = []
+
+    def jaxlm(self, *args, **_):
+        self.argv.append(list(args))
+
+
+def _flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+@pytest.mark.parametrize("coverage", [None, 0.8])
+def test_the_ablation_samples_as_the_samples_stage_and_matches_random_counts_per_layer(
+    tmp_path, monkeypatch, coverage
+):
+    """Both ablation runs sample with the samples section's n, temperature, top-k and seed (a
+    seed set there once went unused: the ablation sampled seed 0), and the random control draws
+    as many live features at each layer as the top set has there."""
+    import numpy as np
+
+    import jaxlm.pipeline.method as method
+    import sae.analysis.attribution as at
+
+    cfg = load(None, [{"samples": {"n": 12, "temperature": 0.5, "top_k": 7, "seed": 3000},
+                       "sae": {"layers": [-1, 0], "ablation_features": 2,
+                               "ablation_coverage": coverage}}])  # fmt: skip
+    m = Method(cfg, tmp_path, None)
+    monkeypatch.setattr(Method, "sae_layers", lambda self, label: [7, 0])
+    parts = {0: [0.5, 0.3, 0.2, -1.0], 7: [0.9, 0.0, 0.06, 0.04]}  # per layer, by feature
+    for layer, p in parts.items():
+        d = m.analysis_dir("pretrain-ts-1m", layer)
+        d.mkdir(parents=True)
+        top = [{"feature": int(f), "part": p[f], "share": 0.1} for f in np.argsort(p)[::-1]]
+        (d / "attribution.json").write_text(json.dumps({"layer": layer, "contrasts": {
+            "names": {"top_features": top}}}))  # fmt: skip
+    monkeypatch.setattr(at, "saved_mean_parts", lambda path: np.asarray(parts[int(
+        path.parent.name.removeprefix("layer-"))]))  # fmt: skip
+    monkeypatch.setattr(method, "ablation_summary", lambda d, feats: {"features_top": feats})
+    ctx = _Recorder()
+    result = m._ablation_stage("ts-1m").run(ctx)
+    top, rand = ctx.argv
+    for argv in (top, rand):
+        assert argv[:2] == ["sae", "ablate"]
+        assert [_flag(argv, f) for f in ("--n", "--temperature", "--top-k", "--sample-seed")] == [
+            "12", "0.5", "7", "3000"]  # fmt: skip
+    # coverage 0.8: layer 0 needs 0.5 + 0.3 of 1.0, layer 7 0.9 of 1.0; top 2: two each
+    want = {"0": [0, 1], "7": [0]} if coverage else {"0": [0, 1], "7": [0, 2]}
+    assert result["features_top"] == want
+    assert [_flag(top, "--features"), top[top.index("--features") + 3]] == [
+        ",".join(map(str, want["0"])), ",".join(map(str, want["7"]))]  # fmt: skip
+    assert _flag(rand, "--random") == ",".join(str(len(want[k])) for k in ("0", "7"))
+    assert "selection" in result and ("80%" in result["selection"]) == bool(coverage)

@@ -446,10 +446,12 @@ class Method:
                 return {"skipped": "no SAE feature pushes toward English names"}
             out = self.w / "analysis" / f"ablation-{label}"
             saes = [x for layer in per_layer for x in ("--sae", str(self.sae_dir(label, layer)))]
-            common = ["--model", str(self.model(label)), *saes,
-                      "--n", str(self.cfg.samples.n), "--max-new-tokens",
-                      str(self.cfg.samples.max_new_tokens), *self._name_flags(),
-                      *self._eval_data()]  # fmt: skip
+            # the samples stage's sampling (its settings are in this stage's fingerprint too)
+            sm = self.cfg.samples
+            common = ["--model", str(self.model(label)), *saes, "--n", str(sm.n),
+                      "--max-new-tokens", str(sm.max_new_tokens), "--temperature",
+                      str(sm.temperature), "--top-k", str(sm.top_k), "--sample-seed", str(sm.seed),
+                      *self._name_flags(), *self._eval_data()]  # fmt: skip
             # the held-out rows: the name-slot logit difference at attribute's name contexts
             # (both runs), and where the random run's live features are found; random: as many
             # live features at each layer as its top set there (seed 0 + the SAE's index)
