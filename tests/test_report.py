@@ -226,6 +226,9 @@ def test_change_interval_and_words():
     same = Change.between(Est(1.0, 0.9, 1.1), Est(1.05, 0.95, 1.15))
     assert not same.clear and same.words(2).startswith("no clear change (+0.05 [")
     assert Change.between(Est(1.0), Est(2.0)).words(1) == "changes by +1.0 (no interval given)"
+    # a clear change below the digits asked for gets more of them
+    tiny = Change(-2.8e-5, -5.1e-5, -1.1e-5)
+    assert tiny.clear and tiny.words(3) == "falls (-0.00003 [-0.00005, -0.00001])"
     assert reading("native", c) == "repair: native loss falls"
     assert reading("translated", Change(0.2, 0.1, 0.3)) == "forgetting: translated loss rises"
     assert reading("translated", same) == "no clear change"

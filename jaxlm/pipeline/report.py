@@ -125,6 +125,9 @@ def _list(x: Any) -> list:
     return x if isinstance(x, list) else []
 
 
+MAX_DIGITS = 7  # the most decimals a clear change is written with
+
+
 def _fmt(x: float, digits: int, sign: bool = False) -> str:
     return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
 
@@ -193,7 +196,13 @@ class Change:
         return f"[{_fmt(self.lo, digits, True)}, {_fmt(self.hi, digits, True)}]"
 
     def words(self, digits: int, up: str = "rises", down: str = "falls") -> str:
-        """ "falls (-0.94 [-1.00, -0.81])", "no clear change (+0.01 [-0.02, +0.04])"."""
+        """ "falls (-0.94 [-1.00, -0.81])", "no clear change (+0.01 [-0.02, +0.04])". A clear
+        change too small for `digits` gets more, up to 4 more (not "falls (-0.000 [-0.000,
+        -0.000])", which reads as no change)."""
+        if self.clear:
+            ends = [abs(x) for x in (self.d, self.lo, self.hi) if x is not None]
+            while digits < MAX_DIGITS and min(ends) < 0.5 * 10.0**-digits:
+                digits += 1
         shown = f"{_fmt(self.d, digits, True)} {self.ci(digits)}".strip()
         if self.clear is None:
             return f"changes by {shown} (no interval given)"
