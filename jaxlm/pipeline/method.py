@@ -309,11 +309,10 @@ class Method:
 
         def run(ctx: Context) -> dict:
             out = self.w / "samples"
-            ctx.jaxlm("eval", "artifacts", "--checkpoint", str(self.model(label)), "--n",
-                      str(s.n), "--max-new-tokens", str(s.max_new_tokens), "--temperature",
-                      str(s.temperature), "--top-k", str(s.top_k), "--seed", str(s.seed),
-                      "--out", str(out / f"{label}.artifacts.json"), "--samples-out",
-                      str(out / f"{label}.jsonl"), *self._name_flags())  # fmt: skip
+            ctx.jaxlm("eval", "artifacts", "--checkpoint", str(self.model(label)),
+                      *self._sampling("--seed"), "--out", str(out / f"{label}.artifacts.json"),
+                      "--samples-out", str(out / f"{label}.jsonl"),
+                      *self._name_flags())  # fmt: skip
             report = json.loads((out / f"{label}.artifacts.json").read_text())
             return {k: _value(report["metrics"].get(k)) for k in
                     ("english_name_rate", "english_dialogue_share", "distinct_2")}  # fmt: skip
@@ -447,10 +446,7 @@ class Method:
             out = self.w / "analysis" / f"ablation-{label}"
             saes = [x for layer in per_layer for x in ("--sae", str(self.sae_dir(label, layer)))]
             # the samples stage's sampling (its settings are in this stage's fingerprint too)
-            sm = self.cfg.samples
-            common = ["--model", str(self.model(label)), *saes, "--n", str(sm.n),
-                      "--max-new-tokens", str(sm.max_new_tokens), "--temperature",
-                      str(sm.temperature), "--top-k", str(sm.top_k), "--sample-seed", str(sm.seed),
+            common = ["--model", str(self.model(label)), *saes, *self._sampling("--sample-seed"),
                       *self._name_flags(), *self._eval_data()]  # fmt: skip
             # the held-out rows: the name-slot logit difference at attribute's name contexts
             # (both runs), and where the random run's live features are found; random: as many
@@ -486,15 +482,18 @@ class Method:
                     fresh_process=True,
                     overwrite_flag=False,  # ablate rewrites its two files; it has no --overwrite
                 )
-            chosen = (f"the top {s.ablation_features} by attribution" if s.ablation_coverage is None
-                      else f"the fewest carrying {s.ablation_coverage:.0%} of the layer's positive "
-                      "English-name part")  # fmt: skip
             return {**ablation_summary(out, feats), "selection": chosen}
 
-        # how the top features are chosen (a fixed number or a share per layer), and the random
-        # control's count: per layer, as many as the top features there
-        pick = {"k": s.ablation_features} if s.ablation_coverage is None else {
-            "coverage": s.ablation_coverage}  # fmt: skip
+        # how the top features are chosen (a fixed number or a share per layer), in the stage's
+        # settings and in words; the random control: per layer, as many as the top features there
+        pick: dict[str, float]
+        if s.ablation_coverage is None:
+            pick = {"k": s.ablation_features}
+            chosen = f"the top {s.ablation_features} by attribution"
+        else:
+            pick = {"coverage": s.ablation_coverage}
+            chosen = (f"the fewest carrying {s.ablation_coverage:.0%} of the layer's positive "
+                      "English-name part")  # fmt: skip
         return Stage(f"ablation-{label}", {**pick, "random": "as many per layer", "samples":
             _asdict(self.cfg.samples), "name_logit_diff": {"data": list(EVAL)},
             "paired": "per story"},
@@ -556,6 +555,13 @@ class Method:
 
     def _eval_data(self) -> list[str]:
         return [x for e in EVAL for x in ("--data", str(self.data(e)))]
+
+    def _sampling(self, seed_flag: str) -> list[str]:
+        """The samples section as sampling flags (`eval artifacts` and `sae ablate` sample alike;
+        they name the seed differently)."""
+        s = self.cfg.samples
+        return ["--n", str(s.n), "--max-new-tokens", str(s.max_new_tokens), "--temperature",
+                str(s.temperature), "--top-k", str(s.top_k), seed_flag, str(s.seed)]  # fmt: skip
 
     def _names(self) -> list[str]:
         return list(self.cfg.samples.names)
