@@ -96,12 +96,21 @@ class TopKSAE(SAE):
         n_dead = dead_s.sum()
         residual_nf = jax.lax.stop_gradient(x_nf - out_nf)
 
-        def auxk(pre_ns: Array) -> Array:
+        def top(pre_ns: Array) -> Array:
             masked_ns = jnp.where(dead_s[None], pre_ns, -jnp.inf)
             values_nk, index_nk = jax.lax.top_k(masked_ns, k_aux_max)
             # Fewer dead latents than k_aux_max: the extra picks are live ones (-inf); drop them.
             values_nk = jnp.where(jnp.isfinite(values_nk), values_nk, 0.0)
-            aux_acts_ns = _scatter_rows(values_nk, index_nk, pre_ns.shape)
+            return _scatter_rows(values_nk, index_nk, pre_ns.shape)
+
+        def every_dead(pre_ns: Array) -> Array:
+            # no more dead latents than k_aux_max: the top k_aux_max picks every one of them, so
+            # the same acts (and gradients) without the top-k, which on a CPU costs more than the
+            # step's matmuls together (k_aux_max = 128 of 1,024: ~4x an encoder matmul)
+            return jnp.where(dead_s[None], pre_ns, 0.0)
+
+        def auxk(pre_ns: Array) -> Array:
+            aux_acts_ns = jax.lax.cond(n_dead <= k_aux_max, every_dead, top, pre_ns)
             recons_nf = self._times_W_dec(aux_acts_ns)
             return jnp.square(recons_nf - residual_nf).sum(-1).mean()
 

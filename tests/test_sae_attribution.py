@@ -771,3 +771,49 @@ def _words(tmp_path, key: str) -> str:
     path = tmp_path / f"{key}.txt"
     path.write_text("\n".join(demo_word_lists()[key][1:]) + "\n", encoding="utf-8")
     return str(path)
+
+
+def test_several_saes_in_one_pass_write_what_each_alone_writes(tok400, demo_data, tmp_path,
+                                                              capsys):  # fmt: skip
+    """`sae attribute --sae A --sae B` (one forward a batch for both layers) writes OUT/layer-N
+    for each: the arrays, summary and dashboards `--sae it --out DIR` writes alone, and the same
+    identity, so the one-SAE command finds it done. Two SAEs on one layer, or --layer with
+    several, are refused."""
+    import numpy as np
+
+    data = _saved(tok400, demo_data, tmp_path)[2]
+    m, s = str(tmp_path / "m"), str(tmp_path / "s")
+    save_sae(tmp_path / "s0", _sae(64, 24, seed=3), layer=0)
+    s0 = str(tmp_path / "s0")
+    for sae_dir, out in ((s, "one1"), (s0, "one0")):
+        assert _cli(["attribute", "--model", m, "--sae", sae_dir, *data, "--dashboards", "--top",
+                     "3", "--out", str(tmp_path / out)]) == 0  # fmt: skip
+    assert _cli(["attribute", "--model", m, "--sae", s, "--sae", s0, *data, "--dashboards",
+                 "--top", "3", "--out", str(tmp_path / "both")]) == 0  # fmt: skip
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()[-2:]]
+    assert [x["out"] for x in lines] == [str(tmp_path / "both/layer-1"),
+                                         str(tmp_path / "both/layer-0")]  # fmt: skip
+    for layer, one in ((1, "one1"), (0, "one0")):
+        a, b = tmp_path / one, tmp_path / f"both/layer-{layer}"
+        with np.load(a / "attribution.npz") as za, np.load(b / "attribution.npz") as zb:
+            assert sorted(za.files) == sorted(zb.files)
+            for k in za.files:
+                if k != "header.json":
+                    assert np.array_equal(za[k], zb[k]), (layer, k)
+        ja, jb = (json.loads((d / "attribution.json").read_text()) for d in (a, b))
+        assert ja == jb and ja["contrasts"]["names"]["top_features"]
+        da, db = (json.loads((d / "dashboards/dashboards.json").read_text()) for d in (a, b))
+        assert da["features"] == db["features"] and da["features"]
+        # the same identity: the one-SAE command into the several's output finds it done
+        sae_dir = s if layer == 1 else s0
+        assert _cli(["attribute", "--model", m, "--sae", sae_dir, *data, "--dashboards", "--top",
+                     "3", "--out", str(b)]) == 0  # fmt: skip
+        assert "already made with these settings" in capsys.readouterr().err
+    o = str(tmp_path / "o")
+    bad = [
+        (["attribute", "--model", m, "--sae", s, "--sae", s, *data, "--out", o],
+         "both read layer 1; one per layer"),
+        (["attribute", "--model", m, "--sae", s, "--sae", s0, "--layer", "1", *data, "--out", o],
+         "--layer: give it with one --sae only"),
+    ]  # fmt: skip
+    _each_refused_in_one_line(bad, capsys)

@@ -55,10 +55,10 @@ def _pair(arch, kw, seed=0):
     return ref, ours
 
 
-def _inputs(seed=1):
+def _inputs(seed=1, dead_p=0.3):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, F, generator=g)
-    dead = torch.rand(S, generator=g) < 0.3
+    dead = torch.rand(S, generator=g) < dead_p
     return x, dead
 
 
@@ -70,10 +70,21 @@ def _close(name, ours, ref, report):
 
 @pytest.mark.parametrize(("arch", "kw"), CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(CASES)])
 def test_matches_sae_lens(arch, kw):
+    _check(arch, kw, 0.3)  # topk: 14 dead latents, more than k_aux (F // 2 = 8): the top-k picks
+
+
+def test_topk_with_few_dead_latents_matches_sae_lens():
+    """No more dead latents than k_aux: AuxK takes every one without a top-k (a shortcut)."""
+    x, dead = _inputs(dead_p=0.1)
+    assert 0 < int(dead.sum()) <= F // 2
+    _check("topk", {"k": 6}, 0.1)
+
+
+def _check(arch, kw, dead_p):
     ref, ours = _pair(arch, kw)
     from sae_lens.saes.sae import TrainStepInput
 
-    x, dead = _inputs()
+    x, dead = _inputs(dead_p=dead_p)
     coef = COEF.get(arch, {})
     out_ref = ref.training_forward_pass(
         TrainStepInput(

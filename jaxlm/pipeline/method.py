@@ -397,11 +397,13 @@ class Method:
 
         def run(ctx: Context) -> dict:
             layers = self.sae_layers(label)
-            for layer in layers:  # each layer's SAE on the same rows and contexts
-                ctx.jaxlm("sae", "attribute", "--model", str(self.model(label)), "--sae",
-                          str(self.sae_dir(label, layer)), *self._eval_data(), "--dashboards",
-                          "--top", str(s.dashboards), *self._attr_names(), "--out",
-                          str(self.analysis_dir(label, layer)), fresh_process=True)  # fmt: skip
+            # every layer's SAE on the same rows and contexts, from one pass (one forward a
+            # batch); with several, attribute writes each into OUT/layer-N (`analysis_dir`)
+            saes = [x for layer in layers for x in ("--sae", str(self.sae_dir(label, layer)))]
+            out = self.w / "analysis" / label if len(layers) > 1 else self.analysis_dir(label)
+            ctx.jaxlm("sae", "attribute", "--model", str(self.model(label)), *saes,
+                      *self._eval_data(), "--dashboards", "--top", str(s.dashboards),
+                      *self._attr_names(), "--out", str(out), fresh_process=True)  # fmt: skip
             out = attribution_summary(self.analysis_dir(label) / "attribution.json")
             if len(layers) > 1:
                 out["all_layers"] = all_layers_summary(

@@ -468,35 +468,57 @@ def gathered_fn(model, sae, layer: int):
     counting on the device keeps [B, T, S] acts and [1 + L, B, T, D] parts off the host, where
     copying them was most of an attribution's time; the values are `forward_fn`'s and
     `components_fn`'s at those positions (a test checks)."""
+    call = gathered_layers_fn(model, [(sae, layer)])
+
+    def one(tokens_bt, row_p: np.ndarray, pos_p: np.ndarray):
+        (x_pd, hs, acts, parts_pkd), counts = call(tokens_bt, row_p, pos_p)
+        return [x_pd, hs[0], acts[0], parts_pkd], counts[0]
+
+    return one
+
+
+def gathered_layers_fn(model, saes: Sequence[tuple[Any, int]]):
+    """`gathered_fn` for several (SAE, layer) pairs from one forward: tokens [B, T], rows [P],
+    positions [P] -> ((final residual [P, D], [each pair's MLP hidden [P, F]], [each pair's acts
+    [P, S]], the residual's parts [P, 1 + L, D]), [each pair's firing counts [S]]), float64 and
+    int64 on the host. The model's forward is most of an attribution's device time, so the
+    layers of one model share it (`attribute_layers`)."""
     graphdef, params = nnx.split(model, nnx.Param)
-    sgraph, sstate = nnx.split(sae)
+    split = [nnx.split(sae) for sae, _ in saes]
+    sgraphs, sstates = [g for g, _ in split], [st for _, st in split]
+    layers = [layer for _, layer in saes]
     L = model.cfg.n_layers
 
     @jax.jit
-    def run(params, sstate, tokens_bt, row_p, pos_p):
+    def run(params, sstates, tokens_bt, row_p, pos_p):
         m = nnx.merge(graphdef, params)
         x_btd = final_residual(m, tokens_bt).astype(jnp.float32)
         hs = m.mlp_activations(tokens_bt, tuple(range(L)))
-        h_btf = hs[layer].astype(jnp.float32)
-        B, T, F = h_btf.shape
-        acts_bts = nnx.merge(sgraph, sstate).encode(h_btf.reshape(B * T, F)).reshape(B, T, -1)
         at = lambda a: a[row_p, pos_p]  # noqa: E731
+        h_at, a_at, counts = [], [], []
+        for sgraph, sstate, layer in zip(sgraphs, sstates, layers, strict=True):
+            h_btf = hs[layer].astype(jnp.float32)
+            B, T, F = h_btf.shape
+            acts_bts = nnx.merge(sgraph, sstate).encode(h_btf.reshape(B * T, F)).reshape(B, T, -1)
+            h_at.append(at(h_btf))
+            a_at.append(at(acts_bts))
+            counts.append((acts_bts > 0).sum((0, 1), dtype=jnp.int32))
         emb_pd = m.wte_vd[...][at(tokens_bt)] + m.wpe_pd[...][pos_p]
         f32 = lambda a: a[...].astype(jnp.float32)  # noqa: E731
         outs = [at(hs[i]).astype(jnp.float32) @ f32(m.blocks[i].mlp.w_down_fd)
                 + f32(m.blocks[i].mlp.b_down_d) for i in range(L)]  # fmt: skip
         parts_pkd = jnp.stack([emb_pd.astype(jnp.float32), *outs], axis=1)
-        count_s = (acts_bts > 0).sum((0, 1), dtype=jnp.int32)
-        return at(x_btd), at(h_btf), at(acts_bts), parts_pkd, count_s
+        return (at(x_btd), h_at, a_at, parts_pkd), counts
 
     def call(tokens_bt, row_p: np.ndarray, pos_p: np.ndarray):
         n = len(row_p)
         size = max(16, 1 << max(n - 1, 0).bit_length())  # a few padded sizes: few compiles
         pad = lambda a: np.concatenate([a, np.zeros(size - n, np.int32)])  # noqa: E731
-        out = jax.device_get(run(params, sstate, jnp.asarray(tokens_bt, jnp.int32),
-                                 jnp.asarray(pad(row_p)), jnp.asarray(pad(pos_p))))  # fmt: skip
-        *at_p, count_s = out
-        return [np.asarray(a[:n], np.float64) for a in at_p], np.asarray(count_s, np.int64)
+        args = (jnp.asarray(tokens_bt, jnp.int32), jnp.asarray(pad(row_p)), jnp.asarray(pad(pos_p)))
+        (x, hs, acts, parts), counts = jax.device_get(run(params, sstates, *args))
+        f64 = lambda a: np.asarray(a[:n], np.float64)  # noqa: E731
+        return ((f64(x), [f64(h) for h in hs], [f64(a) for a in acts], f64(parts)),
+                [np.asarray(c, np.int64) for c in counts])  # fmt: skip
 
     return call
 
@@ -989,18 +1011,37 @@ def attribute(
 ) -> Attribution:
     """Contexts of every contrast in the token rows of `batches` ([B, T] each), and the exact split
     of layer `layer`'s direct contribution to each contrast's logit difference there."""
+    return attribute_layers(model, [(sae, layer)], batches, tok, contrasts, progress=progress)[0]
+
+
+def attribute_layers(
+    model,
+    saes: Sequence[tuple[Any, int]],
+    batches: Iterable[np.ndarray],
+    tok,
+    contrasts: Sequence[Contrast],
+    *,
+    progress: bool = False,
+) -> list[Attribution]:
+    """`attribute` for each (SAE, layer) pair of one model, from one pass over the batches: the
+    contexts are found once and one forward a batch serves every pair (`gathered_layers_fn`).
+    Each Attribution is the one `attribute` gives for its pair alone (a test checks)."""
     if not contrasts:
         raise UserError("no contrasts to attribute")
-    W_eff, b_eff = effective_decoder(sae)
-    if W_eff.shape[1] != model.cfg.d_ff:
-        raise UserError(
-            f"the SAE reads {W_eff.shape[1]} dims; the model's MLP has {model.cfg.d_ff}"
-        )
-    ro = Readout.of(model, layer)
+    if not saes:
+        raise UserError("no SAEs to attribute")
+    decoders = [effective_decoder(sae) for sae, _ in saes]
+    for W_eff, _ in decoders:
+        if W_eff.shape[1] != model.cfg.d_ff:
+            raise UserError(
+                f"the SAE reads {W_eff.shape[1]} dims; the model's MLP has {model.cfg.d_ff}"
+            )
+    ros = [Readout.of(model, layer) for _, layer in saes]
     tbytes = token_bytes(tok)
-    run = gathered_fn(model, sae, layer)
-    accs = [_Accumulator(c, ro, W_eff.shape[0], model.cfg.n_layers) for c in contrasts]
-    active_count = np.zeros(W_eff.shape[0], np.int64)
+    run = gathered_layers_fn(model, saes)
+    accs = [[_Accumulator(c, ro, W_eff.shape[0], model.cfg.n_layers) for c in contrasts]
+            for ro, (W_eff, _) in zip(ros, decoders, strict=True)]  # fmt: skip
+    active_counts = [np.zeros(W_eff.shape[0], np.int64) for W_eff, _ in decoders]
     n_tokens, row0 = 0, 0
     if progress:
         from tqdm import tqdm
@@ -1008,22 +1049,25 @@ def attribute(
         batches = tqdm(batches, desc="attribute", unit="batch")
     for tokens_bt in batches:
         tokens_bt = np.asarray(tokens_bt)
-        ctxs = [find_contexts(tokens_bt, tbytes, acc.contrast, row0=row0) for acc in accs]
+        ctxs = [find_contexts(tokens_bt, tbytes, c, row0=row0) for c in contrasts]
         rows = np.concatenate([c.row - row0 for c in ctxs]).astype(np.int32)
         pos = np.concatenate([c.pos for c in ctxs]).astype(np.int32)
-        (x_pd, h_pf, a_ps, parts_pkd), count_s = run(tokens_bt, rows, pos)
-        active_count += count_s
+        (x_pd, hs, acts, parts_pkd), counts = run(tokens_bt, rows, pos)
         n_tokens += tokens_bt.size
-        start = 0
-        for acc, ctx in zip(accs, ctxs, strict=True):
-            sl = slice(start, start + len(ctx))
-            acc.add(ctx, x_pd[sl], h_pf[sl], a_ps[sl], parts_pkd[sl], ro, W_eff, b_eff)
-            start += len(ctx)
+        for i, (W_eff, b_eff) in enumerate(decoders):
+            active_counts[i] += counts[i]
+            start = 0
+            for acc, ctx in zip(accs[i], ctxs, strict=True):
+                sl = slice(start, start + len(ctx))
+                acc.add(ctx, x_pd[sl], hs[i][sl], acts[i][sl], parts_pkd[sl], ros[i], W_eff,
+                        b_eff)  # fmt: skip
+                start += len(ctx)
         row0 += tokens_bt.shape[0]
     if row0 == 0:
         raise UserError("no token rows to attribute on")
-    return Attribution([a.result() for a in accs], active_count, n_tokens,
-                       {"layer": layer, "rows": row0})  # fmt: skip
+    return [Attribution([a.result() for a in accs[i]], active_counts[i], n_tokens,
+                        {"layer": layer, "rows": row0})
+            for i, (_, layer) in enumerate(saes)]  # fmt: skip
 
 
 # --- plot ---------------------------------------------------------------------------------------

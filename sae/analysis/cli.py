@@ -67,7 +67,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("attribute", help="exact per-feature attribution of an MLP layer's direct "
                        "push toward English vs Arabic names and dialogue (JSON + PNG)")  # fmt: skip
     p.add_argument("--model", required=True)
-    p.add_argument("--sae", required=True)
+    p.add_argument("--sae", action="append", required=True,
+                   help="SAE_DIR; repeated (SAEs of several layers of the model): one pass "
+                   "serves them all and each writes OUT/layer-N, as --sae it --out OUT/layer-N "
+                   "would")  # fmt: skip
     _attribution_args(p)
     p.add_argument("--dashboards", action="store_true",
                    help="also write the listed features' dashboards (DIR/dashboards)")  # fmt: skip
@@ -224,6 +227,11 @@ def _load(model_dir: str, sae_dir: str, tokdir: str | None, layer: int | None):
             f"{tokdir}: {tok.vocab_size} pieces, but {model_dir} has vocab_size "
             f"{model.cfg.vocab_size}"
         )
+    _check_fits(model, model_dir, sae, sae_dir, layer)
+    return model, sae, layer, tok, tokdir
+
+
+def _check_fits(model, model_dir: str, sae, sae_dir: str, layer: int) -> None:
     if not 0 <= layer < model.cfg.n_layers:
         raise UserError(
             f"layer {layer} of {sae_dir}: {model_dir} has layers 0..{model.cfg.n_layers - 1}"
@@ -232,7 +240,6 @@ def _load(model_dir: str, sae_dir: str, tokdir: str | None, layer: int | None):
         raise UserError(
             f"{sae_dir}: the SAE reads {sae.cfg.d_in} dims; {model_dir}'s MLP has {model.cfg.d_ff}"
         )
-    return model, sae, layer, tok, tokdir
 
 
 def _token_sets(args, tok, where: str) -> tuple[dict, list[tuple[str, str]]]:
@@ -467,15 +474,9 @@ def _attribution(
     contexts and running the forwards; the model and SAE are loaded all the same (the tokenizer
     rebuilds the contrasts; match reads the weights)."""
     from sae.analysis import attribution as at
-    from sae.analysis.tsea import display_texts
 
     model, sae, layer, tok, tokdir = _load(model_dir, sae_dir, args.tokenizer, args.layer)
-    if args.top < 1:
-        raise UserError("--top must be >= 1")
-    lists = word_lists(args.names) if args.names else None
-    if lists is not None and len(lists) != 2:
-        raise UserError(f"--names: give exactly two lists (positive first), got {len(lists)}")
-    contrasts = at.demo_contrasts(tok, lists)
+    contrasts = _contrasts(args, tok)
     if saved is None:
         batches = _batches(args, tokdir, f"--model {model_dir}")
         att = at.attribute(model, sae, layer, batches, tok, contrasts, progress=True)
@@ -483,41 +484,73 @@ def _attribution(
         flag, npz = saved
         batches, att = [], at.Attribution.load(npz, contrasts)
         _same_layer(flag, npz, att.meta, layer)
-    att.meta.update(model=str(model_dir), sae=str(sae_dir), data=list(args.data),
-                    split=args.split)  # fmt: skip
-    texts = display_texts(tok)
-    out.mkdir(parents=True, exist_ok=True)
-    link = "dashboards/dashboards.html" if dashboards else None
-    summary = att.summary(top=args.top, texts=texts, dashboard=link)
-    if dashboards:
-        _attribution_dashboards(model, sae, layer, batches, texts, att, summary, out, sae_dir)
-    _write_json(out / "attribution.json", summary)
-    at.bar_plot(att, out / "attribution.png", title=f"{model_dir} · {sae_dir} · layer {layer}")
+    item = (sae_dir, sae, layer, att, out)
+    [summary] = _write_attributions(args, model_dir, model, tok, batches, [item],
+                                    dashboards=dashboards)  # fmt: skip
     return att, summary, (model, sae, layer, tok)
 
 
-def _attribution_dashboards(model, sae, layer, batches, texts, att, summary, out, sae_dir):
-    """Dashboards of every listed feature; each entry learns how many of its top contexts sit at
-    the contrast's targets (the context position or the target's first token)."""
+def _contrasts(args, tok):
+    from sae.analysis import attribution as at
+
+    if args.top < 1:
+        raise UserError("--top must be >= 1")
+    lists = word_lists(args.names) if args.names else None
+    if lists is not None and len(lists) != 2:
+        raise UserError(f"--names: give exactly two lists (positive first), got {len(lists)}")
+    return at.demo_contrasts(tok, lists)
+
+
+def _write_attributions(args, model_dir, model, tok, batches, items, *, dashboards: bool):
+    """Each item's (SAE_DIR, SAE, layer, its Attribution, DIR) DIR/attribution.json and .png
+    (+ dashboards, of every item from one pass over `batches`); their summaries."""
+    from sae.analysis import attribution as at
+    from sae.analysis.tsea import display_texts
+
+    texts = display_texts(tok)
+    link = "dashboards/dashboards.html" if dashboards else None
+    summaries = []
+    for sae_dir, _, _, att, out in items:
+        att.meta.update(model=str(model_dir), sae=str(sae_dir), data=list(args.data),
+                        split=args.split)  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)
+        summaries.append(att.summary(top=args.top, texts=texts, dashboard=link))
+    if dashboards:
+        _attribution_dashboards(model, batches, texts, items, summaries)
+    for (sae_dir, _, layer, att, out), summary in zip(items, summaries, strict=True):
+        _write_json(out / "attribution.json", summary)
+        at.bar_plot(att, out / "attribution.png", title=f"{model_dir} · {sae_dir} · layer {layer}")
+    return summaries
+
+
+def _attribution_dashboards(model, batches, texts, items, summaries):
+    """Dashboards of every listed feature of each item (`_write_attributions`), from one pass;
+    each entry learns how many of its top contexts sit at the contrast's targets (the context
+    position or the target's first token)."""
     import numpy as np
 
     from sae.analysis import dashboards as db
 
-    feats = sorted({e["feature"] for c in summary["contrasts"].values()
-                    for e in c["top_features"] + c["bottom_features"]})  # fmt: skip
-    if not feats:
+    feats = [sorted({e["feature"] for c in summary["contrasts"].values()
+                     for e in c["top_features"] + c["bottom_features"]})
+             for summary in summaries]  # fmt: skip
+    todo = [i for i, f in enumerate(feats) if f]
+    if not todo:
         return
-    data = db.dashboards(model, sae, layer, batches, np.asarray(feats), texts, progress=True)
-    db.write_dashboards(data, out / "dashboards", title=f"SAE features: {Path(sae_dir).name}")
-    by_feature = {f["feature"]: f["contexts"] for f in data["features"]}
-    for r in att.results:
-        at_targets = {(int(row), int(p) + d) for row, p in zip(r.contexts.row, r.contexts.pos,
-                      strict=True) for d in (0, 1)}  # fmt: skip
-        c = summary["contrasts"][r.contrast.name]
-        for e in c["top_features"] + c["bottom_features"]:
-            ctxs = by_feature[e["feature"]]
-            hits = sum((x["row"], x["position"]) in at_targets for x in ctxs)
-            e["dashboard_contexts_at_targets"] = f"{hits}/{len(ctxs)}"
+    data = db.dashboards_layers(model, [(items[i][1], items[i][2], np.asarray(feats[i]))
+                                        for i in todo], batches, texts, progress=True)  # fmt: skip
+    for i, d in zip(todo, data, strict=True):
+        sae_dir, _, _, att, out = items[i]
+        db.write_dashboards(d, out / "dashboards", title=f"SAE features: {Path(sae_dir).name}")
+        by_feature = {f["feature"]: f["contexts"] for f in d["features"]}
+        for r in att.results:
+            at_targets = {(int(row), int(p) + dd) for row, p in zip(r.contexts.row,
+                          r.contexts.pos, strict=True) for dd in (0, 1)}  # fmt: skip
+            c = summaries[i]["contrasts"][r.contrast.name]
+            for e in c["top_features"] + c["bottom_features"]:
+                ctxs = by_feature[e["feature"]]
+                hits = sum((x["row"], x["position"]) in at_targets for x in ctxs)
+                e["dashboard_contexts_at_targets"] = f"{hits}/{len(ctxs)}"
 
 
 def _line(summary: dict) -> dict:
@@ -531,6 +564,9 @@ def _line(summary: dict) -> dict:
 def cmd_attribute(args) -> int:
     from jaxlm.outputs import say_done
 
+    if len(args.sae) > 1:
+        return _attribute_several(args)
+    args = argparse.Namespace(**{**vars(args), "sae": args.sae[0]})  # identity: as before
     with _output(args, "attribution") as owned:
         if owned.done:
             say_done(owned.path)
@@ -540,6 +576,55 @@ def cmd_attribute(args) -> int:
         att.save(owned.tmp / "attribution.npz")  # for `sae match --attribution-before/after`
         owned.publish()
     print(json.dumps({"out": str(args.out), **_line(summary)}, ensure_ascii=False))
+    return 0
+
+
+def _attribute_several(args) -> int:
+    """`sae attribute` with several --sae: each SAE's output OUT/layer-N is the one `--sae it
+    --out OUT/layer-N` makes (its identity too, so `sae match` and reruns read it alike); one
+    model load, one context search and one forward a batch serve them all. Those already made
+    with these inputs are kept; nothing is written unless every one is made."""
+    import contextlib
+
+    from jaxlm.outputs import say_done
+    from sae.analysis import attribution as at
+
+    if args.layer is not None:
+        raise UserError("--layer: give it with one --sae only (each SAE reads its own layer)")
+    layers = [_load_sae(d, None)[1] for d in args.sae]
+    for layer in set(layers):
+        if layers.count(layer) > 1:
+            same = [d for d, x in zip(args.sae, layers, strict=True) if x == layer]
+            raise UserError(f"--sae {' and '.join(same)}: both read layer {layer}; one per layer")
+    per = [argparse.Namespace(**{**vars(args), "sae": d, "out": str(Path(args.out) / f"layer-{x}")})
+           for d, x in zip(args.sae, layers, strict=True)]  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        owned = [stack.enter_context(_output(a, "attribution")) for a in per]
+        todo = [i for i, o in enumerate(owned) if not o.done]
+        for o in owned:
+            if o.done:
+                say_done(o.path)
+        if todo:
+            model, sae, layer, tok, tokdir = _load(args.model, per[todo[0]].sae, args.tokenizer,
+                                                   None)  # fmt: skip
+            saes = [(sae, layer)]
+            for i in todo[1:]:
+                sae, layer = _load_sae(per[i].sae, None)
+                _check_fits(model, args.model, sae, per[i].sae, layer)
+                saes.append((sae, layer))
+            contrasts = _contrasts(args, tok)
+            batches = _batches(args, tokdir, f"--model {args.model}")
+            atts = at.attribute_layers(model, saes, batches, tok, contrasts, progress=True)
+            items = [(per[i].sae, sae, layer, att, owned[i].tmp)
+                     for i, (sae, layer), att in zip(todo, saes, atts, strict=True)]  # fmt: skip
+            summaries = _write_attributions(args, args.model, model, tok, batches, items,
+                                            dashboards=args.dashboards)  # fmt: skip
+            for i, att in zip(todo, atts, strict=True):
+                att.save(owned[i].tmp / "attribution.npz")
+            for i in todo:
+                owned[i].publish()
+            for i, summary in zip(todo, summaries, strict=True):
+                print(json.dumps({"out": per[i].out, **_line(summary)}, ensure_ascii=False))
     return 0
 
 

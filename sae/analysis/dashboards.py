@@ -231,9 +231,48 @@ def collect_contexts(
     progress: bool = False,
 ) -> ContextStore:
     """Density and top-k contexts of `features` over batches of token rows [B, T]."""
-    features = np.asarray(features)
-    acts_fn = feature_acts_fn(model, sae, layer, features)
-    store = ContextStore(k, left, right, len(features))
+    return collect_contexts_layers(model, [(sae, layer, features)], batches, k=k, left=left,
+                                   right=right, progress=progress)[0]  # fmt: skip
+
+
+def feature_acts_layers_fn(model, items: Sequence[tuple[SAE, int, Sequence[int] | np.ndarray]]):
+    """`feature_acts_fn` for several (SAE, layer, features) of one model from one forward: a
+    tokens [B, T] -> [each item's activations [B, T, len(features)]] function."""
+    layers = sorted({layer for _, layer, _ in items})
+    capture = capture_fn(model, layers)
+    split = [nnx.split(sae) for sae, _, _ in items]
+    graphs, states = [g for g, _ in split], [st for _, st in split]
+    where = [layers.index(layer) for _, layer, _ in items]
+    idxs = [jnp.asarray(np.asarray(f, np.int64)) for _, _, f in items]
+
+    @jax.jit
+    def acts(states, h_lnf):
+        return [nnx.merge(g, st).encode(h_lnf[i])[:, idx]  # [N, C]
+                for g, st, i, idx in zip(graphs, states, where, idxs, strict=True)]  # fmt: skip
+
+    def run(tokens_bt: np.ndarray) -> list[np.ndarray]:
+        B, T = tokens_bt.shape
+        h_lnf = capture(jnp.asarray(tokens_bt, jnp.int32))  # [L, B * T, F]
+        return [np.asarray(a, np.float32).reshape(B, T, len(idx))
+                for a, idx in zip(acts(states, h_lnf), idxs, strict=True)]  # fmt: skip
+
+    return run
+
+
+def collect_contexts_layers(
+    model,
+    items: Sequence[tuple[SAE, int, Sequence[int] | np.ndarray]],
+    batches: Iterable[np.ndarray],
+    *,
+    k: int = 10,
+    left: int = 12,
+    right: int = 4,
+    progress: bool = False,
+) -> list[ContextStore]:
+    """`collect_contexts` for several (SAE, layer, features) of one model, in one pass: each
+    store is the one `collect_contexts` gives for its item alone."""
+    acts_fn = feature_acts_layers_fn(model, items)
+    stores = [ContextStore(k, left, right, len(np.asarray(f))) for _, _, f in items]
     if progress:
         from tqdm import tqdm
 
@@ -241,11 +280,12 @@ def collect_contexts(
     row0 = 0
     for tokens_bt in batches:
         tokens_bt = np.asarray(tokens_bt)
-        store.add(tokens_bt, acts_fn(tokens_bt), row0)
+        for store, acts_bts in zip(stores, acts_fn(tokens_bt), strict=True):
+            store.add(tokens_bt, acts_bts, row0)
         row0 += tokens_bt.shape[0]
     if row0 == 0:
         raise UserError("no token rows to build dashboards from")
-    return store
+    return stores
 
 
 def dashboards(
@@ -263,27 +303,48 @@ def dashboards(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Everything the dashboards show, JSON-ready: {"features": [...], ...}."""
+    one = [(sae, layer, features)]
+    return dashboards_layers(model, one, batches, texts, k=k, left=left, right=right,
+                             n_logit_tokens=n_logit_tokens, progress=progress)[0]  # fmt: skip
+
+
+def dashboards_layers(
+    model,
+    items: Sequence[tuple[SAE, int, Sequence[int] | np.ndarray]],
+    batches: Iterable[np.ndarray],
+    texts: Sequence[str],
+    *,
+    k: int = 10,
+    left: int = 12,
+    right: int = 4,
+    n_logit_tokens: int = 10,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """`dashboards` for several (SAE, layer, features) of one model, from one pass."""
     from sae.analysis.tsea import feature_vocab_projection
 
-    features = np.asarray(features)
-    store = collect_contexts(
-        model, sae, layer, batches, features, k=k, left=left, right=right, progress=progress
-    )
-    proj = feature_vocab_projection(model, np.asarray(sae.W_dec_sf[...])[features], layer)
-    n = min(n_logit_tokens, proj.shape[1])
-    out = []
-    for j, f in enumerate(features):
-        out.append(
-            {
-                "feature": int(f),
-                "density": float(store.active[j] / store.tokens),
-                "max_activation": round(float(store.max_act[j]), 5),
-                "promotes": _logit_tokens(proj[j], texts, n),
-                "suppresses": _logit_tokens(-proj[j], texts, n, sign=-1),
-                "contexts": _contexts(store, j, texts),
-            }
-        )
-    return {"layer": layer, "tokens_seen": int(store.tokens), "k": k, "features": out}
+    stores = collect_contexts_layers(model, items, batches, k=k, left=left, right=right,
+                                     progress=progress)  # fmt: skip
+    result = []
+    for (sae, layer, features), store in zip(items, stores, strict=True):
+        features = np.asarray(features)
+        proj = feature_vocab_projection(model, np.asarray(sae.W_dec_sf[...])[features], layer)
+        n = min(n_logit_tokens, proj.shape[1])
+        out = []
+        for j, f in enumerate(features):
+            out.append(
+                {
+                    "feature": int(f),
+                    "density": float(store.active[j] / store.tokens),
+                    "max_activation": round(float(store.max_act[j]), 5),
+                    "promotes": _logit_tokens(proj[j], texts, n),
+                    "suppresses": _logit_tokens(-proj[j], texts, n, sign=-1),
+                    "contexts": _contexts(store, j, texts),
+                }
+            )
+        result.append({"layer": layer, "tokens_seen": int(store.tokens), "k": k,
+                       "features": out})  # fmt: skip
+    return result
 
 
 def _logit_tokens(w_v: np.ndarray, texts: Sequence[str], n: int, sign: int = 1) -> list[dict]:
