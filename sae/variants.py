@@ -101,17 +101,21 @@ class TopKSAE(SAE):
             values_nk, index_nk = jax.lax.top_k(masked_ns, k_aux_max)
             # Fewer dead latents than k_aux_max: the extra picks are live ones (-inf); drop them.
             values_nk = jnp.where(jnp.isfinite(values_nk), values_nk, 0.0)
-            return _scatter_rows(values_nk, index_nk, pre_ns.shape)
+            return self._times_W_dec(_scatter_rows(values_nk, index_nk, pre_ns.shape))
 
         def every_dead(pre_ns: Array) -> Array:
-            # no more dead latents than k_aux_max: the top k_aux_max picks every one of them, so
-            # the same acts (and gradients) without the top-k, which on a CPU costs more than the
-            # step's matmuls together (k_aux_max = 128 of 1,024: ~4x an encoder matmul)
-            return jnp.where(dead_s[None], pre_ns, 0.0)
+            # No more dead latents than k_aux_max: the top k_aux_max are every dead latent, so
+            # the same reconstruction from those columns alone, without the top-k (on a CPU it
+            # cost more than the step's matmuls together) and with [N, k_aux_max] matmuls in
+            # place of [N, S] ones (`scripts/bench_sae.py --dead N` times it against SAELens).
+            index_k = jnp.nonzero(dead_s, size=k_aux_max, fill_value=0)[0]
+            acts_nk = jnp.where(jnp.arange(k_aux_max) < n_dead, pre_ns[:, index_k], 0.0)
+            if self.cfg.rescale_acts_by_decoder_norm:
+                acts_nk = acts_nk * (1 / self.W_dec_norm_s()[index_k])
+            return acts_nk @ self.W_dec_sf[...][index_k]
 
         def auxk(pre_ns: Array) -> Array:
-            aux_acts_ns = jax.lax.cond(n_dead <= k_aux_max, every_dead, top, pre_ns)
-            recons_nf = self._times_W_dec(aux_acts_ns)
+            recons_nf = jax.lax.cond(n_dead <= k_aux_max, every_dead, top, pre_ns)
             return jnp.square(recons_nf - residual_nf).sum(-1).mean()
 
         # SAELens skips the loss when no latent is dead (so in every one of the first

@@ -97,16 +97,22 @@ def train_config(arch: str, d_in: int, d_sae: int, batch: int, k: int) -> SAETra
     return SAETrainConfig(sae=sae, data=data)
 
 
-def jaxlm_runner(cfg: SAETrainConfig, batches: np.ndarray, dtype: str):
-    """(run(k) -> last loss, the step's pieces for `breakdown`): k jitted SAE steps."""
+def jaxlm_runner(cfg: SAETrainConfig, batches: np.ndarray, dtype: str, dead: int = 0):
+    """(run(k) -> last loss, the step's pieces for `breakdown`): k jitted SAE steps. `dead`: that
+    many latents dead from the first step (`_kill`)."""
     sae = create(cfg.sae, seed=cfg.seed)
     graphdef, params, buffers = nnx.split(sae, nnx.Param, Buffer)
+    _kill(params, dead)
     weights = {name: np.array(v[...]) for name, v in params.items()}  # copies: params are donated
     tx, _ = make_optimizer(cfg.optim, cfg.steps)
     step_fn = make_train_step(graphdef, tx, sae, cfg)
     step = jax.jit(step_fn, donate_argnums=(0, 1, 2, 3))
     xs = [jax.device_put(jnp.asarray(b, dtype)) for b in batches]
-    state = {"s": (params, buffers, jax.jit(tx.init)(params), init_stats(cfg.sae.n_latents))}
+    stats = init_stats(cfg.sae.n_latents)
+    since = np.zeros(cfg.sae.n_latents, np.float32)
+    since[:dead] = cfg.features.dead_feature_window + 1
+    stats["since_fired_s"] = jnp.asarray(since)
+    state = {"s": (params, buffers, jax.jit(tx.init)(params), stats)}
     state["i"] = 0
 
     def run(k: int) -> float:
@@ -120,8 +126,24 @@ def jaxlm_runner(cfg: SAETrainConfig, batches: np.ndarray, dtype: str):
     return run, weights, (graphdef, tx, sae, xs, state)
 
 
+def _kill(params, dead: int) -> None:
+    """The first `dead` latents never fire (encoder bias -1e4): from the first step, as their
+    firing counters start past the dead-feature window in both impls, the dead-latent losses
+    (TopK's AuxK) run on exactly those latents, as in a trained SAE with some latents dead. Their
+    weights go to SAELens too (`jaxlm_runner`'s)."""
+    if dead:
+        b = np.array(params["b_enc_s"][...])
+        b[:dead] = -1e4
+        params["b_enc_s"][...] = jnp.asarray(b)
+
+
 def saelens_runner(
-    cfg: SAETrainConfig, batches: np.ndarray, dtype: str, weights: dict, accel: bool
+    cfg: SAETrainConfig,
+    batches: np.ndarray,
+    dtype: str,
+    weights: dict,
+    accel: bool,
+    dead: int = 0,
 ) -> Callable[[int], float]:
     """k steps of SAELens's training SAE as `SAETrainer._train_step` takes them."""
     import torch
@@ -144,6 +166,7 @@ def saelens_runner(
     torch_dtype = getattr(torch, dtype)
     xs = [torch.from_numpy(b).to(dev, torch_dtype) for b in batches]
     since = torch.zeros(c.n_latents, device=dev)
+    since[:dead] = cfg.features.dead_feature_window + 1  # as `jaxlm_runner`'s
     act_freq = torch.zeros(c.n_latents, device=dev)
     autocast = torch.autocast(dev, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     window = cfg.features.dead_feature_window
@@ -200,17 +223,19 @@ def bench_config(arch, d_in, d_sae, dtype, impls, args, accel, device) -> list[d
             "batch": args.batch, "dtype": dtype, "fp32_matmul": args.fp32_matmul}  # fmt: skip
     if arch in ("topk", "batchtopk"):
         base["k"] = args.k
+    if args.dead:
+        base["dead"] = args.dead
     runners, results, weights = {}, {}, None
     for impl in [i for i in IMPLS if i in impls]:  # jaxlm first: its initial weights go to SAELens
         t0 = time.perf_counter()
         try:
             if impl == "jaxlm":
-                run, weights, _ = jaxlm_runner(cfg, batches, dtype)
+                run, weights, _ = jaxlm_runner(cfg, batches, dtype, args.dead)
                 extra = {"compute_dtype": "float32"}
             else:
                 if weights is None:
-                    weights = jaxlm_runner(cfg, batches[:1], dtype)[1]
-                run = saelens_runner(cfg, batches, dtype, weights, accel)
+                    weights = jaxlm_runner(cfg, batches[:1], dtype, args.dead)[1]
+                run = saelens_runner(cfg, batches, dtype, weights, accel, args.dead)
                 extra = {"compute_dtype": "bfloat16 autocast" if dtype == "bfloat16" else dtype}
                 if not accel:
                     extra["torch_threads"] = torch.get_num_threads()
@@ -351,6 +376,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--fp32-matmul", choices=tuple(FP32_MATMUL), default="default",
                    help="float32 matmuls: each library's default, or both alike")  # fmt: skip
     p.add_argument("--breakdown", action="store_true", help="time jaxlm's parts instead")
+    p.add_argument(
+        "--dead",
+        type=int,
+        default=0,
+        help="latents dead from the first step (TopK: AuxK runs on them every step)",
+    )
     p.add_argument("--profile", metavar="DIR", help="jax.profiler trace of jaxlm into DIR/...")
     args = p.parse_args(argv)
     impls = [i for i in args.impls.split(",") if i]

@@ -48,3 +48,15 @@ def test_bad_shape_and_architecture_are_refused(capsys):
         with pytest.raises(SystemExit) as e:
             bench.main(flags)
         assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_with_dead_latents_both_impls_take_the_same_steps():
+    """--dead: AuxK runs from the first step, on every dead latent (3, fewer than k_aux = 8:
+    jaxlm's gather without a top-k) or on the top 8 of them (12); the losses still agree."""
+    for dead in (3, 12):
+        argv = [sys.executable, str(SCRIPT), *TINY, "--architectures", "topk", "--dead", str(dead)]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True).stdout
+        lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")][:-1]
+        assert [r["dead"] for r in lines] == [dead, dead]
+        jaxlm, saelens = (r["loss"] for r in lines)
+        assert jaxlm == pytest.approx(saelens, rel=1e-4), dead
