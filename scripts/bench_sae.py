@@ -127,13 +127,14 @@ def jaxlm_runner(cfg: SAETrainConfig, batches: np.ndarray, dtype: str, dead: int
 
 
 def _kill(params, dead: int) -> None:
-    """The first `dead` latents never fire (encoder bias -1e4): from the first step, as their
-    firing counters start past the dead-feature window in both impls, the dead-latent losses
-    (TopK's AuxK) run on exactly those latents, as in a trained SAE with some latents dead. Their
-    weights go to SAELens too (`jaxlm_runner`'s)."""
+    """The first `dead` latents do not fire (encoder bias -5, far below the live latents'
+    pre-activations, near enough for AuxK's reconstruction from them to stay of the residual's
+    size): from the first step, as their firing counters start past the dead-feature window in
+    both impls, the dead-latent losses (TopK's AuxK) run on exactly those latents, as in a
+    trained SAE with some latents dead. Their weights go to SAELens too (`jaxlm_runner`'s)."""
     if dead:
         b = np.array(params["b_enc_s"][...])
-        b[:dead] = -1e4
+        b[:dead] = -5.0
         params["b_enc_s"][...] = jnp.asarray(b)
 
 
