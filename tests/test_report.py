@@ -114,6 +114,8 @@ def test_demo_page_has_each_part(reports):
     assert "[-0.054, -0.042] per token" in page
     # an SAE on every trained layer: each layer's part, their sum, the pooled error share
     assert "<th>features, all layers</th>" in page and "<th>layer 6</th>" in page
+    # ... and the first table says it is the analysed layer's, the sum in the last
+    assert "the features of the analysed layer&#x27;s SAE (layer 7; every layer&#x27;s" in page
     assert "+1.25" in page and "+0.84" in page and "0.21" in page
     assert (
         "SAE features&#x27; direct push toward English names, summed over the SAEs on 2 MLP "

@@ -1543,10 +1543,14 @@ def attribution_section(b: Builder) -> Section | None:
     title = "SAE features: attribution"
     if not have:
         return Section("attribution", title, blocks)
+    several = any(_get(m.rec, "analysis", "all_layers") for m in have)
+    layers = sorted({str(_get(m.rec, "analysis", "layer")) for m in have})
+    which = (f"the analysed layer's SAE (layer {', '.join(layers)}; every layer's, summed, in the "
+             "last table below)" if several else "the SAE")  # fmt: skip
     blocks.append(
         Para(
             "How much of the model's preference for English names (and English-order "
-            "dialogue) the SAE's features account for, and the share left in the "
+            f"dialogue) the features of {which} account for, and the share left in the "
             "SAE's reconstruction error."
         )
     )
