@@ -591,7 +591,8 @@ def _attribute_several(args) -> int:
 
     if args.layer is not None:
         raise UserError("--layer: give it with one --sae only (each SAE reads its own layer)")
-    layers = [_load_sae(d, None)[1] for d in args.sae]
+    loaded = [_load_sae(d, None) for d in args.sae]  # (SAE, the layer its cfg.json names)
+    layers = [layer for _, layer in loaded]
     for layer in set(layers):
         if layers.count(layer) > 1:
             same = [d for d, x in zip(args.sae, layers, strict=True) if x == layer]
@@ -605,13 +606,10 @@ def _attribute_several(args) -> int:
             if o.done:
                 say_done(o.path)
         if todo:
-            model, sae, layer, tok, tokdir = _load(args.model, per[todo[0]].sae, args.tokenizer,
-                                                   None)  # fmt: skip
-            saes = [(sae, layer)]
-            for i in todo[1:]:
-                sae, layer = _load_sae(per[i].sae, None)
+            model, _, _, tok, tokdir = _load(args.model, per[todo[0]].sae, args.tokenizer, None)
+            saes = [loaded[i] for i in todo]
+            for i, (sae, layer) in zip(todo, saes, strict=True):
                 _check_fits(model, args.model, sae, per[i].sae, layer)
-                saes.append((sae, layer))
             contrasts = _contrasts(args, tok)
             batches = _batches(args, tokdir, f"--model {args.model}")
             atts = at.attribute_layers(model, saes, batches, tok, contrasts, progress=True)
