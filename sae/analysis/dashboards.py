@@ -48,20 +48,8 @@ from sae.base import SAE
 def feature_acts_fn(model, sae: SAE, layer: int, features: Sequence[int] | np.ndarray):
     """A tokens [B, T] -> activations [B, T, len(features)] of `features`, through the model's
     `layer` MLP post-activation (`sae.activations.capture_fn`) and the SAE's own `encode`."""
-    capture = capture_fn(model, layer)
-    graphdef, state = nnx.split(sae)
-    idx = jnp.asarray(np.asarray(features, np.int64))
-
-    @jax.jit
-    def acts(state, h_nf):
-        return nnx.merge(graphdef, state).encode(h_nf)[:, idx]  # [N, C]
-
-    def run(tokens_bt: np.ndarray) -> np.ndarray:
-        B, T = tokens_bt.shape
-        h_nf = capture(jnp.asarray(tokens_bt, jnp.int32))  # [B * T, F]
-        return np.asarray(acts(state, h_nf), np.float32).reshape(B, T, len(idx))
-
-    return run
+    run = feature_acts_layers_fn(model, [(sae, layer, features)])
+    return lambda tokens_bt: run(tokens_bt)[0]
 
 
 def firing_count_fn(model, sae: SAE, layer: int):
