@@ -76,10 +76,18 @@ class TopKSAE(SAE):
         values_nk, index_nk = jax.lax.top_k(pre_ns, int(self.cfg.k))
         return _scatter_rows(jax.nn.relu(values_nk), index_nk, pre_ns.shape)
 
-    def _times_W_dec(self, acts_ns: Array) -> Array:
+    def _times_W_dec(self, acts_ns: Array, index_k: Array | None = None) -> Array:
+        """acts @ W_dec, undoing the decoder-norm rescale; with `index_k`, acts [N, K] of those
+        latents only (their rows of W_dec)."""
+        W_sf, norm_s = self.W_dec_sf[...], None
         if self.cfg.rescale_acts_by_decoder_norm:
-            acts_ns = acts_ns * (1 / self.W_dec_norm_s())
-        return acts_ns @ self.W_dec_sf[...]
+            norm_s = self.W_dec_norm_s()
+        if index_k is not None:
+            W_sf = W_sf[index_k]
+            norm_s = None if norm_s is None else norm_s[index_k]
+        if norm_s is not None:
+            acts_ns = acts_ns * (1 / norm_s)
+        return acts_ns @ W_sf
 
     def decode(self, acts_ns: Array) -> Array:
         return self._times_W_dec(acts_ns) + self.b_dec_f[...]
@@ -110,9 +118,7 @@ class TopKSAE(SAE):
             # place of [N, S] ones (`scripts/bench_sae.py --dead N` times it against SAELens).
             index_k = jnp.nonzero(dead_s, size=k_aux_max, fill_value=0)[0]
             acts_nk = jnp.where(jnp.arange(k_aux_max) < n_dead, pre_ns[:, index_k], 0.0)
-            if self.cfg.rescale_acts_by_decoder_norm:
-                acts_nk = acts_nk * (1 / self.W_dec_norm_s()[index_k])
-            return acts_nk @ self.W_dec_sf[...][index_k]
+            return self._times_W_dec(acts_nk, index_k)
 
         def auxk(pre_ns: Array) -> Array:
             recons_nf = jax.lax.cond(n_dead <= k_aux_max, every_dead, top, pre_ns)

@@ -400,10 +400,10 @@ class Method:
             # every layer's SAE on the same rows and contexts, from one pass (one forward a
             # batch); with several, attribute writes each into OUT/layer-N (`analysis_dir`)
             saes = [x for layer in layers for x in ("--sae", str(self.sae_dir(label, layer)))]
-            root = self.w / "analysis" / label if len(layers) > 1 else self.analysis_dir(label)
             ctx.jaxlm("sae", "attribute", "--model", str(self.model(label)), *saes,
                       *self._eval_data(), "--dashboards", "--top", str(s.dashboards),
-                      *self._attr_names(), "--out", str(root), fresh_process=True)  # fmt: skip
+                      *self._attr_names(), "--out", str(self.w / "analysis" / label),
+                      fresh_process=True)  # fmt: skip
             out = attribution_summary(self.analysis_dir(label) / "attribution.json")
             if len(layers) > 1:
                 out["all_layers"] = all_layers_summary(

@@ -215,10 +215,17 @@ def _load_sae(sae_dir: str, layer: int | None):
 
 
 def _load(model_dir: str, sae_dir: str, tokdir: str | None, layer: int | None):
+    sae, layer = _load_sae(sae_dir, layer)
+    model, tok, tokdir = _load_model(model_dir, tokdir)
+    _check_fits(model, model_dir, sae, sae_dir, layer)
+    return model, sae, layer, tok, tokdir
+
+
+def _load_model(model_dir: str, tokdir: str | None):
+    """(the model, its tokenizer: --tokenizer or the one it records, that tokenizer's dir)."""
     from jaxlm.checkpoint import load_model
     from jaxlm.tokenizer import load_recorded
 
-    sae, layer = _load_sae(sae_dir, layer)
     model, minfo = load_model(model_dir)
     tok = load_recorded(minfo, tokdir, required=True)  # the one the model records, unchanged
     tokdir = tokdir or minfo.tokenizer
@@ -227,8 +234,7 @@ def _load(model_dir: str, sae_dir: str, tokdir: str | None, layer: int | None):
             f"{tokdir}: {tok.vocab_size} pieces, but {model_dir} has vocab_size "
             f"{model.cfg.vocab_size}"
         )
-    _check_fits(model, model_dir, sae, sae_dir, layer)
-    return model, sae, layer, tok, tokdir
+    return model, tok, tokdir
 
 
 def _check_fits(model, model_dir: str, sae, sae_dir: str, layer: int) -> None:
@@ -606,7 +612,7 @@ def _attribute_several(args) -> int:
             if o.done:
                 say_done(o.path)
         if todo:
-            model, _, _, tok, tokdir = _load(args.model, per[todo[0]].sae, args.tokenizer, None)
+            model, tok, tokdir = _load_model(args.model, args.tokenizer)
             saes = [loaded[i] for i in todo]
             for i, (sae, layer) in zip(todo, saes, strict=True):
                 _check_fits(model, args.model, sae, per[i].sae, layer)
