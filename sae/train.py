@@ -445,13 +445,14 @@ def _evaluate(cfg: SAETrainConfig, out: Path, model, saes: list[SAE], layers, so
               multi: bool) -> dict:  # fmt: skip
     """Each trained SAE (activation scale folded in, as saved) evaluated on held-out rows and
     written beside it; returns the headline scores, with `layer-N/` prefixes for several."""
-    from sae.evaluate import evaluate, save_eval
+    from sae.evaluate import evaluate_layers, save_eval
 
     e, scores = cfg.eval, {}
-    for sae, layer in zip(saes, layers, strict=True):
+    pairs = list(zip(saes, layers, strict=True))
+    results = evaluate_layers(model, pairs, e.data or sources, split=e.split, rows=e.rows,
+                              batch_size=e.batch_size, seed=e.seed)  # fmt: skip
+    for result, layer in zip(results, layers, strict=True):
         d = _sae_dir(out, layer, multi)
-        result = evaluate(model, sae, layer, e.data or sources, split=e.split, rows=e.rows,
-                          batch_size=e.batch_size, seed=e.seed)  # fmt: skip
         save_eval(d, {"model": str(Path(cfg.model.path).resolve()), "sae": str(d), **result})
         prefix = f"layer-{layer}/" if multi else ""
         for k in ("ce_loss_score", "kl_div_with_sae", "explained_variance", "l0"):

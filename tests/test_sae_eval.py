@@ -28,7 +28,14 @@ from jaxlm.tokenizer import Tokenizer
 from sae import ablate
 from sae.ablate import FeatureAblation, ablation_report, paired_difference, pick_random
 from sae.base import SAEConfig
-from sae.evaluate import eval_split, evaluate, firing_counts, read_rows, save_eval
+from sae.evaluate import (
+    eval_split,
+    evaluate,
+    evaluate_layers,
+    firing_counts,
+    read_rows,
+    save_eval,
+)
 from sae.io import load_sae, save_sae
 from sae.registry import create
 
@@ -183,6 +190,33 @@ def test_metrics_match_a_transformers_reference(hf_pair, demo_data):
     assert got["sources"]["data_native"]["rows"] == 10 and pooled["rows"] == 13 + 10  # all 10
     assert pooled["kl_div_score"] == pytest.approx(
         1 - pooled["kl_div_with_sae"] / pooled["kl_div_with_ablation"]
+    )
+
+
+def test_several_saes_in_one_pass_are_each_evaluated_as_alone(hf_pair, demo_data):
+    """`evaluate_layers` shares each batch's clean forward among SAEs at different layers and
+    starts each edited forward at its SAE's layer; every result is what `evaluate` gives that SAE
+    alone (same rows, same metrics, to float rounding)."""
+    _, model = hf_pair
+    pairs = [(_sae("noisy", seed=1), 0), (_sae("noisy"), LAYER), (_sae("zero"), LAYER)]
+    sources = [demo_data["translated"], demo_data["native"]]
+    together = evaluate_layers(model, pairs, sources, rows=13, batch_size=5)
+    for (sae, layer), got in zip(pairs, together, strict=True):
+        alone = evaluate(model, sae, layer, sources, rows=13, batch_size=5)
+        assert got["layer"] == layer
+        for name in ("data_translated", "data_native", "pooled"):
+            have = got["pooled"] if name == "pooled" else got["sources"][name]
+            want = alone["pooled"] if name == "pooled" else alone["sources"][name]
+            assert have.keys() == want.keys()
+            for k, v in want.items():
+                if isinstance(v, float) or (isinstance(v, list) and v and isinstance(v[0], float)):
+                    assert have[k] == pytest.approx(v, rel=1e-6, abs=1e-7), (layer, name, k)
+                else:
+                    assert have[k] == v, (layer, name, k)
+    # the layers differ: the same kind of SAE at layer 0 and LAYER scores differently
+    assert (
+        together[0]["pooled"]["ce_loss_with_ablation"]
+        != together[1]["pooled"]["ce_loss_with_ablation"]
     )
 
 
