@@ -332,8 +332,8 @@ class GPTNeo(nnx.Module):
     `edit` (an `MLPEdit`) changes one layer's MLP hidden state on its way out: an SAE's
     reconstruction spliced in, or some of its features ablated; a `LayerEdits` changes several
     layers' in the same forward pass. `model.trace(tokens)` is a clean forward that keeps each
-    block's input, and `model.resume(x, layer, edit=...)` the logits of a forward edited at
-    `layer` or later run from there (one clean pass serves edits at many layers).
+    block's input, and `model.resume(x, layer, edit=...)` runs a forward edited at `layer` or
+    later from that block's input (one clean pass serves edits at many layers).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -368,23 +368,23 @@ class GPTNeo(nnx.Module):
         return constrain(logits_btv, ("batch", "length", "act_vocab"))
 
     def trace(self, tokens_bt: Array) -> tuple[Array, list[Array], list[Array]]:
-        """One clean forward, kept: (float32 logits [B, T, V], each block's input residual
-        [L x [B, T, D]], each block's MLP hidden state [L x [B, T, F]]). An evaluation that edits
-        one layer at a time resumes from the block inputs (`resume`) instead of running the blocks
-        before each edit again: for an 8-layer model and an edit at every layer, 8 blocks of clean
-        forward + 36 edited, not 64."""
-        x_btd, kept = self._run(tokens_bt, keep=True)
-        inputs, hidden = kept
-        return self.unembed(self.ln_f(x_btd)), inputs, hidden
+        """One clean forward, kept: (the residual stream [B, T, D] after the last block, before
+        ln_f; each block's input residual [L x [B, T, D]]; each block's MLP hidden state
+        [L x [B, T, F]]). Forwards edited at one layer each resume from the block inputs
+        (`resume`) instead of running the blocks before the edit again: for an 8-layer model and
+        an edit at every layer, 8 blocks of clean forward + 36 edited, not 64."""
+        x_btd, (inputs, hidden) = self._run(tokens_bt, keep=True)
+        return x_btd, inputs, hidden
 
     def resume(
         self, x_btd: Array, layer: int, *, edit: MLPEdit | LayerEdits | None = None
     ) -> Array:
-        """Float32 logits [B, T, V] of blocks `layer`, `layer` + 1, ... run on `x_btd`, the
-        residual entering block `layer` (`trace`'s inputs[layer]): `self(tokens, edit=edit)` for
-        an edit at `layer` or later, without the blocks before it."""
+        """The residual stream [B, T, D] before ln_f after blocks `layer`, `layer` + 1, ... run on
+        `x_btd`, the residual entering block `layer` (`trace`'s inputs[layer]):
+        `self.residual(tokens, edit=edit)` for edits at `layer` or later, without the blocks
+        before it. `self.unembed(self.ln_f(x))` are its logits."""
         x_btd, _ = self._run(None, resume=(layer, x_btd), edit=edit)
-        return self.unembed(self.ln_f(x_btd))
+        return x_btd
 
     def mlp_activations(self, tokens_bt: Array, layers: Sequence[int]) -> dict[int, Array]:
         """{layer: MLP hidden state after the activation [B, T, F]} (TransformerLens'

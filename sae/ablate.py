@@ -292,17 +292,20 @@ def ablation_report(
 
 def _residuals_fn(model: GPTNeo, edit: FeatureAblation | LayerEdits):
     """tokens [B, T] -> (final residual without the edit, with it) [B, T, D] float32, jit'd once:
-    the residual attribute reads (`attribution.final_residual`)."""
-    from sae.analysis.attribution import final_residual
+    the residual attribute reads (`attribution.final_residual`, bit for bit). The edited forward
+    starts at the first edited layer from the clean one's input to it (`GPTNeo.trace`, `resume`)."""
+    from jaxlm.model import LayerEdits
 
     graphdef, params = nnx.split(model, nnx.Param)
     egraph, estate = nnx.split(edit)
+    first = min(edit.layers, default=0) if isinstance(edit, LayerEdits) else edit.layer
 
     @jax.jit
     def run(params, estate, tokens_bt):
         m, e = nnx.merge(graphdef, params), nnx.merge(egraph, estate)
-        return (final_residual(m, tokens_bt).astype(jnp.float32),
-                m.residual(tokens_bt, edit=e).astype(jnp.float32))  # fmt: skip
+        x_btd, inputs, _ = m.trace(tokens_bt)
+        return (x_btd.astype(jnp.float32),
+                m.resume(inputs[first], first, edit=e).astype(jnp.float32))  # fmt: skip
 
     return partial(run, params, estate)
 

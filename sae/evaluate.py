@@ -164,8 +164,8 @@ def _stats_fn(model: GPTNeo, pairs: Sequence[tuple[SAE, int]]):
         m = nnx.merge(graphdef, state)
         inputs_bt, targets_bt = tokens_bt1[:, :-1], tokens_bt1[:, 1:]
         gold_n1 = targets_bt.reshape(-1, 1)
-        logits_btv, x_in, hidden = m.trace(inputs_bt)
-        clean_nv = logp(logits_btv)
+        x_btd, x_in, hidden = m.trace(inputs_bt)
+        clean_nv = logp(m.unembed(m.ln_f(x_btd)))
         ce_clean_n = -jnp.take_along_axis(clean_nv, gold_n1, axis=-1)[:, 0]
         outs = []
         for sgraph, sstate, layer in zip(sgraphs, sstates, layers, strict=True):
@@ -177,7 +177,7 @@ def _stats_fn(model: GPTNeo, pairs: Sequence[tuple[SAE, int]]):
             fired_ns = acts_ns != 0
             out = {"ce_clean_n": ce_clean_n}
             for name, edit in (("sae", SpliceSAE(sae, layer)), ("zero", ZeroAblate(layer))):
-                edited_nv = logp(m.resume(x_in[layer], layer, edit=edit))
+                edited_nv = logp(m.unembed(m.ln_f(m.resume(x_in[layer], layer, edit=edit))))
                 out[f"ce_{name}_n"] = -jnp.take_along_axis(edited_nv, gold_n1, axis=-1)[:, 0]
                 # KL(clean || edited), as torch's kl_div(log q, p) summed over V: p (log p - log q)
                 out[f"kl_{name}_n"] = (jnp.exp(clean_nv) * (clean_nv - edited_nv)).sum(-1)

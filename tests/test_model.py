@@ -126,14 +126,16 @@ def test_layer_edits_match_transformers_hooks_at_several_layers(tmp_path):
 def test_resume_from_a_traced_block_input_is_the_edited_forward(tmp_path):
     """`trace` keeps each block's input and MLP hidden state of the clean forward; `resume` from
     block i's input gives transformers' logits with a hook at layer i (and the plain forward's
-    logits without an edit); an edit before the layer resumed at is refused."""
+    residual without an edit); an edit before the layer resumed at is refused."""
     cfg = preset("ts-3m", vocab_size=512)
     ref_model = random_hf_gpt_neo(cfg, tmp_path, seed=6)
     model = load_hf(tmp_path)
     ids = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (2, 64)))
-    logits, inputs, hidden = model.trace(ids)
+    x_btd, inputs, hidden = model.trace(ids)
+    logits = np.asarray(model.unembed(model.ln_f(x_btd)))
     assert len(inputs) == len(hidden) == cfg.n_layers
-    np.testing.assert_array_equal(np.asarray(logits), np.asarray(model(ids)))
+    np.testing.assert_array_equal(np.asarray(x_btd), np.asarray(model.residual(ids)))
+    np.testing.assert_array_equal(logits, np.asarray(model(ids)))
     captured = model.mlp_activations(ids, range(cfg.n_layers))
     for i in range(cfg.n_layers):
         np.testing.assert_array_equal(np.asarray(hidden[i]), np.asarray(captured[i]))
@@ -143,11 +145,12 @@ def test_resume_from_a_traced_block_input_is_the_edited_forward(tmp_path):
         with torch.no_grad():
             ref = ref_model(torch.tensor(np.asarray(ids))).logits.numpy()
         handle.remove()
-        out = np.asarray(model.resume(inputs[layer], layer, edit=_Scale(layer, factor)))
+        x = model.resume(inputs[layer], layer, edit=_Scale(layer, factor))
+        out = np.asarray(model.unembed(model.ln_f(x)))
         assert np.abs(out - ref).max() <= LOGITS_TOL
-        assert np.abs(out - np.asarray(logits)).max() > 1e-3  # the edit mattered
+        assert np.abs(out - logits).max() > 1e-3  # the edit mattered
         plain = np.asarray(model.resume(inputs[layer], layer))
-        assert np.abs(plain - np.asarray(logits)).max() <= 1e-5
+        assert np.abs(plain - np.asarray(x_btd)).max() <= 1e-5
     with pytest.raises(ValueError, match="an edit at layer 2, before layer 3"):
         model.resume(inputs[3], 3, edit=_Scale(2, 0.0))
 

@@ -457,6 +457,35 @@ def test_eval_cli_bad_input_is_one_line(saved, demo_data, tmp_path, capsys, flag
     assert len(err.splitlines()) == 1 and needle in err, err
 
 
+def test_name_slot_logit_differences_are_those_of_the_full_forwards(hf_pair, demo_data):
+    """The ablation's logit differences at the name contexts read the clean residual and the
+    edited one (run from the first edited layer's input): the same as full forwards of the model
+    without and with the edit, at attribute's contexts (`find_contexts`, `logit_difference`)."""
+    from sae.analysis import attribution as at
+
+    _, model = hf_pair
+    tok = Tokenizer.load(demo_data["tok"])
+    tokens = np.concatenate([
+        next(read_rows(demo_data[d], split="train", max_rows=24, batch_size=24))[:, :-1]
+        for d in ("translated", "native")
+    ])  # fmt: skip
+    sae = _sae("noisy")
+    for edit in (FeatureAblation(sae, LAYER, list(range(S))),
+                 LayerEdits([FeatureAblation(_sae("noisy", seed=1), 0, list(range(S))),
+                             FeatureAblation(sae, LAYER, list(range(S)))])):  # fmt: skip
+        label, base, abl, n = ablate.name_slot_logit_diffs(model, tok, edit, [tokens])
+        contrast = at.name_contrast(tok, at.demo_name_lists())
+        ctx = at.find_contexts(tokens, at.token_bytes(tok), contrast)
+        assert n == 48 and len(ctx) == len(label) > 5
+        ro = at.Readout.of(model, 0)
+        u_cd = at.context_directions(ro.directions(contrast), ctx.form)
+        for e, got in ((None, base), (edit, abl)):
+            x_btd = np.asarray(model.residual(jnp.asarray(tokens), edit=e), np.float64)
+            want = at.logit_difference(ro, u_cd, x_btd[ctx.row, ctx.pos])
+            np.testing.assert_allclose(got, want, atol=SIMPLE_TOL, rtol=SIMPLE_TOL)
+        assert np.abs(abl - base).max() > 1e-2  # the edit moves them
+
+
 def test_ablate_cli_pulse(saved, demo_data, tmp_path, capsys):
     out = tmp_path / "samples.jsonl"
     common = ["ablate", "--model", str(saved / "m"), "--sae", str(saved / "sae"), "--n", "4",
