@@ -171,6 +171,29 @@ def test_a_changed_setting_reruns_its_stage_and_those_downstream_only(tmp_path):
     assert [n for n, _ in log] == ["a", "b", "c", "d"]
 
 
+def test_a_stage_run_again_with_the_same_settings_reruns_those_downstream(tmp_path, monkeypatch):
+    """Its marker deleted by hand, a stage runs again and makes new outputs: the stages that read
+    them run again too (their fingerprints read the run that made their inputs), and no other.
+    A workdir from before runs were recorded keeps its fingerprints: nothing reruns."""
+    from jaxlm.pipeline import engine
+
+    log: list = []
+    quiet = lambda *_: None  # noqa: E731
+    run_stages(_stages(log, {"a": 1, "b": 1}), tmp_path / "new", log=quiet)
+    log.clear()
+    (tmp_path / "new" / ".stages" / "b.json").unlink()
+    run_stages(_stages(log, {"a": 1, "b": 1}), tmp_path / "new", log=quiet)
+    assert log == [("b", False), ("d", True)]  # b anew; d's outputs (from the old b) replaced
+    log.clear()
+    with monkeypatch.context() as m:  # markers as an older jaxlm wrote them: no run
+        m.setattr(engine.secrets, "token_hex", lambda n: None)
+        run_stages(_stages(log, {"a": 1, "b": 1}), tmp_path / "old", log=quiet)
+    assert json.loads((tmp_path / "old" / ".stages" / "a.json").read_text())["run"] is None
+    log.clear()
+    run_stages(_stages(log, {"a": 1, "b": 1}), tmp_path / "old", log=quiet)
+    assert log == []
+
+
 def test_an_interrupted_stage_resumes_and_only_refuses_stale_inputs(tmp_path):
     log: list = []
     quiet = lambda *_: None  # noqa: E731

@@ -3,8 +3,10 @@ resumed when interrupted.
 
 A stage has a name, the settings its outputs depend on, the stages it reads from, and a function
 that runs it (through `jaxlm` commands, recorded for the report's provenance). Its fingerprint is
-a hash of its settings and its inputs' fingerprints, so a changed setting changes the stage's
-fingerprint and every stage downstream of it, and nothing else:
+a hash of its settings and its inputs' identities (an input's fingerprint and the run that made
+its outputs), so a changed setting changes the stage's fingerprint and every stage downstream of
+it, and nothing else; a stage run again with the same settings (its marker deleted by hand, say)
+makes new outputs, so the stages downstream of it run again too:
 
 * done with this fingerprint (`.stages/NAME.json`): skipped;
 * done, or started, with another fingerprint: run again, its outputs replaced (`overwrite`);
@@ -22,6 +24,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import secrets
 import shlex
 import subprocess
 import sys
@@ -114,9 +117,18 @@ class Context:
 
 
 def fingerprint(stage: Stage, upstream: dict[str, str]) -> str:
+    """A hash of the stage's settings and its deps' identities (`upstream`, by name)."""
     text = json.dumps({"settings": stage.settings, "deps": {d: upstream[d] for d in stage.deps}},
                       sort_keys=True, default=str)  # fmt: skip
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def identity(fp: str, marker: dict | None) -> str:
+    """What a stage's dependants' fingerprints read of it: its fingerprint and the run that made
+    its outputs (`run`, written when it finished). Markers written before runs were recorded have
+    none: their fingerprint alone, as it was then, so such workdirs are not rerun."""
+    run = (marker or {}).get("run")
+    return fp if run is None else f"{fp}/{run}"
 
 
 def _read(path: Path) -> dict | None:
@@ -158,18 +170,20 @@ def run_stages(
     markers = workdir / ".stages"
     if not dry_run:
         markers.mkdir(parents=True, exist_ok=True)
-    prints: dict[str, str] = {}
+    idents: dict[str, str] = {}  # each stage's `identity`, as its dependants read it
     out: dict[str, Outcome] = {}
     for stage in stages:
-        prints[stage.name] = fp = fingerprint(stage, prints)
+        fp = fingerprint(stage, idents)
         done = _read(markers / f"{stage.name}.json")
         started = _read(markers / f"{stage.name}.started.json")
         if done is not None and done.get("fingerprint") == fp:
             log(f"{'# ' if dry_run else ''}[{stage.name}] done already")
             result, secs = done.get("result", {}), done.get("seconds", 0.0)
             out[stage.name] = Outcome(stage.name, "skipped", result, secs, done.get("commands", []))
+            idents[stage.name] = identity(fp, done)
         elif only is not None and not only(stage.name):
             out[stage.name] = Outcome(stage.name, "not selected", {}, 0.0, [])
+            idents[stage.name] = fp
             continue
         else:
             stale = [d for d in stage.deps if out.get(d) and out[d].status == "not selected"]
@@ -183,14 +197,16 @@ def run_stages(
                 started["fingerprint"] != fp or started.get("changed", False)))  # fmt: skip
             if dry_run:
                 out[stage.name] = _dry_one(stage, workdir, changed, log)
+                idents[stage.name] = identity(fp, {"run": "(this run)"})  # a new run, unknown
             else:
-                out[stage.name] = _run_one(stage, fp, workdir, changed, log)
+                out[stage.name], marker = _run_one(stage, fp, workdir, changed, log)
+                idents[stage.name] = identity(fp, marker)
         if after_each is not None:
             after_each(out)
     return out
 
 
-def _run_one(stage: Stage, fp: str, workdir: Path, changed: bool, log) -> Outcome:
+def _run_one(stage: Stage, fp: str, workdir: Path, changed: bool, log) -> tuple[Outcome, dict]:
     markers = workdir / ".stages"
     what = "running again (its settings or inputs changed)" if changed else "running"
     log(f"[{stage.name}] {what} ...")
@@ -200,11 +216,12 @@ def _run_one(stage: Stage, fp: str, workdir: Path, changed: bool, log) -> Outcom
     t0 = time.time()
     result = stage.run(ctx)
     seconds = round(time.time() - t0, 1)
-    marker = {"fingerprint": fp, "result": result, "seconds": seconds, "commands": ctx.commands}
+    marker = {"fingerprint": fp, "run": secrets.token_hex(6), "result": result,
+              "seconds": seconds, "commands": ctx.commands}  # fmt: skip
     _write(markers / f"{stage.name}.json", marker)
     (markers / f"{stage.name}.started.json").unlink(missing_ok=True)
     log(f"[{stage.name}] {brief(result)}; {seconds} s")
-    return Outcome(stage.name, "done", result, seconds, ctx.commands)
+    return Outcome(stage.name, "done", result, seconds, ctx.commands), marker
 
 
 def _dry_one(stage: Stage, workdir: Path, changed: bool, log) -> Outcome:
