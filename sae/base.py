@@ -180,13 +180,18 @@ class SAE(nnx.Module):
         """SAELens `training_forward_pass`: reconstruction, MSE, the variant's aux losses."""
         coefficients = coefficients or {}
         x_nf = x_nf.astype(jnp.float32)
-        acts_ns, pre_ns = self.encode_with_hidden_pre(x_nf)
-        out_nf = self.decode(acts_ns)
+        acts_ns, pre_ns, out_nf = self.encode_decode(x_nf)
         mse = jnp.square(out_nf - x_nf).sum(-1).mean()
         aux = self.aux_losses(x_nf, acts_ns, pre_ns, out_nf, coefficients, dead_s)
         loss = mse + sum(aux.values(), jnp.zeros((), jnp.float32))
         l0 = (acts_ns != 0).sum(-1).astype(jnp.float32).mean()
         return StepOutput(out_nf, acts_ns, pre_ns, mse, aux, loss, l0)
+
+    def encode_decode(self, x_nf: Array) -> tuple[Array, Array, Array]:
+        """The training forward's (acts [N, S], pre-activations [N, S], reconstruction [N, F]):
+        `decode(acts)`, or a variant's faster way to the same reconstruction (topk's)."""
+        acts_ns, pre_ns = self.encode_with_hidden_pre(x_nf)
+        return acts_ns, pre_ns, self.decode(acts_ns)
 
     def aux_losses(
         self,

@@ -10,6 +10,7 @@ from flax import nnx
 
 from sae.base import SAEConfig
 from sae.registry import create
+from sae.variants import TopKSAE
 from tests.helpers_sae_lens import training_class
 
 TOL = 1e-5  # float32 simple ops (STYLE)
@@ -78,6 +79,22 @@ def test_topk_with_few_dead_latents_matches_sae_lens():
     x, dead = _inputs(dead_p=0.1)
     assert 0 < int(dead.sum()) <= F // 2
     _check("topk", {"k": 6}, 0.1)
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse-decode", "dense-decode"])
+@pytest.mark.parametrize(
+    "kw", [{}, {"rescale_acts_by_decoder_norm": False}], ids=["rescaled", "plain"]
+)
+def test_topk_training_decode_matches_sae_lens(sparse, kw, monkeypatch):
+    """TopK's training forward both ways: from each row's k pairs (a CPU's default, so the cases
+    above take it) and through the dense acts (accelerators'), with many and few dead latents."""
+    monkeypatch.setattr(TopKSAE, "sparse_decode", sparse)
+    sae = create(SAEConfig(architecture="topk", d_in=F, d_sae=S, k=6, **kw))
+    x, _ = _inputs()
+    jaxpr = str(jax.make_jaxpr(lambda x: sae(x).loss)(jnp.asarray(x.numpy())))
+    assert ("scan" in jaxpr) == sparse  # the path asked for is the one taken
+    for dead_p in (0.3, 0.1):
+        _check("topk", {"k": 6, **kw}, dead_p)
 
 
 def _check(arch, kw, dead_p):
