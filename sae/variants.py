@@ -121,7 +121,7 @@ class TopKSAE(SAE):
         sparse = self.sparse_decode
         if sparse is None:
             sparse = jax.default_backend() == "cpu"
-        if not sparse or type(self).activation is not TopKSAE.activation:  # batchtopk: not k a row
+        if not sparse:
             return acts_ns, pre_ns, self.decode(acts_ns)
         # Only k of a row's S latents are non-zero: on a CPU, the reconstruction from those k
         # (and W_dec's gradient at their rows alone) beats decode's [N, S] x [S, F] matmul and
@@ -196,6 +196,9 @@ class BatchTopKSAE(TopKSAE):
     def __init__(self, cfg: SAEConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         self.topk_threshold = Buffer(jnp.zeros((), jnp.float32))
+
+    # not k latents a row, so no per-row pairs to decode from: the dense decode of the acts
+    encode_decode = SAE.encode_decode
 
     def activation(self, pre_ns: Array) -> Array:
         acts_ns = jax.nn.relu(pre_ns)
